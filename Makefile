@@ -1,0 +1,42 @@
+# step3vl — the two commands a user needs are `make run` and `make test`.
+# Each creates .venv from nothing when it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STEP3VL := $(VENV)/bin/step3vl
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test test-fast test-servers clean help
+
+help:
+	@echo "make run        run the whole STEP3-VL recipe on the tiny config (embedded mode)"
+	@echo "make test       every test, real-server integration tests included"
+	@echo "make test-fast  unit tests only (no real servers, no slow tests)"
+	@echo "make setup      create .venv (done automatically by run/test)"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU wheel first: a bare `torch` would pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(STEP3VL) run --config conf/pipeline/tiny.yaml
+
+# Real servers (Ceph radosgw as S3, PostgreSQL) come from Debian packages.
+test-servers:
+	bash scripts/install-test-servers.sh
+
+test: $(STAMP) test-servers
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow and not integration"
+
+clean:
+	rm -rf $(VENV) .step3vl .pytest_cache

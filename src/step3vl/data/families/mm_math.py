@@ -1,0 +1,80 @@
+"""``mm_math``: arithmetic over numbers read from the image.
+
+Level 1: two single digits side by side, asked for their sum. Level 2: two two-digit numbers one
+above the other, asked for the sum or the difference (larger minus smaller). Level 3: either three
+digits, "multiply the first two and add the third", or a digit above a group of shapes, "the
+number times the number of shapes". Verifier ``math_numeric``.
+"""
+
+from __future__ import annotations
+
+import random
+
+from PIL import Image, ImageDraw
+
+from step3vl.data import render
+from step3vl.data.families import Sample, register_family, think, user
+
+DIVIDER = (150, 150, 150)
+
+
+def _columns(img: Image.Image, texts: list[str], colours: list[str], size: int) -> None:
+    """Draw each text centred in its own vertical strip (so digits never read as one number)."""
+    m = render.px(2, size)
+    w = (size - 2 * m) // len(texts)
+    pad = max(m, w // 8)  # a clear gap between columns: "6 4" must not read as 64
+    for i, (t, c) in enumerate(zip(texts, colours, strict=True)):
+        region = (m + i * w + pad, m, m + (i + 1) * w - pad, size - m)
+        render.draw_centered_text(img, [t], render.PALETTE[c], region=region)
+        if i > 0 and len(texts) > 2:  # narrow columns: a rule keeps "6 9 9" from reading as 699
+            ImageDraw.Draw(img).rectangle((m + i * w - 1, 2 * m, m + i * w, size - 2 * m), fill=DIVIDER)
+
+
+def _rows(img: Image.Image, texts: list[str], colours: list[str], size: int) -> None:
+    m = render.px(2, size)
+    h = (size - 2 * m) // len(texts)
+    for i, (t, c) in enumerate(zip(texts, colours, strict=True)):
+        region = (m, m + i * h + m, size - m, m + (i + 1) * h - m)
+        render.draw_centered_text(img, [t], render.PALETTE[c], region=region)
+
+
+@register_family("mm_math", kind="verifiable", modality="image", reward="math_numeric")
+def make(rng: random.Random, difficulty: int, size: int) -> Sample:
+    """Do arithmetic on numbers (and at level 3 a shape count) shown in the image."""
+    img = Image.new("RGB", (size, size), render.BACKGROUNDS["white"])
+    meta: dict = {}
+    if difficulty == 1:
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        _columns(img, [str(a), str(b)], ["black", "black"], size)
+        q = "What is the sum of the two numbers in the image?"
+        trace, ans = f"{a} + {b} = {a + b}", a + b
+        meta["numbers"] = [a, b]
+    elif difficulty == 2:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        _rows(img, [str(a), str(b)], rng.sample(render.TEXT_COLOURS, 2), size)
+        meta["numbers"] = [a, b]
+        if rng.random() < 0.5:
+            q = "What is the sum of the two numbers in the image?"
+            trace, ans = f"{a} + {b} = {a + b}", a + b
+        else:
+            q = "What is the larger number minus the smaller one?"
+            hi, lo = max(a, b), min(a, b)
+            trace, ans = f"{hi} - {lo} = {hi - lo}", hi - lo
+    elif rng.random() < 0.5:
+        a, b, c = (rng.randint(1, 9) for _ in range(3))
+        _columns(img, [str(a), str(b), str(c)], rng.sample(render.TEXT_COLOURS, 3), size)
+        meta["numbers"] = [a, b, c]
+        q = "Multiply the first two numbers in the image and add the third."
+        trace, ans = f"{a} * {b} = {a * b}, {a * b} + {c} = {a * b + c}", a * b + c
+    else:
+        a, k = rng.randint(2, 9), rng.randint(1, 5)
+        split = size * 2 // 5
+        render.draw_centered_text(img, [str(a)], render.PALETTE["black"], region=(0, render.px(2, size), size, split))
+        colour = rng.choice(render.COLOURS_BY_DIFFICULTY[2])
+        side = render.px(11, size)
+        boxes = render.free_boxes(rng, [side] * k, size, gap=2, region=(0, split, size, size))
+        _, objs = render.draw_scene([(rng.choice(render.SHAPES), colour) for _ in range(k)], boxes, size, img=img)
+        meta.update(numbers=[a], objects=[o.to_dict() for o in objs])
+        q = "What is the number times the number of shapes?"
+        trace, ans = f"{k} shapes, {a} * {k} = {a * k}", a * k
+    return Sample(prompt=[user(q, 1)], target=think(trace, str(ans)), images=[img], answer=str(ans), meta=meta)

@@ -1,0 +1,1 @@
+"""One ``run(cfg, ...) -> outputs`` per stage: the single contract the CLI, tests and KFP components call."""

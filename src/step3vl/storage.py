@@ -1,0 +1,806 @@
+"""Artifact storage: one small interface over local directories and S3, plus the publish protocol.
+
+Every stage reads and writes artifacts (datasets, checkpoints, eval reports) through a URI:
+a local path / ``file://`` URI, or ``s3://bucket/prefix``. ``open_store(uri)`` returns a
+:class:`Store` whose keys are relative to that root.
+
+S3 settings come only from the environment, never from config files, so credentials never end up
+in a logged config: ``AWS_ENDPOINT_URL`` (its scheme decides TLS), ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION`` (default ``us-east-1``, which radosgw needs) and
+optionally ``AWS_CA_BUNDLE``. Connection failures are retried with exponential backoff for at most
+``STEP3VL_S3_RETRY_SECONDS`` seconds (default 20), then surface as a :class:`StorageError` naming
+the endpoint.
+
+Directories are *published*: every file is listed with its sha256 and size in ``MANIFEST.json``,
+and the manifest is what makes a directory exist for readers. Locally the directory is assembled
+under a temporary sibling name and renamed into place; on S3 the files are uploaded first and the
+manifest last. ``fetch_dir`` + ``verify_dir`` give a reader a local copy whose every byte was checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlsplit
+
+from urllib3.util import Retry, Timeout
+
+from step3vl.errors import Step3VLError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "MANIFEST.json"
+MANIFEST_FORMAT = "step3vl-manifest/1"
+# Marks in-flight files and directories; listings skip them, so readers never see half a write.
+TMP_MARK = ".step3vl-tmp-"
+_CHUNK = 1 << 20
+
+RETRY_SECONDS_ENV = "STEP3VL_S3_RETRY_SECONDS"
+DEFAULT_RETRY_SECONDS = 20.0
+_CONNECT_TIMEOUT = 1.5
+_READ_TIMEOUT = 120.0
+_BACKOFF_FACTOR = 0.5
+_BACKOFF_MAX = 4.0
+
+
+class StorageError(Step3VLError):
+    """An artifact could not be read or written; the message names the URI or endpoint."""
+
+
+class IntegrityError(StorageError):
+    """A published directory does not match its manifest; ``files`` lists the offending paths."""
+
+    def __init__(self, message: str, files: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.files = files or []
+
+
+class NotPublishedError(StorageError):
+    """The directory has no ``MANIFEST.json``: it was never published or its publish did not finish."""
+
+
+class KeyNotFoundError(StorageError):
+    """The key does not exist in the store."""
+
+
+# --------------------------------------------------------------------------- URIs
+
+
+def is_s3_uri(uri: str | os.PathLike[str]) -> bool:
+    """True for ``s3://`` URIs."""
+    return str(uri).startswith("s3://")
+
+
+def join_uri(base: str | os.PathLike[str], *parts: str) -> str:
+    """Append path components to a local path or URI, keeping its style (``s3://``, ``file://``, path)."""
+    base = str(base)
+    clean = [p.strip("/") for p in parts if p.strip("/")]
+    if not clean:
+        return base
+    if "://" in base:
+        return base.rstrip("/") + "/" + "/".join(clean)
+    return str(Path(base, *clean))
+
+
+def _local_path(uri: str) -> Path:
+    if uri.startswith("file://"):
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost"):
+            raise StorageError(f"file URI {uri!r} names a remote host; only local file:// URIs are supported")
+        return Path(parts.path)
+    if "://" in uri:
+        raise StorageError(f"unsupported URI scheme in {uri!r}: use a local path, file:// or s3://")
+    return Path(uri)
+
+
+def _check_key(key: str) -> str:
+    """Normalise a store key and refuse ones that would escape the store root."""
+    key = key.replace("\\", "/").strip("/")
+    parts = PurePosixPath(key).parts
+    if any(p in ("..", ".") for p in parts):
+        raise StorageError(f"invalid key {key!r}: '.' and '..' components are not allowed")
+    return "/".join(parts)
+
+
+def _is_clean_key(key: str) -> bool:
+    try:
+        return _check_key(key) == key and key != ""
+    except StorageError:
+        return False
+
+
+# --------------------------------------------------------------------------- stores
+
+
+class Store(ABC):
+    """A root (local directory or S3 prefix) holding byte objects addressed by relative posix keys."""
+
+    uri: str
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether an object exists at ``key``."""
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes:
+        """The object's content; :class:`KeyNotFoundError` if absent."""
+
+    @abstractmethod
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write an object; readers see either the old content or the whole new one."""
+
+    @abstractmethod
+    def list(self, prefix: str = "", *, recursive: bool = True) -> list[str]:
+        """Sorted keys starting with ``prefix``; non-recursive listings end sub-directories with ``/``."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object whose key starts with ``prefix``; returns how many were deleted."""
+
+    @abstractmethod
+    def upload_file(self, local_path: str | os.PathLike[str], key: str) -> None:
+        """Copy a local file to ``key`` (atomically for readers)."""
+
+    @abstractmethod
+    def download_file(self, key: str, local_path: str | os.PathLike[str]) -> None:
+        """Copy ``key`` to a local file, creating parent directories."""
+
+    @abstractmethod
+    def iter_bytes(self, key: str, chunk_size: int = _CHUNK) -> Iterator[bytes]:
+        """Stream the object's content in chunks (for hashing without a local copy)."""
+
+    def uri_of(self, key: str = "") -> str:
+        """The full URI of ``key``."""
+        return join_uri(self.uri, _check_key(key)) if key else self.uri
+
+
+class LocalStore(Store):
+    """A directory on the local filesystem."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        key = _check_key(key)
+        return self.root / key if key else self.root
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def read_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise KeyNotFoundError(f"{path} does not exist") from None
+        except OSError as e:
+            raise StorageError(f"cannot read {path}: {e.strerror or e}") from e
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            raise StorageError(f"cannot write {path}: {e.strerror or e}") from e
+
+    def list(self, prefix: str = "", *, recursive: bool = True) -> list[str]:
+        prefix = prefix.lstrip("/")
+        if not self.root.is_dir():
+            return []
+        # Only walk the sub-directory the prefix points into.
+        head = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self._path(head)
+        if not start.is_dir():
+            return []
+        out: list[str] = []
+        if recursive:
+            for dirpath, dirnames, filenames in os.walk(start, followlinks=True):
+                dirnames[:] = [d for d in dirnames if TMP_MARK not in d]
+                rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+                for name in filenames:
+                    if TMP_MARK in name:
+                        continue
+                    key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                    if key.startswith(prefix):
+                        out.append(key)
+        else:
+            for entry in start.iterdir():
+                if TMP_MARK in entry.name:
+                    continue
+                rel = entry.relative_to(self.root).as_posix() + ("/" if entry.is_dir() else "")
+                if rel.startswith(prefix):
+                    out.append(rel)
+        return sorted(out)
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list(prefix)
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+        # Remove directories the deletion emptied, deepest first, never the root itself.
+        dirs = {self._path(k).parent for k in keys}
+        for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+            while d != self.root and self.root in d.parents:
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+                d = d.parent
+        return len(keys)
+
+    def upload_file(self, local_path: str | os.PathLike[str], key: str) -> None:
+        dest = self._path(key)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}{TMP_MARK}{uuid.uuid4().hex}")
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, dest)
+        except OSError as e:
+            raise StorageError(f"cannot copy {local_path} to {dest}: {e.strerror or e}") from e
+
+    def download_file(self, key: str, local_path: str | os.PathLike[str]) -> None:
+        src = self._path(key)
+        if not src.is_file():
+            raise KeyNotFoundError(f"{src} does not exist")
+        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, local_path)
+
+    def iter_bytes(self, key: str, chunk_size: int = _CHUNK) -> Iterator[bytes]:
+        path = self._path(key)
+        if not path.is_file():
+            raise KeyNotFoundError(f"{path} does not exist")
+        with open(path, "rb") as f:
+            while chunk := f.read(chunk_size):
+                yield chunk
+
+
+def retry_budget_seconds() -> float:
+    """Seconds an S3 call may spend retrying connection failures (``$STEP3VL_S3_RETRY_SECONDS``)."""
+    raw = os.environ.get(RETRY_SECONDS_ENV)
+    if raw is None or raw.strip() == "":
+        return DEFAULT_RETRY_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        raise StorageError(f"{RETRY_SECONDS_ENV}={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise StorageError(f"{RETRY_SECONDS_ENV}={raw!r} must be positive")
+    return value
+
+
+def retry_policy(budget_s: float) -> tuple[Retry, Timeout]:
+    """The urllib3 ``(Retry, Timeout)`` whose worst case on an unreachable endpoint fits ``budget_s``.
+
+    Worst case = every attempt spends the whole connect timeout, plus the backoff sleeps between
+    attempts (urllib3 sleeps 0 after the first error, then ``factor * 2**(n-1)`` capped).
+    """
+    connect = min(_CONNECT_TIMEOUT, budget_s / 2)
+
+    def worst(retries: int) -> float:
+        sleeps = sum(min(_BACKOFF_MAX, _BACKOFF_FACTOR * 2.0 ** (k - 1)) for k in range(2, retries + 1))
+        return (retries + 1) * connect + sleeps
+
+    retries = 0
+    while worst(retries + 1) <= budget_s:
+        retries += 1
+    retry = Retry(
+        total=retries,
+        backoff_factor=_BACKOFF_FACTOR,
+        backoff_max=_BACKOFF_MAX,
+        status_forcelist=[500, 502, 503, 504],
+        # A server's Retry-After could exceed the budget.
+        respect_retry_after_header=False,
+        raise_on_status=False,
+    )
+    return retry, Timeout(connect=connect, read=_READ_TIMEOUT)
+
+
+def _s3_settings() -> dict[str, str]:
+    env = os.environ
+    required = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    missing = [name for name in required if not env.get(name)]
+    if missing:
+        raise StorageError(
+            f"S3 access needs environment variable(s) {', '.join(missing)} "
+            f"(endpoint and keys come only from the environment: {', '.join(required)})"
+        )
+    return {name: env[name] for name in required} | {
+        "AWS_REGION": env.get("AWS_REGION") or "us-east-1",
+        "AWS_CA_BUNDLE": env.get("AWS_CA_BUNDLE", ""),
+    }
+
+
+class S3Store(Store):
+    """``s3://bucket/prefix`` through the minio client, configured from the environment."""
+
+    def __init__(self, uri: str) -> None:
+        from minio import Minio
+
+        parts = urlsplit(uri)
+        if not parts.netloc:
+            raise StorageError(f"S3 URI {uri!r} has no bucket: expected s3://bucket/prefix")
+        self.bucket = parts.netloc
+        self.prefix = _check_key(parts.path)
+        self.uri = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+        settings = _s3_settings()
+        endpoint = settings["AWS_ENDPOINT_URL"].rstrip("/")
+        ep = urlsplit(endpoint)
+        if ep.scheme not in ("http", "https") or not ep.netloc or ep.path not in ("", "/"):
+            raise StorageError(f"AWS_ENDPOINT_URL={endpoint!r} must look like http(s)://host[:port] (no path)")
+        self.endpoint = endpoint
+        secure = ep.scheme == "https"
+        ca_bundle = settings["AWS_CA_BUNDLE"]
+        if ca_bundle and not Path(ca_bundle).is_file():
+            raise StorageError(f"AWS_CA_BUNDLE={ca_bundle!r} is not a file")
+        self._budget = retry_budget_seconds()
+        self._client = Minio(
+            ep.netloc,
+            access_key=settings["AWS_ACCESS_KEY_ID"],
+            secret_key=settings["AWS_SECRET_ACCESS_KEY"],
+            secure=secure,
+            region=settings["AWS_REGION"],
+            http_client=self._pool(secure, ca_bundle),
+        )
+
+    def _pool(self, secure: bool, ca_bundle: str) -> Any:
+        import urllib3
+
+        retry, timeout = retry_policy(self._budget)
+        kwargs: dict[str, Any] = {"timeout": timeout, "retries": retry, "maxsize": 10}
+        if secure:
+            import certifi
+
+            kwargs["cert_reqs"] = "CERT_REQUIRED"
+            kwargs["ca_certs"] = ca_bundle or os.environ.get("SSL_CERT_FILE") or certifi.where()
+        return urllib3.PoolManager(**kwargs)
+
+    def _name(self, key: str) -> str:
+        key = _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix and key else (self.prefix or key)
+
+    @contextlib.contextmanager
+    def _errors(self, op: str, key: str = "") -> Iterator[None]:
+        """Turn minio/urllib3 failures into one-line StorageErrors naming the endpoint and object."""
+        from minio.error import MinioException, S3Error
+        from urllib3.exceptions import HTTPError as Urllib3Error
+
+        target = self.uri_of(key) if key else self.uri
+        start = time.monotonic()
+        try:
+            yield
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NotFound"):
+                raise KeyNotFoundError(f"{target} does not exist (endpoint {self.endpoint})") from None
+            if e.code == "NoSuchBucket":
+                raise StorageError(
+                    f"bucket {self.bucket!r} does not exist at {self.endpoint} ({op} {target})"
+                ) from None
+            if e.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise StorageError(
+                    f"{op} {target} refused by {self.endpoint}: {e.code} "
+                    "(check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+                ) from None
+            raise StorageError(f"{op} {target} failed at {self.endpoint}: {e.code}: {e.message}") from None
+        except (Urllib3Error, ConnectionError, TimeoutError) as e:
+            elapsed = time.monotonic() - start
+            raise StorageError(
+                f"S3 endpoint {self.endpoint} unreachable: {op} {target} gave up after {elapsed:.1f} s "
+                f"(retry budget {self._budget:g} s, {RETRY_SECONDS_ENV}): {_reason(e)}"
+            ) from None
+        except OSError as e:
+            raise StorageError(f"{op} {target} (endpoint {self.endpoint}) failed locally: {e}") from None
+        except MinioException as e:
+            raise StorageError(f"{op} {target} failed at {self.endpoint}: {_reason(e)}") from None
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (deployment/test setup; stores never create it implicitly)."""
+        with self._errors("create bucket"):
+            if not self._client.bucket_exists(self.bucket):
+                self._client.make_bucket(self.bucket)
+
+    def exists(self, key: str) -> bool:
+        try:
+            with self._errors("stat", key):
+                self._client.stat_object(self.bucket, self._name(key))
+        except KeyNotFoundError:
+            return False
+        return True
+
+    def read_bytes(self, key: str) -> bytes:
+        with self._errors("read", key):
+            resp = self._client.get_object(self.bucket, self._name(key))
+            try:
+                return resp.read()
+            finally:
+                resp.close()
+                resp.release_conn()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        # A single PUT is atomic for S3 readers.
+        with self._errors("write", key):
+            self._client.put_object(self.bucket, self._name(key), io.BytesIO(data), len(data))
+
+    def list(self, prefix: str = "", *, recursive: bool = True) -> list[str]:
+        prefix = prefix.lstrip("/")
+        root = f"{self.prefix}/" if self.prefix else ""
+        with self._errors("list", prefix):
+            objects = list(self._client.list_objects(self.bucket, prefix=root + prefix, recursive=recursive))
+        return sorted(o.object_name[len(root) :] for o in objects if o.object_name is not None)
+
+    def delete_prefix(self, prefix: str) -> int:
+        from minio.deleteobjects import DeleteObject
+
+        root = f"{self.prefix}/" if self.prefix else ""
+        keys = self.list(prefix)
+        if not keys:
+            return 0
+        with self._errors("delete", prefix):
+            errors = list(self._client.remove_objects(self.bucket, (DeleteObject(root + k) for k in keys)))
+        if errors:
+            raise StorageError(
+                f"deleting {self.uri_of(prefix)} at {self.endpoint}: {len(errors)} object(s) not deleted, "
+                f"first {errors[0].name}: {errors[0].code}"
+            )
+        return len(keys)
+
+    def upload_file(self, local_path: str | os.PathLike[str], key: str) -> None:
+        with self._errors("upload", key):
+            self._client.fput_object(self.bucket, self._name(key), str(local_path))
+
+    def download_file(self, key: str, local_path: str | os.PathLike[str]) -> None:
+        Path(local_path).parent.mkdir(parents=True, exist_ok=True)
+        with self._errors("download", key):
+            self._client.fget_object(self.bucket, self._name(key), str(local_path))
+
+    def iter_bytes(self, key: str, chunk_size: int = _CHUNK) -> Iterator[bytes]:
+        with self._errors("read", key):
+            resp = self._client.get_object(self.bucket, self._name(key))
+            try:
+                yield from resp.stream(chunk_size)
+            finally:
+                resp.close()
+                resp.release_conn()
+
+
+def _reason(e: BaseException) -> str:
+    """A short reason for a connection error, without urllib3's connection reprs."""
+    reason = getattr(e, "reason", None) or e
+    text = re.sub(r"^(<[^>]*>|HTTPS?Connection\([^)]*\)): ", "", str(reason))
+    return f"{type(reason).__name__}: {text}" if text else type(reason).__name__
+
+
+def open_store(uri: str | os.PathLike[str], *, create: bool = False) -> Store:
+    """A :class:`Store` for a local path, ``file://`` URI or ``s3://bucket/prefix``.
+
+    ``create=True`` creates the local directory or the S3 bucket if missing.
+    """
+    uri = str(uri)
+    if is_s3_uri(uri):
+        s3 = S3Store(uri)
+        if create:
+            s3.ensure_bucket()
+        return s3
+    store = LocalStore(_local_path(uri))
+    if create:
+        store.root.mkdir(parents=True, exist_ok=True)
+    return store
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _walk_files(local_dir: Path) -> list[str]:
+    """Relative posix paths of every file under ``local_dir`` except the root manifest, sorted."""
+    out = []
+    for dirpath, _dirnames, filenames in os.walk(local_dir, followlinks=True):
+        for name in filenames:
+            rel = (Path(dirpath) / name).relative_to(local_dir).as_posix()
+            if rel != MANIFEST_NAME:
+                out.append(rel)
+    return sorted(out)
+
+
+def build_manifest(local_dir: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """sha256 and size of every file under ``local_dir`` (sorted posix paths), ``extra`` under ``meta``."""
+    root = Path(local_dir)
+    if not root.is_dir():
+        raise StorageError(f"cannot build a manifest: {root} is not a directory")
+    files = {}
+    for rel in _walk_files(root):
+        path = root / rel
+        files[rel] = {"sha256": _sha256_file(path), "size": path.stat().st_size}
+    return {
+        "format": MANIFEST_FORMAT,
+        "files": files,
+        "total_size": sum(f["size"] for f in files.values()),
+        "meta": dict(extra or {}),
+    }
+
+
+def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _parse_manifest(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        manifest = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IntegrityError(f"{where}/{MANIFEST_NAME} is not valid JSON: {e}", [MANIFEST_NAME]) from None
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != MANIFEST_FORMAT
+        or not isinstance(manifest.get("files"), dict)
+    ):
+        raise IntegrityError(f"{where}/{MANIFEST_NAME} is not a {MANIFEST_FORMAT} manifest", [MANIFEST_NAME])
+    for rel, entry in manifest["files"].items():
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("sha256"), str)
+            or not isinstance(entry.get("size"), int)
+            or not _is_clean_key(rel)
+        ):
+            raise IntegrityError(f"{where}/{MANIFEST_NAME}: malformed entry for {rel!r}", [rel])
+    return manifest
+
+
+def read_manifest(uri: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed manifest of a published directory; :class:`NotPublishedError` if it has none."""
+    store = open_store(uri)
+    try:
+        data = store.read_bytes(MANIFEST_NAME)
+    except KeyNotFoundError:
+        raise NotPublishedError(f"{store.uri} is not published: no {MANIFEST_NAME}") from None
+    return _parse_manifest(data, store.uri)
+
+
+def _check_against(
+    where: str,
+    manifest: dict[str, Any],
+    present: set[str],
+    content: Callable[[str, int], tuple[int, str | None]] | None,
+) -> None:
+    """Raise one IntegrityError naming every extra, missing, resized or altered file.
+
+    ``content(rel, expected_size)`` returns ``(size, sha256)``, the digest None when the size
+    already differs; None skips content checks (presence only).
+    """
+    expected = manifest["files"]
+    problems = [
+        (rel, f"{rel} is not in {MANIFEST_NAME} (unexpected file)") for rel in sorted(present - expected.keys())
+    ]
+    for rel, entry in expected.items():
+        if rel not in present:
+            problems.append((rel, f"{rel} is missing"))
+        elif content is not None:
+            size, digest = content(rel, entry["size"])
+            if size != entry["size"]:
+                problems.append((rel, f"{rel} has {size} bytes, manifest says {entry['size']} (truncated or altered)"))
+            elif digest != entry["sha256"]:
+                problems.append((rel, f"{rel} sha256 differs from {MANIFEST_NAME} (altered)"))
+    if problems:
+        raise IntegrityError(
+            f"integrity check failed for {where}: " + "; ".join(msg for _, msg in problems),
+            [rel for rel, _ in problems],
+        )
+
+
+def verify_dir(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check a local published directory against its manifest; returns the manifest.
+
+    Raises :class:`IntegrityError` naming every missing, extra, resized or altered file, and
+    :class:`NotPublishedError` when there is no manifest.
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+
+    def content(rel: str, expected_size: int) -> tuple[int, str | None]:
+        size = (root / rel).stat().st_size
+        return size, _sha256_file(root / rel) if size == expected_size else None
+
+    _check_against(str(root), manifest, set(_walk_files(root)), content)
+    return manifest
+
+
+def verify_published(uri: str | os.PathLike[str], *, deep: bool = True) -> dict[str, Any]:
+    """Check a published directory in place (local or S3) without copying it; returns the manifest.
+
+    ``deep`` hashes every file (for S3 this streams every object); otherwise only presence and no
+    extra files are checked, which on S3 is meaningful because single PUTs are all-or-nothing.
+    """
+    store = open_store(uri)
+    if isinstance(store, LocalStore) and deep:
+        return verify_dir(store.root)
+    manifest = read_manifest(uri)
+
+    def content(rel: str, _expected_size: int) -> tuple[int, str | None]:
+        h, size = hashlib.sha256(), 0
+        for chunk in store.iter_bytes(rel):
+            h.update(chunk)
+            size += len(chunk)
+        return size, h.hexdigest()
+
+    _check_against(store.uri, manifest, set(store.list()) - {MANIFEST_NAME}, content if deep else None)
+    return manifest
+
+
+# --------------------------------------------------------------------------- publish / fetch
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_tree(src: Path, dst: Path, files: list[str]) -> None:
+    for rel in files:
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / rel, target)
+        with open(target, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _publish_local(src: Path, dest: Path, manifest: dict[str, Any], overwrite: bool, move: bool) -> None:
+    dest = dest.absolute()
+    if dest.exists():
+        if (dest / MANIFEST_NAME).exists() and not overwrite:
+            raise StorageError(f"{dest} is already published; pass overwrite=True to replace it")
+        if not overwrite and (not dest.is_dir() or any(dest.iterdir())):
+            raise StorageError(f"{dest} exists and is not an empty directory; refusing to publish over it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    same_fs = src.stat().st_dev == dest.parent.stat().st_dev
+    if move and same_fs:
+        staging = src
+    else:
+        staging = dest.parent / f".{dest.name}{TMP_MARK}{uuid.uuid4().hex}"
+        staging.mkdir()
+    try:
+        if staging is not src:
+            _copy_tree(src, staging, list(manifest["files"]))
+        (staging / MANIFEST_NAME).write_bytes(_manifest_bytes(manifest))
+        with open(staging / MANIFEST_NAME, "rb") as f:
+            os.fsync(f.fileno())
+        trash = None
+        if dest.exists():
+            # rename() cannot replace a non-empty directory: move the old one aside first.
+            trash = dest.parent / f".{dest.name}{TMP_MARK}old-{uuid.uuid4().hex}"
+            os.rename(dest, trash)
+        os.rename(staging, dest)
+        _fsync_dir(dest.parent)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+    except BaseException:
+        if staging is not src:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _publish_s3(src: Path, store: S3Store, manifest: dict[str, Any], overwrite: bool) -> None:
+    if not store.prefix:
+        raise StorageError(f"refusing to publish to the bucket root {store.uri}: give a prefix")
+    if store.exists(MANIFEST_NAME):
+        if not overwrite:
+            raise StorageError(f"{store.uri} is already published; pass overwrite=True to replace it")
+        # Unpublish first, so readers never pair the old manifest with new files.
+        store.delete_prefix(MANIFEST_NAME)
+    stale = store.list()
+    nested = [k for k in stale if k.endswith("/" + MANIFEST_NAME)]
+    if nested:
+        raise StorageError(f"refusing to publish to {store.uri}: it holds other published directories ({nested[0]})")
+    if stale:
+        # Objects under an unpublished prefix are, by protocol, the remains of an unfinished publish.
+        log.warning("removing %d leftover object(s) of an unfinished publish under %s", len(stale), store.uri)
+        store.delete_prefix("")
+    for rel in manifest["files"]:
+        store.upload_file(src / rel, rel)
+    store.write_bytes(MANIFEST_NAME, _manifest_bytes(manifest))
+
+
+def publish_dir(
+    local_dir: str | os.PathLike[str],
+    dest_uri: str | os.PathLike[str],
+    extra: dict[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+    move: bool = False,
+) -> dict[str, Any]:
+    """Publish ``local_dir`` at ``dest_uri`` so readers see all of it or nothing; returns the manifest.
+
+    Local destinations are assembled under a temporary sibling and renamed into place; S3
+    destinations get every file first and ``MANIFEST.json`` last. An already-published destination
+    is refused unless ``overwrite``. ``move=True`` lets a local publish rename ``local_dir`` itself
+    into place instead of copying (the caller gives the directory up).
+    """
+    src = Path(local_dir)
+    manifest = build_manifest(src, extra)
+    store = open_store(dest_uri)
+    if isinstance(store, LocalStore):
+        if store.root == src.absolute():
+            raise StorageError(f"cannot publish {src} onto itself")
+        _publish_local(src, store.root, manifest, overwrite, move)
+    else:
+        assert isinstance(store, S3Store)
+        _publish_s3(src, store, manifest, overwrite)
+    log.info("published %s (%d files, %d bytes)", store.uri, len(manifest["files"]), manifest["total_size"])
+    return manifest
+
+
+def fetch_dir(
+    uri: str | os.PathLike[str], local_dir: str | os.PathLike[str] | None = None, *, overwrite: bool = False
+) -> Path:
+    """A verified local copy of a published directory.
+
+    A local ``uri`` is verified and returned as is (or copied to ``local_dir`` if one is given).
+    An S3 ``uri`` is downloaded to ``local_dir`` (a fresh temporary directory if None); a
+    ``local_dir`` already holding the same verified manifest is reused without downloading.
+    """
+    store = open_store(uri)
+    if isinstance(store, LocalStore):
+        verify_dir(store.root)
+        if local_dir is None or Path(local_dir).absolute() == store.root:
+            return store.root
+        publish_dir(store.root, local_dir, read_manifest(store.root)["meta"], overwrite=overwrite)
+        return Path(local_dir).absolute()
+
+    manifest = read_manifest(uri)
+    if local_dir is None:
+        target = Path(tempfile.mkdtemp(prefix="step3vl-fetch-"))
+        staging = target
+    else:
+        target = Path(local_dir).absolute()
+        if (target / MANIFEST_NAME).is_file():
+            with contextlib.suppress(StorageError):
+                if verify_dir(target) == manifest:
+                    return target
+        if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+            raise StorageError(f"cannot fetch {store.uri} into {target}: it exists with other content")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f".{target.name}{TMP_MARK}{uuid.uuid4().hex}"
+        staging.mkdir()
+    try:
+        for rel in manifest["files"]:
+            store.download_file(rel, staging / rel)
+        (staging / MANIFEST_NAME).write_bytes(_manifest_bytes(manifest))
+        try:
+            verify_dir(staging)
+        except IntegrityError as e:
+            raise IntegrityError(f"{store.uri} (downloaded to {staging}): {e}", e.files) from None
+        if staging is not target:
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,217 @@
+"""step3vl.storage and step3vl.checkpoint against a real S3 server (Ceph radosgw, started per session).
+
+Fails, never skips, when Ceph is not installed: ``make test`` runs scripts/install-test-servers.sh first.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from servers.radosgw import RadosGW, S3Server
+from servers_fixtures import S3_TEST_BUCKET
+
+from step3vl import storage
+from step3vl.checkpoint import checkpoint_uri, latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from step3vl.storage import (
+    MANIFEST_NAME,
+    IntegrityError,
+    KeyNotFoundError,
+    NotPublishedError,
+    S3Store,
+    StorageError,
+    fetch_dir,
+    open_store,
+    publish_dir,
+    read_manifest,
+    verify_published,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def prefix(s3_env: S3Server) -> str:
+    """A fresh prefix in the test bucket, so tests sharing the session's server do not interfere."""
+    return f"s3://{S3_TEST_BUCKET}/{uuid.uuid4().hex[:12]}"
+
+
+def small_run() -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        model(torch.randn(8, 16)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return {
+        "model_state": model.state_dict(),
+        "config": {"hidden": 64},
+        "train_state": {"step": 2, "optimizer": opt.state_dict(), "rng": torch.get_rng_state()},
+    }
+
+
+def test_put_list_read(prefix: str) -> None:
+    store = open_store(prefix)
+    assert isinstance(store, S3Store)
+    assert store.list() == []
+    assert not store.exists("a/b.txt")
+    store.write_bytes("a/b.txt", b"hello")
+    store.write_bytes("a/c/d.bin", bytes(range(256)))
+    store.write_bytes("top", b"")
+    assert store.exists("a/b.txt")
+    assert store.read_bytes("a/b.txt") == b"hello"
+    assert store.read_bytes("top") == b""
+    assert store.list() == ["a/b.txt", "a/c/d.bin", "top"]
+    assert store.list("a/") == ["a/b.txt", "a/c/d.bin"]
+    assert store.list(recursive=False) == ["a/", "top"]
+    with pytest.raises(KeyNotFoundError, match=f"{prefix}/missing does not exist"):
+        store.read_bytes("missing")
+    assert store.delete_prefix("a/") == 2
+    assert store.list() == ["top"]
+
+
+def test_upload_download_multipart(prefix: str, tmp_path: Path) -> None:
+    store = open_store(prefix)
+    data = torch.randint(0, 256, (12 * 1024 * 1024,), dtype=torch.uint8).numpy().tobytes()  # > 1 part
+    (tmp_path / "big.bin").write_bytes(data)
+    store.upload_file(tmp_path / "big.bin", "big.bin")
+    store.download_file("big.bin", tmp_path / "back" / "big.bin")
+    assert (tmp_path / "back" / "big.bin").read_bytes() == data
+
+
+def test_checkpoint_round_trip_on_s3(prefix: str, tmp_path: Path) -> None:
+    run = small_run()
+    uri = checkpoint_uri(f"{prefix}/ckpts", 2)
+    manifest = save_checkpoint(uri, **run, extra_meta={"where": "s3"})
+    assert sorted(open_store(uri).list()) == sorted([*manifest["files"], MANIFEST_NAME])
+    assert verify_published(uri) == manifest
+
+    ckpt = load_checkpoint(uri, tmp_path / "local")
+    assert ckpt.path == tmp_path / "local"
+    assert ckpt.manifest == manifest and ckpt.config == run["config"]
+    assert list(ckpt.model_state) == list(run["model_state"])
+    for name, tensor in run["model_state"].items():
+        assert torch.equal(ckpt.model_state[name], tensor) and ckpt.model_state[name].dtype == tensor.dtype
+    opt_state = ckpt.train_state["optimizer"]
+    assert list(opt_state["state"]) == [0, 1, 2, 3]
+    for pid, entry in run["train_state"]["optimizer"]["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(opt_state["state"][pid][key], value)
+    assert opt_state["param_groups"] == run["train_state"]["optimizer"]["param_groups"]
+    assert torch.equal(ckpt.train_state["rng"], run["train_state"]["rng"])
+    assert latest_valid_checkpoint(f"{prefix}/ckpts") == uri
+
+    with pytest.raises(StorageError, match="already exists"):
+        save_checkpoint(uri, **run)
+
+
+def test_reader_sees_nothing_until_manifest(prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between every upload of a publish, an independent reader finds no checkpoint at all."""
+    ckpts = f"{prefix}/ckpts"
+    uri = checkpoint_uri(ckpts, 5)
+    observed: list[str] = []
+    real_upload = S3Store.upload_file
+
+    def upload_then_look(self: S3Store, local_path: Any, key: str) -> None:
+        real_upload(self, local_path, key)
+        observed.append(key)
+        reader = open_store(uri)  # a separate client, as another process would have
+        assert key in reader.list()
+        with pytest.raises(NotPublishedError):
+            read_manifest(uri)
+        with pytest.raises(NotPublishedError):
+            fetch_dir(uri, tmp_path / f"reader-{len(observed)}")
+        assert latest_valid_checkpoint(ckpts) is None
+
+    monkeypatch.setattr(S3Store, "upload_file", upload_then_look)
+    manifest = save_checkpoint(uri, **small_run())
+    assert sorted(observed) == sorted(manifest["files"]), "every file was uploaded before the manifest"
+    assert latest_valid_checkpoint(ckpts) == uri
+
+
+def test_interrupted_publish_is_invisible_and_recoverable(
+    prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpts = f"{prefix}/ckpts"
+    run = small_run()
+    save_checkpoint(checkpoint_uri(ckpts, 1), **run)
+    uri = checkpoint_uri(ckpts, 2)
+    real_upload = S3Store.upload_file
+    uploads = {"n": 0}
+
+    def crash_on_second(self: S3Store, local_path: Any, key: str) -> None:
+        uploads["n"] += 1
+        if uploads["n"] == 2:
+            raise StorageError("simulated crash mid-publish")
+        real_upload(self, local_path, key)
+
+    monkeypatch.setattr(S3Store, "upload_file", crash_on_second)
+    with pytest.raises(StorageError, match="simulated crash"):
+        save_checkpoint(uri, **run)
+    monkeypatch.setattr(S3Store, "upload_file", real_upload)
+
+    assert len(open_store(uri).list()) == 1, "one object of the unfinished publish is there"
+    assert latest_valid_checkpoint(ckpts) == checkpoint_uri(ckpts, 1)
+    with pytest.raises(NotPublishedError):
+        load_checkpoint(uri)
+    # re-publishing the same step (a resumed run) clears the leftovers and succeeds
+    manifest = save_checkpoint(uri, **run)
+    assert sorted(open_store(uri).list()) == sorted([*manifest["files"], MANIFEST_NAME])
+    assert latest_valid_checkpoint(ckpts) == uri
+
+
+def test_corrupt_object_is_refused_and_skipped(prefix: str, tmp_path: Path) -> None:
+    ckpts = f"{prefix}/ckpts"
+    run = small_run()
+    save_checkpoint(checkpoint_uri(ckpts, 1), **run)
+    uri = checkpoint_uri(ckpts, 2)
+    save_checkpoint(uri, **run)
+    store = open_store(uri)
+    data = bytearray(store.read_bytes("model.safetensors"))
+    data[-1] ^= 0xFF
+    store.write_bytes("model.safetensors", bytes(data))
+
+    assert latest_valid_checkpoint(ckpts) == checkpoint_uri(ckpts, 1)
+    assert latest_valid_checkpoint(ckpts, deep=False) == uri, "a shallow check only sees presence"
+    with pytest.raises(IntegrityError, match=r"model\.safetensors sha256 differs"):
+        load_checkpoint(uri, tmp_path / "dl")
+
+
+def test_publish_dir_and_fetch_reuses_verified_copy(prefix: str, tmp_path: Path) -> None:
+    src = tmp_path / "dataset"
+    (src / "shards").mkdir(parents=True)
+    for i in range(3):
+        (src / "shards" / f"{i:05d}.parquet").write_bytes(bytes([i]) * (1000 + i))
+    manifest = publish_dir(src, f"{prefix}/data/v1", {"kind": "dataset"})
+    local = fetch_dir(f"{prefix}/data/v1", tmp_path / "cache")
+    assert storage.verify_dir(local) == manifest
+    # a second fetch into the same place finds the verified copy and downloads nothing
+    (local / "shards" / "00000.parquet").touch()
+    open_store(f"{prefix}/data/v1").delete_prefix("shards/")
+    assert fetch_dir(f"{prefix}/data/v1", tmp_path / "cache") == local
+
+
+def test_server_down_fails_within_bounded_time(
+    radosgw_server: RadosGW, s3_env: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs last: stops the session's server (a later s3_env user gets a fresh one)."""
+    monkeypatch.delenv(storage.RETRY_SECONDS_ENV, raising=False)  # the default budget
+    uri = checkpoint_uri(f"s3://{S3_TEST_BUCKET}/down-{uuid.uuid4().hex[:8]}", 1)
+    save_checkpoint(uri, **small_run())
+    load_checkpoint(uri, tmp_path / "first")
+
+    radosgw_server.stop()
+    start = time.monotonic()
+    with pytest.raises(StorageError) as err:
+        load_checkpoint(uri, tmp_path / "second")
+    elapsed = time.monotonic() - start
+    message = str(err.value)
+    assert s3_env.endpoint in message and "unreachable" in message
+    assert s3_env.secret_key not in message
+    assert elapsed < 60, f"gave up only after {elapsed:.1f} s"
+    print(f"server-down error after {elapsed:.1f} s: {message}")
