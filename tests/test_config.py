@@ -10,9 +10,15 @@ from step3vl.config import ConfigError, ModelConfig, PipelineConfig
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
-@pytest.mark.parametrize("path", sorted(CONF.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONF)))
+TEST_CONF = Path(__file__).resolve().parent / "conf"
+
+
+@pytest.mark.parametrize("path", sorted(CONF.rglob("*.yaml")) + sorted(TEST_CONF.glob("*.yaml")),
+                         ids=lambda p: p.name if p.parent == TEST_CONF else str(p.relative_to(CONF)))
 def test_every_shipped_config_loads(path):
-    if path.parent.name == "model":
+    if path.parent == TEST_CONF:
+        assert config.load(PipelineConfig, path).data.sets
+    elif path.parent.name == "model":
         cfg = config.load(ModelConfig, path)
         assert cfg.text.vocab_size >= cfg.tokenizer.vocab_size
     elif path.parent.name == "pipeline":

@@ -68,7 +68,10 @@ def record(i: int, **overrides: Any) -> dict[str, Any]:
 
 def text_record(i: int, **overrides: Any) -> dict[str, Any]:
     """A record without images (so it needs no <image> tag)."""
-    messages = [{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": str(2 * i)}]
+    messages = [
+        {"role": "user", "content": f"What is {i} + {i}?"},
+        {"role": "assistant", "content": str(2 * i)},
+    ]
     return record(i, images=[], messages=messages, answer=str(2 * i), **overrides)
 
 
@@ -159,7 +162,7 @@ def test_empty_dataset_fails(tmp_path: Path) -> None:
 
 
 def test_not_a_dataset_raises(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="no \\*.jsonl shards"):
+    with pytest.raises(DataError, match=r"no \*\.jsonl shards"):
         validate_dataset(tmp_path)
 
 
@@ -437,6 +440,7 @@ def test_parallel_scan_matches_serial(tmp_path: Path) -> None:
     recs = [record(i) for i in range(12)]
     recs[7] = record(7, images=[image(1), image(2)])
     ds = make(tmp_path, recs, shard_size=3)
+
     def words(text: str) -> int:  # a closure: workers must get it without pickling
         return len(text.split()) * scale
 
@@ -540,7 +544,7 @@ def test_resolve_image_data_uris(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "fifo.png")
     with pytest.raises(DataError, match="not a regular file"):
         resolve_image(tmp_path, "fifo.png")
-    with pytest.raises(DataError, match="is a directory|not a regular file"):
+    with pytest.raises(DataError, match="not a regular file"):
         resolve_image(tmp_path, ".")
     big = tmp_path / "big.png"
     big.write_bytes(b"\0" * 2048)
@@ -560,7 +564,23 @@ def test_schema_is_valid_and_compiled() -> None:
 def _mutations() -> Iterator[Any]:
     base = json.loads(json.dumps({**record(1, images=["images/a.png"]), "meta": {"k": [1]}}))
     yield base
-    values: list[Any] = [None, True, 0, 1, 1.0, 1.5, "", "x", "eval", "user", [], ["x"], [1], {}, {"role": "user"}]
+    values: list[Any] = [
+        None,
+        True,
+        0,
+        1,
+        1.0,
+        1.5,
+        "",
+        "x",
+        "eval",
+        "user",
+        [],
+        ["x"],
+        [1],
+        {},
+        {"role": "user"},
+    ]
     for key in [*RECORD_SCHEMA["properties"], "unknown"]:
         for value in values:
             yield {**base, key: value}
@@ -589,5 +609,5 @@ def test_fast_check_never_accepts_what_jsonschema_rejects() -> None:
             assert schema_errors(candidate) == [] or not validator.is_valid(candidate)
     assert n_fast > 20  # it does accept the common valid shapes
     for rec in clean_records():
-        rec = json.loads(json.dumps({**rec, "images": ["images/a.png"] * len(rec["images"])}))
-        assert fast(rec)
+        as_read = json.loads(json.dumps({**rec, "images": ["images/a.png"] * len(rec["images"])}))
+        assert fast(as_read)

@@ -77,8 +77,10 @@ def components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
     return out
 
 
-def colour_mask(img: Image.Image, colour: str) -> np.ndarray:
-    return (np.asarray(img) == np.array(render.PALETTE[colour], dtype=np.uint8)).all(axis=-1)
+def colour_mask(img: Image.Image, colour: str | tuple[int, int, int] | list[int]) -> np.ndarray:
+    """Pixels of exactly ``colour`` (a palette name or an RGB triple)."""
+    rgb = render.PALETTE[colour] if isinstance(colour, str) else tuple(colour)
+    return (np.asarray(img) == np.array(rgb, dtype=np.uint8)).all(axis=-1)
 
 
 def classify(comp: list[tuple[int, int]]) -> str:
@@ -88,7 +90,7 @@ def classify(comp: list[tuple[int, int]]) -> str:
     return "square" if fill > 0.95 else "circle" if fill > 0.68 else "triangle"
 
 
-def decode_bitmap(img: Image.Image, box: list[int], n_lines: int, ink: str) -> str:
+def decode_bitmap(img: Image.Image, box: list[int], n_lines: int, ink: str | list[int]) -> str:
     """Read bitmap-font text back from the pixels by sampling each glyph cell's centres."""
     x1, y1, x2, y2 = box
     scale = (y2 - y1) // (n_lines * (render.GLYPH_H + 2) - 2)
@@ -219,6 +221,46 @@ def test_size_parameter():
             assert r["images"][0].size == (96, 96)
 
 
+# --------------------------------------------------------------------------- variety
+
+
+VARIETY_TRAIN, VARIETY_EVAL = 600, 200
+
+
+@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("difficulty", [1, 2, 3])
+def test_records_are_varied_and_disjoint_from_eval(family, difficulty):
+    """The data stage drops train records whose content hash is in the eval set, so a level with
+    little variety would lose much of its train set (and the eval would test memorisation):
+    >= 95 % of 600 train records are distinct and <= 5 % of them also occur in a 200-record eval set."""
+    train = [content_hash(r) for r in generate(family, VARIETY_TRAIN, seed=1, difficulty=difficulty)]
+    ev = {content_hash(r) for r in generate(family, VARIETY_EVAL, seed=2, difficulty=difficulty, split="eval")}
+    unique, in_eval = len(set(train)), sum(h in ev for h in train)
+    assert unique >= 0.95 * VARIETY_TRAIN, (family, difficulty, unique)
+    assert in_eval <= 0.05 * VARIETY_TRAIN, (family, difficulty, in_eval)
+
+
+def test_easy_text_inks_and_papers_contrast():
+    """Level-1 inks are near-black and papers near-white: the variety costs no legibility."""
+
+    def lum(rgb):
+        return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+    assert all(lum(c) < 30 for c in render.INKS.values())
+    assert all(lum(c) > 230 for c in render.PAPERS.values())
+
+
+def test_mm_math_easy_digits_stay_apart():
+    """Level-1 digits move, but never towards each other: "6 4" must not read as 64."""
+    for r in generate("mm_math", 100, seed=0, difficulty=1):
+        ink = (np.asarray(r["images"][0].convert("L")) < 128).any(axis=0)
+        xs = np.flatnonzero(ink)
+        gaps = np.diff(xs)
+        assert gaps.max() >= 10, r["id"]  # 10 px at 64 (2.5 glyph units), as when centred
+        left, right = xs[: gaps.argmax() + 1], xs[gaps.argmax() + 1 :]
+        assert left.max() < 32 <= right.min(), r["id"]
+
+
 # --------------------------------------------------------------------------- difficulty
 
 
@@ -318,7 +360,7 @@ def test_ocr_image_reads_as_answer(difficulty):
         assert (lum < 128).sum() > 40, r["id"]  # dark ink on a light background
         assert "".join(meta["lines"]) == r["answer"]
         if meta["font"] == "bitmap":
-            assert decode_bitmap(img, meta["box"], len(meta["lines"]), meta["colour"]) == r["answer"], r["id"]
+            assert decode_bitmap(img, meta["box"], len(meta["lines"]), meta["ink"]) == r["answer"], r["id"]
     if difficulty == 1:
         assert all(re.fullmatch(r"\d\d", r["answer"]) for r in recs)
     if difficulty == 3:

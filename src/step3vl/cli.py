@@ -29,6 +29,10 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Model family: sizes, FLOPs, memory.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+data_app = typer.Typer(help="Datasets: generate the synthetic sets, validate any dataset.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+stage_app = typer.Typer(help="Run one stage directly, outside any pipeline.", no_args_is_help=True)
+app.add_typer(stage_app, name="stage")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config file (conf/model/*.yaml or conf/pipeline/*.yaml).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: key=value (repeatable).")]
@@ -68,6 +72,135 @@ def model_info_cmd(
     for k, v in info.memory.items():
         t.add_row(f"{k} (ZeRO-3, {info.gpus} GPUs)", f"{v:.2f}")
     console.print(t)
+
+
+def _pipeline_config(path: Path, overrides: list[str] | None):
+    from step3vl import config
+
+    return config.load(config.PipelineConfig, path, overrides or [])
+
+
+def _default_out(cfg, what: str) -> Path:
+    from step3vl.tracking import home
+
+    return home() / what / cfg.name
+
+
+@data_app.command("generate")
+def data_generate_cmd(
+    config_path: ConfigOpt,
+    overrides: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default .step3vl/data/<name>).")] = None,
+) -> None:
+    """Write every synthetic dataset of a pipeline config (eval sets first, train sets avoiding them)."""
+    import time
+
+    from step3vl.stages import data
+
+    cfg = _pipeline_config(config_path, overrides)
+    out = out or _default_out(cfg, "data")
+    t0 = time.perf_counter()
+    summaries = data.generate(cfg, out)
+    t = Table(title=f"synthetic datasets → {out / 'raw'}")
+    for col in ("set", "records", "images", "skipped (eval dup.)", "seconds", "sha256"):
+        t.add_column(col)
+    for name, s in summaries.items():
+        t.add_row(name, str(s["n_records"]), str(s["n_images"]), str(s.get("skipped_eval_duplicates", 0)),
+                  f"{s['seconds']:.1f}", s["sha256"][:16])
+    console.print(t)
+    console.print(f"generated {sum(s['n_records'] for s in summaries.values())} records in "
+                  f"{time.perf_counter() - t0:.1f}s")
+
+
+@data_app.command("validate")
+def data_validate_cmd(
+    path: Annotated[Path, typer.Argument(help="Dataset directory (*.jsonl shards + optional images/).")],
+    require_answer: Annotated[bool, typer.Option(help="Every record needs an answer (RL and eval sets).")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="Also write the report (Markdown) here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Run the Great Expectations data gate on a dataset; exit 1 if any check fails."""
+    from step3vl.data.gate import validate_dataset
+
+    rep = validate_dataset(path, require_answer=require_answer)
+    if report:
+        report.write_text(rep.to_markdown())
+    if as_json:
+        sys.stdout.write(rep.to_json() + "\n")
+    else:
+        console.print(rep.to_markdown(), markup=False, highlight=False)
+    if not rep.passed:
+        err_console.print(f"[bold red]data gate failed:[/] {', '.join(c.name for c in rep.failed_checks)}")
+        raise typer.Exit(1)
+
+
+@stage_app.command("data")
+def stage_data_cmd(
+    config_path: ConfigOpt,
+    overrides: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output directory (default .step3vl/data/<name>).")] = None,
+) -> None:
+    """Data prep: generate/fetch every set, train the tokenizer, gate every set, pack the training sets."""
+    from step3vl.stages import data
+
+    cfg = _pipeline_config(config_path, overrides)
+    res = data.run(cfg, out or _default_out(cfg, "data"))
+    t = Table(title=f"data prep → {res.out_dir}")
+    for col in ("set", "purpose", "records", "gate", "packed rows", "padding"):
+        t.add_column(col)
+    for name, info in res.manifest["sets"].items():
+        packed = info.get("packed", {})
+        rows = ", ".join(f"{k}: {v['rows']}" for k, v in packed.items())
+        pad = ", ".join(f"{v['padding_fraction']:.0%}" for v in packed.values())
+        t.add_row(name, info["purpose"], str(info["n_records"]), "pass" if info["gate"]["passed"] else "FAIL", rows, pad)
+    console.print(t)
+    console.print(f"data prep took {res.manifest['seconds']:.1f}s")
+
+
+def _train_stage(stage: str, config_path: Path, overrides, data: Path | None, out: Path | None, init: str | None,
+                 tracking: bool) -> None:
+    import contextlib
+
+    from step3vl import tracking as trk
+    from step3vl.stages.train import run_training
+
+    cfg = _pipeline_config(config_path, overrides)
+    data = data or _default_out(cfg, "data")
+    out = out or _default_out(cfg, "runs") / stage
+    if init is None and stage == "sft":
+        init = str(_default_out(cfg, "runs") / "pretrain" / "model")
+    ctx = trk.stage_run(stage, cfg.tracking, config=cfg) if tracking else contextlib.nullcontext()
+    with ctx:
+        res = run_training(stage, cfg, data, str(out), init_uri=init)
+    t = Table(title=f"{stage} → {res.model_uri}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    if res.result.resumed_from is not None:
+        t.add_row("resumed from step", str(res.result.resumed_from))
+    for k, v in res.metrics.items():
+        t.add_row(k, f"{v:.4g}")
+    console.print(t)
+
+
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Data prep output (default .step3vl/data/<name>).")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Stage output directory (default .step3vl/runs/<name>/<stage>).")]
+TrackOpt = Annotated[bool, typer.Option("--tracking/--no-tracking", help="Log to MLflow.")]
+
+
+@stage_app.command("pretrain")
+def stage_pretrain_cmd(config_path: ConfigOpt, overrides: SetOpt = None, data: DataOpt = None, out: OutOpt = None,
+                       init: Annotated[Optional[str], typer.Option(help="Start from this checkpoint.")] = None,
+                       tracking: TrackOpt = True) -> None:
+    """Unified pre-training (two LR phases, everything unfrozen); resumes from its last checkpoint."""
+    _train_stage("pretrain", config_path, overrides, data, out, init, tracking)
+
+
+@stage_app.command("sft")
+def stage_sft_cmd(config_path: ConfigOpt, overrides: SetOpt = None, data: DataOpt = None, out: OutOpt = None,
+                  init: Annotated[Optional[str], typer.Option(help="Start from this checkpoint (default: the pretrain stage's model).")] = None,
+                  tracking: TrackOpt = True) -> None:
+    """Two-stage SFT (9:1 then 1:1 text:multimodal, assistant-token loss); resumes from its last checkpoint."""
+    _train_stage("sft", config_path, overrides, data, out, init, tracking)
 
 
 def main() -> None:

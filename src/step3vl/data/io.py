@@ -255,24 +255,27 @@ def _read_safe_path(root: str, ref: str, where: str, record_id: str | None, max_
         raise unsafe("resolves (through a symlink) outside the dataset directory")
     try:
         # O_NONBLOCK: a FIFO planted under images/ must not hang the reader (no effect on files).
-        with os.fdopen(os.open(target, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise DataError(f"{where}: not a regular file", record_id=record_id, ref=ref)
-            size = st.st_size
-            if size > max_bytes:
-                raise DataError(
-                    f"{where}: file is {size} bytes, over the {max_bytes}-byte limit",
-                    record_id=record_id,
-                    ref=ref,
-                )
-            data = f.read(max_bytes + 1)
+        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise DataError(f"{where}: file not found", record_id=record_id, ref=ref) from None
-    except IsADirectoryError:
-        raise DataError(f"{where}: is a directory", record_id=record_id, ref=ref) from None
+    except OSError as e:
+        raise DataError(f"{where}: cannot open ({e.strerror})", record_id=record_id, ref=ref) from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"{where}: not a regular file", record_id=record_id, ref=ref)
+        if st.st_size > max_bytes:
+            raise DataError(
+                f"{where}: file is {st.st_size} bytes, over the {max_bytes}-byte limit",
+                record_id=record_id,
+                ref=ref,
+            )
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
     except OSError as e:
         raise DataError(f"{where}: cannot read ({e.strerror})", record_id=record_id, ref=ref) from e
+    finally:
+        os.close(fd)
     if len(data) > max_bytes:  # grew while we read it
         raise DataError(f"{where}: file is over the {max_bytes}-byte limit", record_id=record_id, ref=ref)
     return data
@@ -335,9 +338,7 @@ def resolve_image(
     See :func:`read_image_bytes` for the path rules and :func:`decode_image` for the limits.
     """
     data, declared = read_image_bytes(dataset_dir, ref, record_id=record_id, max_bytes=max_bytes)
-    return decode_image(
-        data, ref=ref, record_id=record_id, expected_format=declared, max_pixels=max_pixels
-    )
+    return decode_image(data, ref=ref, record_id=record_id, expected_format=declared, max_pixels=max_pixels)
 
 
 # --------------------------------------------------------------------------- writing
@@ -382,12 +383,7 @@ class _ShardWriter:
         self.shards: list[str] = []
         self.n_records = 0
         self.n_images = 0
-        self.digest = hashlib.sha256()
         self._file: IO[bytes] | None = None
-
-    def _hash(self, relpath: str, data: bytes) -> None:
-        self.digest.update(f"{relpath}\0{len(data)}\0".encode())
-        self.digest.update(data)
 
     def add(self, record: dict[str, Any]) -> None:
         if not isinstance(record, dict):
@@ -411,7 +407,6 @@ class _ShardWriter:
             self._open_next_shard()
         assert self._file is not None
         self._file.write(line + b"\n")
-        self._hash(self.shards[-1], line + b"\n")
         self.n_records += 1
 
     def _externalize_images(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -435,7 +430,6 @@ class _ShardWriter:
                     f"record {record_id!r}: duplicate id (image {relpath!r} already written)",
                     record_id=record_id,
                 ) from None
-            self._hash(relpath, data)
             self.n_images += 1
             refs.append(relpath)
         return {**record, "images": refs}
@@ -471,6 +465,22 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def dataset_sha256(dataset_dir: str | os.PathLike[str]) -> str:
+    """sha256 over every file of a dataset directory (sorted relative paths, lengths and bytes).
+
+    The dataset's identity in manifests and lineage: equal datasets give equal hashes wherever
+    and however they were written. ``MANIFEST.json`` (if published) is not part of the content.
+    """
+    root = Path(dataset_dir)
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file() and q.name != "MANIFEST.json"):
+        rel = p.relative_to(root).as_posix()
+        data = p.read_bytes()
+        h.update(f"{rel}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
 
 
 def write_dataset(
@@ -524,5 +534,5 @@ def write_dataset(
         "n_records": writer.n_records,
         "n_images": writer.n_images,
         "shards": writer.shards,
-        "sha256": writer.digest.hexdigest(),
+        "sha256": dataset_sha256(out),
     }

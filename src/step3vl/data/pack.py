@@ -105,10 +105,13 @@ def tokenize_record(
         raise DataError(f"record {rid}: more images than <image> markers", record_id=rid)
     ids, amask = encode_chat(tokenizer, out_msgs, add_generation_prompt=drop_trailing_assistant)
     if loss_on == "assistant":
-        mask = amask
+        mask = list(amask)
     else:
         skip = image_token_ids(tokenizer)
         mask = [0 if t in skip else 1 for t in ids]
+    # the first token has no predecessor in its own sample: in a packed row it would be
+    # "predicted" from the previous sample's last token
+    mask[0] = 0
     return Sample(ids, mask, views, rid, str(record.get("task", "")))
 
 

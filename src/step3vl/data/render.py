@@ -43,6 +43,10 @@ COLOURS_BY_DIFFICULTY: dict[int, tuple[str, ...]] = {
 # Colours dark enough for text on a light background (luminance < 128).
 TEXT_COLOURS: tuple[str, ...] = ("black", "blue", "red", "purple", "green")
 BACKGROUNDS: dict[str, RGB] = {"white": (255, 255, 255), "gray": (205, 205, 205)}
+# Easy-level text: near-black inks (luminance < 30, so strokes stay solid at the 2x-downscaled
+# global view) on light papers. They vary the pixels without making the text any harder to read.
+INKS: dict[str, RGB] = {"black": (0, 0, 0), "navy": (10, 20, 80), "brown": (50, 25, 0), "dark green": (0, 45, 15)}
+PAPERS: dict[str, RGB] = {"white": (255, 255, 255), "cream": (252, 246, 228), "pale blue": (234, 242, 252)}
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 
@@ -274,10 +278,13 @@ def draw_centered_text(
     region: Box | None = None,
     rng: random.Random | None = None,
     max_scale: int = 8,
+    jitter: int | None = None,
 ) -> Box:
     """Draw ``lines`` as large as fits in ``region`` (default: the image less a 3 % margin).
 
-    With ``rng`` the text is placed at a random position inside the region instead of centred.
+    With ``rng`` the text is placed at a random position inside the region instead of centred;
+    with ``rng`` and ``jitter`` it is shifted at most ``jitter`` pixels (each axis) from the centre,
+    staying inside the region.
     """
     if region is None:
         m = px(2, img.width)
@@ -287,8 +294,12 @@ def draw_centered_text(
     w, h = text_extent(lines, scale)
     if rng is None:
         x, y = rx1 + (rx2 - rx1 - w) // 2, ry1 + (ry2 - ry1 - h) // 2
-    else:
+    elif jitter is None:
         x, y = rng.randint(rx1, max(rx1, rx2 - w)), rng.randint(ry1, max(ry1, ry2 - h))
+    else:
+        cx, cy = rx1 + (rx2 - rx1 - w) // 2, ry1 + (ry2 - ry1 - h) // 2
+        x = rng.randint(max(rx1, cx - jitter), max(rx1, min(cx + jitter, rx2 - w)))
+        y = rng.randint(max(ry1, cy - jitter), max(ry1, min(cy + jitter, ry2 - h)))
     return draw_bitmap_text(img, (x, y), lines, scale, colour)
 
 

@@ -207,6 +207,13 @@ class ImageProcessor:
         rows, cols = self.crop_grid(image)
         return [(k + 1) % cols == 0 and k + 1 < rows * cols for k in range(rows * cols)]
 
+    def max_placeholder_tokens(self) -> int:
+        """Upper bound on the tokens one image's placeholder takes (every crop used, newlines included)."""
+        v = self.vision
+        crop = len(self._patch_run(v.crop_size)) // len(IMAGE_PATCH) + 2
+        glob = len(self._patch_run(v.image_size)) // len(IMAGE_PATCH) + 2
+        return v.max_crops * crop + max(0, v.max_crops - 1) + glob
+
     def placeholder(self, image: Image.Image) -> str:
         """The token string that stands for ``image`` in the text: crop blocks, then the global block."""
         patch = self._patch_run(self.vision.crop_size)

@@ -134,3 +134,155 @@ def _progress(items, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, unit="set", leave=False)
+
+
+def _corpus(dirs: list[Path]) -> Iterator[str]:
+    """Training text for the tokenizer: every message and preference text of the given datasets."""
+    from step3vl.data.io import iter_records
+
+    for d in dirs:
+        for raw in iter_records(d):
+            if raw.record is None:
+                continue
+            for m in raw.record.get("messages", []):
+                yield str(m.get("content", "")).replace("<image>", "")
+            for k in ("chosen", "rejected"):
+                if k in raw.record:
+                    yield str(raw.record[k])
+
+
+def token_counter(tokenizer: Any, processor: Any):
+    """text → token count, counting each ``<image>`` as the longest placeholder an image can take."""
+    per_image = processor.max_placeholder_tokens()
+
+    def count(text: str) -> int:
+        n_img = text.count("<image>")
+        return len(tokenizer.encode(text.replace("<image>", ""), add_special_tokens=False)) + n_img * per_image
+
+    return count
+
+
+def run(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True, log_mlflow: bool = False) -> DataPrepOutputs:
+    """The whole data prep stage. Raises ``GateFailed`` (with its report written) if any set fails the gate."""
+    from step3vl.data.gate import GateFailed, dataset_hashes, validate_dataset
+    from step3vl.data.io import dataset_sha256
+    from step3vl.data.pack import pack_dataset
+    from step3vl.model.processor import ImageProcessor
+    from step3vl.model.tokenizer import build_tokenizer, save_tokenizer
+    from step3vl.storage import fetch_dir, is_s3_uri
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = generate(cfg, out, progress=progress)
+    raw: dict[str, Path] = {}
+    for name, spec in cfg.data.sets.items():
+        if not spec.path:
+            raw[name] = out / "raw" / name
+        elif is_s3_uri(spec.path):
+            raw[name] = fetch_dir(spec.path, out / "raw" / name)  # published with a manifest: verified
+        else:
+            raw[name] = Path(spec.path)
+
+    # tokenizer trained on the training text only (never on eval sets)
+    train_dirs = [raw[n] for n, s in cfg.data.sets.items() if s.split == "train"]
+    tok = build_tokenizer(cfg.model.tokenizer, corpus=list(_corpus(train_dirs)))
+    tok_dir = save_tokenizer(tok, out / "tokenizer")
+    processor = ImageProcessor(cfg.model.vision)
+    count = token_counter(tok, processor)
+    # the context each purpose is consumed with; a preference pair holds a prompt and two responses
+    context = {"pretrain": cfg.pretrain.seq_len, "sft": cfg.sft.seq_len, "rl": cfg.sft.seq_len,
+               "eval": cfg.sft.seq_len, "preference": 2 * cfg.sft.seq_len}
+
+    eval_hashes: set[str] = set()
+    for name, spec in cfg.data.sets.items():
+        if spec.split == "eval":
+            eval_hashes |= dataset_hashes(raw[name])
+
+    reports_dir = out / "reports"
+    reports_dir.mkdir(exist_ok=True)
+    manifest: dict[str, Any] = {"sets": {}, "tokenizer": {"vocab_size": len(tok)}}
+    failed = []
+    for name, spec in _progress(list(cfg.data.sets.items()), "gate", progress):
+        report = validate_dataset(
+            raw[name],
+            require_answer=spec.purpose in ANSWER_PURPOSES,
+            max_tokens=context[spec.purpose],
+            token_len=count,
+            forbidden_hashes=eval_hashes if spec.split == "train" else None,
+        )
+        (reports_dir / f"{name}.md").write_text(report.to_markdown())
+        (reports_dir / f"{name}.json").write_text(report.to_json())
+        manifest["sets"][name] = {
+            "purpose": spec.purpose,
+            "split": spec.split,
+            "path": str(raw[name]),
+            "content_hash": dataset_sha256(raw[name]),
+            "n_records": report.n_records,
+            "rows_per_task": _rows_per_task(raw[name]),
+            "gate": {"passed": report.passed, "failed_checks": [c.name for c in report.failed_checks]},
+            "generate": gen.get(name, {}),
+        }
+        if not report.passed:
+            failed.append(report)
+    if failed:
+        _write_manifest(out, manifest)
+        print("\n\n".join(r.to_markdown() for r in failed))
+        raise GateFailed(failed[0])
+
+    packs: list[tuple[str, str, str]] = []  # (dataset, packed name, loss_on)
+    for name, spec in cfg.data.sets.items():
+        if spec.purpose == "pretrain":
+            packs.append((name, name, "all"))
+        elif spec.purpose == "sft":
+            packs.append((name, name, "assistant"))
+        elif spec.purpose == "eval":
+            packs.append((name, f"{name}-all", "all"))
+            packs.append((name, f"{name}-assistant", "assistant"))
+    for dataset, packed, loss_on in packs:
+        seq_len = cfg.pretrain.seq_len if loss_on == "all" else cfg.sft.seq_len
+        dest = out / "packed" / packed
+        if dest.exists():
+            shutil.rmtree(dest)
+        index = pack_dataset(raw[dataset], str(dest), tokenizer=tok, processor=processor, seq_len=seq_len,
+                             loss_on=loss_on, seed=set_seed(cfg.data, packed), progress=progress,
+                             extra_meta={"source": dataset})
+        manifest["sets"][dataset].setdefault("packed", {})[packed] = {
+            k: index[k] for k in ("rows", "samples", "tokens", "loss_tokens", "padding_fraction", "dropped_too_long")
+        }
+    manifest["seconds"] = round(time.perf_counter() - t0, 2)
+    _write_manifest(out, manifest)
+    if log_mlflow:
+        _log_to_mlflow(out, manifest)
+    return DataPrepOutputs(out, manifest)
+
+
+def _rows_per_task(path: Path) -> dict[str, int]:
+    from step3vl.data.io import iter_records
+
+    counts: dict[str, int] = {}
+    for raw in iter_records(path):
+        if raw.record is not None:
+            t = str(raw.record.get("task", "?"))
+            counts[t] = counts.get(t, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    tmp = out / "data_manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    tmp.replace(out / "data_manifest.json")
+
+
+def _log_to_mlflow(out: Path, manifest: dict[str, Any]) -> None:
+    """Every dataset becomes an MLflow input of the active run, so model versions trace to their data."""
+    import mlflow
+    import mlflow.data
+    import pandas as pd
+
+    for name, info in manifest["sets"].items():
+        df = pd.DataFrame([{"task": k, "rows": v} for k, v in info["rows_per_task"].items()])
+        ds = mlflow.data.from_pandas(df, source=info["path"], name=name, digest=info["content_hash"][:32])
+        mlflow.log_input(ds, context=info["purpose"])
+    mlflow.log_artifact(str(out / "data_manifest.json"))
+    mlflow.log_artifacts(str(out / "reports"), artifact_path="gate_reports")

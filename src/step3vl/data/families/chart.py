@@ -2,7 +2,8 @@
 
 Bars are labelled A, B, ... left to right under the axis, with a light gridline at every unit,
 so a value is read by counting gridlines. Level 1: 2-3 bars, values 1-5; level 2: 3-4 bars,
-values 1-8; level 3: 4-5 bars, values 1-10, and also sums, differences and the maximum.
+values 1-8; level 3: 4-5 bars, values 1-10, and also sums, differences and the maximum. Bar
+colours, bar width and the chart's left/right margins vary per chart.
 Verifier ``math_numeric``.
 """
 
@@ -17,7 +18,8 @@ from step3vl.data.families import Sample, register_family, think, user
 
 LEVELS = {1: {"bars": (2, 3), "vmax": 5}, 2: {"bars": (3, 4), "vmax": 8}, 3: {"bars": (4, 5), "vmax": 10}}
 GRID = (200, 200, 200)
-BAR_COLOURS = ("red", "green", "blue", "orange", "purple")
+BAR_COLOURS = ("red", "green", "blue", "orange", "purple", "yellow")
+BAR_WIDTHS = (0.45, 0.55, 0.65, 0.75)  # fraction of a bar's slot
 
 
 def draw_chart(rng: random.Random, values: list[int], vmax: int, size: int) -> tuple[Image.Image, list[list[int]]]:
@@ -25,13 +27,13 @@ def draw_chart(rng: random.Random, values: list[int], vmax: int, size: int) -> t
     img = Image.new("RGB", (size, size), render.BACKGROUNDS["white"])
     draw = ImageDraw.Draw(img)
     scale = max(1, size // 64)
-    left, right, top = render.px(3, size), size - render.px(2, size), render.px(3, size)
+    left, right, top = render.px(rng.randint(2, 6), size), size - render.px(rng.randint(1, 3), size), render.px(3, size)
     base = size - (render.GLYPH_H + 3) * scale  # axis row; labels below it
     unit = (base - top) // vmax
     for v in range(1, vmax + 1):
         draw.line([(left, base - v * unit), (right - 1, base - v * unit)], fill=GRID)
     slot = (right - left) / len(values)
-    width = max(2, int(slot * 0.6))
+    width = max(2, int(slot * rng.choice(BAR_WIDTHS)))
     colours = rng.sample(BAR_COLOURS, len(values))
     boxes = []
     for i, (v, c) in enumerate(zip(values, colours, strict=True)):

@@ -1,6 +1,8 @@
 """``ocr``: read a rendered number or short string ("What is written in the image?").
 
-Level 1: a two-digit number, black, centred, as large as fits (5 px strokes at 64 px). Level 2:
+Level 1: a two-digit number in a near-black ink (``render.INKS``) on a light paper
+(``render.PAPERS``), as large as fits (5 px strokes at 64 px) and near the centre (shifted up to
+4 px each way). Level 2:
 3-4 digits/letters in a dark palette colour at a random position, on one or two lines. Level 3:
 5-6 characters, half in the thick bitmap font on two lines, half in Pillow's anti-aliased default
 font, on a white or gray background. Lines are read left to right, top to bottom, and
@@ -38,22 +40,32 @@ def layout(text: str, width: int, height: int) -> list[str]:
 
 def render_text(rng: random.Random, text: str, difficulty: int, size: int) -> tuple[Image.Image, dict]:
     """The OCR image for ``text`` at ``difficulty`` and how it was drawn."""
-    background = "white" if difficulty < 3 else rng.choice(list(render.BACKGROUNDS))
-    colour = "black" if difficulty == 1 else rng.choice(render.TEXT_COLOURS)
-    img = Image.new("RGB", (size, size), render.BACKGROUNDS[background])
     m = render.px(2, size)
     lines = layout(text, size - 2 * m, size - 2 * m)
-    if difficulty == 3 and rng.random() < 0.5:
-        box = render.draw_default_text(img, lines, render.PALETTE[colour], rng)
-        font = "default"
+    if difficulty == 1:
+        background = rng.choice(list(render.PAPERS))
+        colour = rng.choice(list(render.INKS))
+        paper, ink = render.PAPERS[background], render.INKS[colour]
     else:
-        box = render.draw_centered_text(img, lines, render.PALETTE[colour], rng=None if difficulty == 1 else rng)
+        background = "white" if difficulty < 3 else rng.choice(list(render.BACKGROUNDS))
+        colour = rng.choice(render.TEXT_COLOURS)
+        paper, ink = render.BACKGROUNDS[background], render.PALETTE[colour]
+    img = Image.new("RGB", (size, size), paper)
+    if difficulty == 3 and rng.random() < 0.5:
+        box = render.draw_default_text(img, lines, ink, rng)
+        font = "default"
+    elif difficulty == 1:
+        box = render.draw_centered_text(img, lines, ink, rng=rng, jitter=render.px(4, size))
+        font = "bitmap"
+    else:
+        box = render.draw_centered_text(img, lines, ink, rng=rng)
         font = "bitmap"
     return img, {
         "text": text,
         "lines": lines,
         "font": font,
         "colour": colour,
+        "ink": list(ink),
         "background": background,
         "box": list(box),
     }

@@ -20,6 +20,7 @@ import re
 
 from step3vl.data import render
 from step3vl.data.families import THINK_END, THINK_START, Sample, register_family, sample, think, user
+from step3vl.data.families.chat import PREFIXES, SUFFIXES
 from step3vl.data.families.perception_count import count_trace
 
 SOURCES = ("perception_count", "perception_attr", "ocr", "grounding", "chart", "text_math", "mm_math", "chat")
@@ -34,12 +35,39 @@ IMAGE_UNANSWERABLE = (
     ("What is the {obj} made of?", "It is made of wood."),
     ("What time is it in the image?", "It is 3 o'clock."),
 )
-TEXT_UNANSWERABLE = (
-    ("What number am I thinking of?", "7"),
-    ("What is my favourite colour?", "blue"),
-    ("How many pens are in my bag?", "4"),
-    ("What did I eat today?", "an apple"),
-)
+# Text questions only the asker can answer, built from parts: (template, {field: options}, made-up answers).
+PEOPLE = ("mother", "father", "sister", "brother", "friend", "teacher", "neighbour", "cousin", "uncle", "aunt")
+TEXT_UNANSWERABLE: tuple[tuple[str, dict[str, tuple[str, ...]], tuple[str, ...]], ...] = (
+    ("What number am I thinking of?", {}, ("7", "3", "42")),
+    ("What {thing} am I thinking of?", {"thing": ("colour", "animal", "word", "letter", "city", "fruit")},
+     ("blue", "a cat", "apple", "B", "Paris")),
+    ("What is my {who}'s favourite {thing}?",
+     {"who": PEOPLE, "thing": ("colour", "number", "food", "animal", "song", "game", "fruit", "sport")},
+     ("blue", "7", "pizza", "a dog", "chess", "football")),
+    ("How old is my {who}?", {"who": PEOPLE}, ("42", "35 years old", "60")),
+    ("How many {items} are in my {place}?",
+     {"items": ("pens", "coins", "apples", "books", "keys", "cards", "shells", "stones", "socks", "cups"),
+      "place": ("bag", "pocket", "box", "drawer", "desk", "car", "room", "basket", "fridge", "cupboard")},
+     ("4", "7", "12", "2")),
+    ("What did I {verb} {when}?",
+     {"verb": ("eat", "drink", "buy", "read", "watch", "see", "lose", "cook"),
+      "when": ("today", "yesterday", "this morning", "last night", "last week", "on Monday", "on Sunday")},
+     ("an apple", "tea", "a new pen", "a book", "a film", "soup")),
+    ("What is the name of my {pet}?", {"pet": ("dog", "cat", "fish", "bird", "rabbit", "horse", "hamster")},
+     ("Max.", "Its name is Tom.", "Bella.")),
+    ("Where did I put my {thing}?", {"thing": ("keys", "phone", "glasses", "book", "pen", "hat", "wallet", "bag")},
+     ("On the table.", "In the kitchen.", "Under the bed.")),
+    ("What is my {who}'s name?", {"who": PEOPLE}, ("Ann.", "Tom.", "Her name is Mia.")),
+)  # fmt: skip
+
+
+def text_unanswerable(rng: random.Random) -> tuple[str, str]:
+    """A text question only the asker could answer, in a random phrasing, and a confident made-up answer."""
+    template, fields, confident = rng.choice(TEXT_UNANSWERABLE)
+    q = template.format(**{k: rng.choice(v) for k, v in fields.items()})
+    return rng.choice(PREFIXES) + q + rng.choice(SUFFIXES), rng.choice(confident)
+
+
 _BOX = re.compile(r"^\[(\d+),(\d+),(\d+),(\d+)\]$")
 _INT = re.compile(r"^-?\d+$")
 
@@ -138,7 +166,7 @@ def _unanswerable(rng: random.Random, difficulty: int, size: int) -> tuple[Sampl
             meta={"source": "perception_attr", "objects": src.meta["objects"]},
         )
         return s, "image_unanswerable"
-    q, confident = rng.choice(TEXT_UNANSWERABLE)
+    q, confident = text_unanswerable(rng)
     s = Sample(
         prompt=[user(q)],
         target=None,

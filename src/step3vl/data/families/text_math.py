@@ -1,8 +1,9 @@
 """``text_math``: arithmetic in text, one to three steps.
 
-Level 1: two-digit addition ("What is 37 + 45?"). Level 2: ``a + b - c`` or ``a - b + c`` with
-two-digit numbers and a non-negative result. Level 3: word problems with 2-3 steps including a
-multiplication. The trace writes each step as ``x op y = z``. Verifier ``math_numeric``.
+Level 1: two-digit addition ("What is 37 + 45?", in one of a few phrasings). Level 2:
+``a + b - c`` or ``a - b + c`` with two-digit numbers and a non-negative result. Level 3: word
+problems with 2-3 steps including a multiplication. The trace writes each step as ``x op y = z``.
+Verifier ``math_numeric``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,14 @@ from step3vl.data.families import Sample, register_family, think, user
 
 NAMES = ("Tom", "Ann", "Sam", "Mia", "Ben", "Eva")
 ITEMS = ("pens", "apples", "cards", "stones", "books", "eggs", "coins", "shells")
+ADD_QUESTIONS = (
+    "What is {a} + {b}?",
+    "Compute {a} + {b}.",
+    "What is {a} plus {b}?",
+    "Add {a} and {b}.",
+    "{a} + {b} = ?",
+    "What is the sum of {a} and {b}?",
+)
 
 
 def word_problem(rng: random.Random) -> tuple[str, str, int]:
@@ -44,7 +53,8 @@ def make(rng: random.Random, difficulty: int, size: int) -> Sample:
     """Solve a text arithmetic problem."""
     if difficulty == 1:
         a, b = rng.randint(10, 99), rng.randint(10, 99)
-        q, trace, ans = f"What is {a} + {b}?", f"{a} + {b} = {a + b}", a + b
+        q = rng.choice(ADD_QUESTIONS).format(a=a, b=b)
+        trace, ans = f"{a} + {b} = {a + b}", a + b
     elif difficulty == 2:
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         if rng.random() < 0.5:

@@ -1,0 +1,1 @@
+"""Held-out evaluation: per-family accuracy of a model under a decoding mode."""

@@ -1,0 +1,1 @@
+"""Reinforcement learning: verifiable rewards, behaviour regularisers and (later) the RL loop."""

@@ -1,0 +1,25 @@
+"""Run a few pre-training steps of the micro pipeline and print the per-step losses as JSON (rank 0).
+
+Launched by tests/test_deepspeed.py twice on the same global batch: plainly (one process, plain
+torch) and under torchrun with 2 processes (DeepSpeed ZeRO-2 on gloo).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from step3vl import config
+from step3vl.stages.train import run_training
+
+data_dir, out_dir = sys.argv[1], sys.argv[2]
+root = Path(__file__).resolve().parent
+cfg = config.load(config.PipelineConfig, root / "conf/micro.yaml", [
+    "pretrain.batch_size=8", "pretrain.micro_batch_size=2", "pretrain.zero_stage=2", "pretrain.eval_data=",
+    "pretrain.checkpoint_every=1000", "pretrain.warmup_steps=0",
+    "pretrain.phases=[{data: pretrain_broad, steps: 4, lr_start: 1.0e-3, lr_end: 1.0e-3}]",
+])
+res = run_training("pretrain", cfg, data_dir, out_dir, progress=False)
+import os
+
+if os.environ.get("RANK", "0") == "0":
+    print("LOSSES=" + json.dumps([h["loss"] for h in res.result.history]))

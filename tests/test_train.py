@@ -1,0 +1,154 @@
+"""The one training loop: schedule, data order, packing isolation, every parameter trains, exact resume."""
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from step3vl import config
+from step3vl.config import PhaseConfig, TrainConfig
+from step3vl.data.pack import PackedDataset
+from step3vl.model.loading import new_model
+from step3vl.model.processor import ImageProcessor
+from step3vl.model.tokenizer import load_tokenizer
+from step3vl.train.loop import RowSampler, forward_loss_sum, lr_at
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_lr_schedule_warmup_then_cosine_per_phase():
+    cfg = TrainConfig(warmup_steps=2, phases=(PhaseConfig(steps=5, lr_start=1.0, lr_end=0.5),
+                                               PhaseConfig(steps=3, lr_start=0.4, lr_end=0.1)))
+    steps = [5, 3]
+    assert lr_at(cfg, 0, steps) == pytest.approx(0.5)  # warm-up: 1.0 * 1/2
+    assert lr_at(cfg, 1, steps) == pytest.approx(min(1.0, 0.5 + 0.25 * (1 + 0.7071067811865476)))
+    assert lr_at(cfg, 4, steps) == pytest.approx(0.5)  # end of phase 1
+    assert lr_at(cfg, 5, steps) == pytest.approx(0.4)  # start of phase 2
+    assert lr_at(cfg, 6, steps) == pytest.approx(0.25)  # midpoint of a 3-step cosine
+    assert lr_at(cfg, 7, steps) == pytest.approx(0.1)
+
+
+def test_steps_derived_from_tokens():
+    cfg = TrainConfig(batch_size=4, seq_len=8)
+    assert cfg.steps_for(PhaseConfig(tokens=320)) == 10
+    assert cfg.steps_for(PhaseConfig(steps=3, tokens=320)) == 3
+
+
+@pytest.fixture(scope="module")
+def packed(micro_cfg, micro_data):
+    proc = ImageProcessor(micro_cfg.model.vision)
+    return PackedDataset(micro_data.packed("pretrain_broad"), proc), load_tokenizer(micro_data.tokenizer_dir)
+
+
+def test_sampler_is_deterministic_and_resumable(packed):
+    ds, _ = packed
+    a, b = RowSampler(ds, 3), RowSampler(ds, 3)
+    first = a.take(5)
+    assert first == b.take(5)
+    state = a.state_dict()
+    rest = a.take(len(ds) + 7)  # crosses an epoch boundary
+    c = RowSampler(ds, 3)
+    c.load_state_dict(state)
+    assert c.take(len(ds) + 7) == rest
+    # one epoch visits every row exactly once
+    d = RowSampler(ds, 4)
+    assert sorted(d.take(len(ds))) == sorted((s, r) for s in range(ds.n_shards) for r in range(ds.shard_rows[s]))
+    assert RowSampler(ds, 5).take(len(ds)) != RowSampler(ds, 4).take(len(ds))
+
+
+def test_packed_samples_do_not_see_each_other(micro_cfg, packed):
+    """A sample's logits are the same alone and packed behind other samples (mask + positions)."""
+    ds, tok = packed
+    torch.manual_seed(0)
+    model = new_model(micro_cfg.model, tok, 0).eval()
+    t = ds.shard(0)
+    row = next(r for r in range(ds.shard_rows[0]) if int(t["segment_ids"][r].max()) >= 3)
+    b = ds.batch([(0, row)])
+    seg = b.segment_ids[0]
+    last = int(seg.max())
+    idx = (seg == last).nonzero().squeeze(-1)
+    with torch.no_grad():
+        packed_logits = model(b.input_ids, images=b if b.has_images else None, attention_mask=b.attention_mask(),
+                              position_ids=b.position_ids).logits[0, idx]
+        # the same sample alone: its own tokens, positions from 0, its own images
+        alone = ds.batch([(0, row)])
+        keep = seg == last
+        ids = alone.input_ids[:, keep]
+        pos = alone.position_ids[:, keep]
+        n_img_before = int((b.input_ids[0, : int(idx[0])] == model.image_token_id).sum())
+        per_view = (micro_cfg.model.vision.image_size // micro_cfg.model.vision.patch_size // 4) ** 2
+        views = alone.view_order[n_img_before // per_view: n_img_before // per_view + int((ids == model.image_token_id).sum()) // per_view]
+
+        class Imgs:
+            global_pixels = alone.global_pixels
+            crop_pixels = alone.crop_pixels
+            view_order = views
+
+        solo = model(ids, images=Imgs if views else None, position_ids=pos).logits[0]
+    assert torch.allclose(packed_logits, solo, atol=1e-4), (packed_logits - solo).abs().max()
+
+
+def test_one_step_changes_every_trainable_parameter(micro_cfg, packed):
+    ds, tok = packed
+    torch.manual_seed(0)
+    model = new_model(micro_cfg.model, tok, 0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    refs = [(0, r) for r in range(min(8, ds.shard_rows[0]))]
+    b = ds.batch(refs)
+    assert b.has_images, "the step must include images so the vision encoder trains"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = forward_loss_sum(model, b, "fp32") / b.n_loss_tokens
+    loss.backward()
+    opt.step()
+    unchanged = [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
+    assert not unchanged, f"parameters that did not change: {unchanged}"
+    assert any(n.startswith("vision_model.") for n in before)
+
+
+def _stage_cmd(stage: str, data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "step3vl.cli", "stage", stage, "--config", str(ROOT / "tests/conf/micro.yaml"),
+            "--data", str(data_dir), "--out", str(out), "--no-tracking", *extra]
+
+
+def _weights_digest(model_dir: Path) -> str:
+    return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bit_identical(micro_data, tmp_path):
+    """Kill pre-training at a random step (3 trials); the rerun ends with the uninterrupted weights."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    ref = tmp_path / "ref"
+    subprocess.run(_stage_cmd("pretrain", micro_data.out_dir, ref), check=True, env=env, capture_output=True)
+    want = _weights_digest(ref / "model")
+    rng = random.Random(1234)
+    for trial in range(3):
+        out = tmp_path / f"trial{trial}"
+        kill_at = rng.randint(1, 8)  # steps 1..8 of 10
+        proc = subprocess.Popen(_stage_cmd("pretrain", micro_data.out_dir, out, "--set",
+                                           f"pretrain.checkpoint_every=1"),
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        ck = out / "checkpoints"
+        while time.time() < deadline and proc.poll() is None:
+            done = [p for p in ck.glob("step-*") if (p / "MANIFEST.json").exists()] if ck.exists() else []
+            if len(done) >= kill_at:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (out / "model").exists()
+        res = subprocess.run(_stage_cmd("pretrain", micro_data.out_dir, out, "--set", "pretrain.checkpoint_every=1"),
+                             env=env, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "resuming from" in res.stderr
+        assert _weights_digest(out / "model") == want, f"trial {trial}: killed after {kill_at} checkpoints"
