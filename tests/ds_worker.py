@@ -22,4 +22,5 @@ res = run_training("pretrain", cfg, data_dir, out_dir, progress=False)
 import os
 
 if os.environ.get("RANK", "0") == "0":
+    print("BACKEND=" + res.result.backend)
     print("LOSSES=" + json.dumps([h["loss"] for h in res.result.history]))

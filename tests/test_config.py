@@ -130,3 +130,10 @@ def test_bad_yaml_and_missing_file(tmp_path):
     p.write_text("model: nosuchmodel\n")
     with pytest.raises(ConfigError, match="no model config named 'nosuchmodel'"):
         config.load(PipelineConfig, p)
+
+
+def test_override_inside_a_mapping_keeps_its_siblings():
+    cfg = config.load(PipelineConfig, CONF / "pipeline/tiny.yaml", ["data.sets.eval.path=/x", "data.sets.rl.families.ocr.n=7"])
+    assert cfg.data.sets["eval"].path == "/x" and cfg.data.sets["eval"].families  # siblings kept
+    assert cfg.data.sets["rl"].families["ocr"].n == 7 and "text_math" in cfg.data.sets["rl"].families
+    assert set(cfg.data.sets) == set(config.load(PipelineConfig, CONF / "pipeline/tiny.yaml").data.sets)

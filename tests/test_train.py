@@ -119,7 +119,14 @@ def _stage_cmd(stage: str, data_dir: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _weights_digest(model_dir: Path) -> str:
-    return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    """sha256 over every tensor's name, dtype, shape and bytes (file layout aside)."""
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    for name, t in sorted(load_file(str(model_dir / "model.safetensors")).items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 @pytest.mark.slow

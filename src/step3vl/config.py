@@ -422,6 +422,10 @@ def _merge(base: dict[str, Any], over: dict[str, Any], cls: type | None, source:
     hints = typing.get_type_hints(cls) if cls is not None and dataclasses.is_dataclass(cls) else {}
     for k, v in over.items():
         sub_cls = hints.get(k)
+        if isinstance(v, dict) and get_origin(sub_cls) is dict and isinstance(out.get(k), dict):
+            # a mapping field (e.g. data.sets): merge entry by entry with the value type
+            out[k] = _merge_mapping(out[k], v, get_args(sub_cls)[1], source, prefix + k + ".")
+            continue
         if isinstance(v, dict) and sub_cls is not None and dataclasses.is_dataclass(sub_cls):
             cur = out.get(k, {})
             if isinstance(cur, str) and sub_cls in _REFERENCE_DIRS:
@@ -437,6 +441,16 @@ def _merge(base: dict[str, Any], over: dict[str, Any], cls: type | None, source:
                     f"{source} (override): unknown key '{prefix}{k}' for {cls.__name__} "
                     f"(allowed: {', '.join(sorted(hints))})"
                 )
+            out[k] = v
+    return out
+
+
+def _merge_mapping(base: dict[str, Any], over: dict[str, Any], value_cls: Any, source: str, prefix: str) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and dataclasses.is_dataclass(value_cls):
+            out[k] = _merge(out[k], v, value_cls, source, prefix + k + ".")
+        else:
             out[k] = v
     return out
 

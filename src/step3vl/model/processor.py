@@ -62,10 +62,6 @@ STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 MAX_PIXELS = 40_000_000
 """Largest image (width × height) the processor accepts."""
 
-# PIL warns above MAX_IMAGE_PIXELS and raises DecompressionBombError above twice that, on open,
-# before decoding; only ever lower the limit a caller may have set.
-if Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS > MAX_PIXELS:
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 class ImageTooLargeError(ValueError):

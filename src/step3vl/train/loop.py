@@ -106,6 +106,7 @@ class TrainResult:
     resumed_from: int | None = None
     seconds: float = 0.0
     tokens_per_second: float = 0.0
+    backend: str = "torch"  # or "deepspeed-zero<stage>"
 
 
 def _dist() -> tuple[int, int]:
@@ -196,11 +197,13 @@ def train(
         st = ck.train_state or {}
         if "optimizer" not in st:
             raise ValueError(f"{latest} has no optimizer state: not a training checkpoint")
+        if st["optimizer"] is None or engine is not None:
+            raise ValueError(
+                f"{latest}: exact resume needs the optimizer state, which distributed (DeepSpeed ZeRO) runs do "
+                "not store in step3vl checkpoints; start a new run from its weights with --init"
+            )
         model.load_state_dict(ck.model_state)
-        if engine is not None:
-            engine.optimizer.load_state_dict(st["optimizer"])
-        else:
-            optimizer.load_state_dict(st["optimizer"])
+        optimizer.load_state_dict(st["optimizer"])
         for s, d in zip(samplers, st["samplers"]):
             s.load_state_dict(d)
         restore_rng_state(st["rng"])
@@ -212,7 +215,10 @@ def train(
         if rank != 0:
             return
         extra = save_extra()
-        opt_state = (engine.optimizer if engine is not None else optimizer).state_dict()
+        # ZeRO keeps the optimizer partitioned per rank in DeepSpeed's own objects, which only its
+        # pickle-based checkpoints can hold; ours stay safetensors, so a distributed checkpoint
+        # carries weights, step, data position and RNG, and refuses an exact resume (see below).
+        opt_state = optimizer.state_dict() if engine is None else None
         save_checkpoint(
             checkpoint_uri(ckpt_root, at),
             model_state=model.state_dict(),
@@ -262,7 +268,7 @@ def train(
                 engine.step()
             else:
                 scaled.backward()
-            loss_sum += float(ls)
+            loss_sum += float(ls.detach())
             step_tokens += b.n_tokens
             step_samples += int(b.segment_ids.max(dim=1).values.sum())
         if engine is None:
@@ -302,7 +308,8 @@ def train(
         bar.close()
     elapsed = time.perf_counter() - t_start
     return TrainResult(step=step, final_loss=loss, history=history, eval_history=eval_history,
-                       resumed_from=resumed_from, seconds=elapsed, tokens_per_second=tokens_done / max(elapsed, 1e-9))
+                       resumed_from=resumed_from, seconds=elapsed, tokens_per_second=tokens_done / max(elapsed, 1e-9),
+                       backend=f"deepspeed-zero{engine.zero_optimization_stage()}" if engine is not None else "torch")
 
 
 def _phase_of(step: int, phase_steps: list[int]) -> int:
