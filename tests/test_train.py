@@ -159,3 +159,28 @@ def test_sigkill_and_resume_is_bit_identical(micro_data, tmp_path):
         assert res.returncode == 0, res.stderr[-2000:]
         assert "resuming from" in res.stderr
         assert _weights_digest(out / "model") == want, f"trial {trial}: killed after {kill_at} checkpoints"
+
+
+def test_stage_logs_to_mlflow_and_registers_its_model(micro_cfg, micro_data, tmp_path, monkeypatch):
+    import mlflow
+
+    from step3vl import tracking
+    from step3vl.registry import resolve_model_uri
+    from step3vl.stages.train import run_training
+
+    monkeypatch.setenv("STEP3VL_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    try:
+        with tracking.stage_run("sft", micro_cfg.tracking, config=micro_cfg) as run:
+            out = run_training("sft", micro_cfg, micro_data.out_dir, str(tmp_path / "sft"), progress=False)
+        client = mlflow.MlflowClient()
+        hist = client.get_metric_history(run.info.run_id, "sft/loss")
+        assert len(hist) == 8 and hist[-1].value < hist[0].value
+        for key in ("sft/lr", "sft/grad_norm", "sft/tokens_per_s", "sft/samples_per_s"):
+            assert client.get_metric_history(run.info.run_id, key), key
+        assert "loss_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        mv = client.get_model_version(micro_cfg.tracking.registered_model, str(int(out.metrics["registered_version"])))
+        assert mv.tags["step3vl.stage"] == "sft" and mv.source == out.model_uri
+        assert resolve_model_uri(f"models:/{micro_cfg.tracking.registered_model}/{mv.version}") == out.model_uri
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -203,6 +203,78 @@ def stage_sft_cmd(config_path: ConfigOpt, overrides: SetOpt = None, data: DataOp
     _train_stage("sft", config_path, overrides, data, out, init, tracking)
 
 
+# --------------------------------------------------------------------------- the pipeline (KFP)
+
+
+@app.command("run")
+def run_cmd(
+    config_path: ConfigOpt,
+    overrides: SetOpt = None,
+    run_name: Annotated[Optional[str], typer.Option(help="MLflow parent run name (default <config name>-<time>).")] = None,
+    from_stage: Annotated[Optional[str], typer.Option(help="Start at this stage, reusing the earlier stages of --resume-from.")] = None,
+    resume_from: Annotated[Optional[str], typer.Option(help="An earlier run (MLflow run id or name) whose outputs --from-stage reuses.")] = None,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse outputs of identical earlier tasks.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="No live status; print the run's outputs as one JSON object.")] = False,
+) -> None:
+    """Run the whole pipeline on the KFP local runner (embedded mode), tracked in MLflow."""
+    from step3vl.pipeline import local, status
+    from step3vl.pipeline.dag import pipeline_module
+
+    cfg = _pipeline_config(config_path, overrides)
+    module = pipeline_module()
+    board = status.StatusBoard(list(module.STAGES), None if as_json else Console(file=sys.stdout))
+    failure = None
+    with board:
+        try:
+            res = local.run_local(cfg, run_name=run_name, from_stage=from_stage, resume_from=resume_from, cache=cache,
+                                  board=board)
+        except local.PipelineFailed as e:
+            res, failure = e.result, e
+    if as_json:
+        sys.stdout.write(json.dumps(res.to_dict(), indent=1, sort_keys=True) + "\n")
+    else:
+        console.print(status.summary_table(res, module.KEY_METRICS))
+        console.print(f"task logs: {res.log_path}", highlight=False)
+    if failure is not None:
+        if failure.tail and not as_json:
+            console.print("\n".join(failure.tail), markup=False, highlight=False)
+        err_console.print(f"[bold red]error:[/] {failure}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@app.command("compile")
+def compile_cmd(
+    config_path: ConfigOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the compiled KFP v2 YAML.")],
+    overrides: SetOpt = None,
+) -> None:
+    """Compile the pipeline for a KFP cluster, with the resolved config as its default parameter."""
+    from step3vl.pipeline.submit import compile_pipeline
+
+    path = compile_pipeline(_pipeline_config(config_path, overrides), out)
+    console.print(f"compiled {path}", highlight=False)
+
+
+@app.command("submit")
+def submit_cmd(
+    config_path: ConfigOpt,
+    host: Annotated[str, typer.Option(help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80.")],
+    overrides: SetOpt = None,
+    experiment: Annotated[Optional[str], typer.Option(help="KFP experiment (default: tracking.experiment).")] = None,
+    run_name: Annotated[Optional[str], typer.Option(help="KFP run name (default <config name>-<time>).")] = None,
+    namespace: Annotated[Optional[str], typer.Option(help="Kubeflow profile namespace (multi-user KFP).")] = None,
+    mlflow_parent_run_id: Annotated[str, typer.Option(help="Nest the stages' MLflow runs under this run.")] = "",
+) -> None:
+    """Compile the pipeline for a cluster and start a run on a KFP API server."""
+    from step3vl.pipeline.submit import submit
+
+    cfg = _pipeline_config(config_path, overrides)
+    res = submit(cfg, host=host, experiment=experiment, run_name=run_name, namespace=namespace,
+                 mlflow_parent_run_id=mlflow_parent_run_id)
+    console.print(f"submitted run {res['run_name']} ({res['run_id']}) to {res['host']}, experiment {res['experiment']}",
+                  highlight=False)
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
     try:

@@ -192,7 +192,30 @@ class RLConfig:
     prompts_per_iteration: int = 16
     rollouts: int = 8  # samples per prompt
     max_response_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    backend: Literal["torch", "vllm"] = "torch"
+    algorithm: str = "grpo"  # a registered advantage estimator: gae (the recipe's PPO) | grpo | reinforce
+    gamma: float = 1.0
+    lam: float = 1.0
+    epochs: int = 2  # passes over each iteration's rollouts
+    minibatch_size: int = 64  # sequences per optimizer step
     lr: float = 3e-4
+    value_lr: float = 1e-3
+    clip_eps: float = 0.2
+    value_coef: float = 0.5
+    kl_coef: float = 0.0  # KL to the frozen starting policy
+    entropy_coef: float = 0.0
+    grad_clip: float = 1.0
+    format_weight: float = 0.0  # shaping: weight of the <think>…</think> format reward
+    checkpoint_every: int = 5
+    # RLHF only: reward = genrm_weight * GenRM preference + behaviour regularisation terms
+    genrm_weight: float = 1.0
+    verifier_weight: float = 0.0  # keep verifiable accuracy in RLHF (0 = GenRM + regularisers only)
+    language_weight: float = 0.1
+    repetition_weight: float = 0.2
+    length_weight: float = 0.1
+    abstention_weight: float = 0.5
 
 
 @dataclass(frozen=True)

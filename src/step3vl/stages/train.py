@@ -36,10 +36,15 @@ def run_training(
     out_uri: str,
     *,
     init_uri: str | None = None,
+    ckpt_uri: str | None = None,
     progress: bool = True,
     stop_after_step: int | None = None,
 ) -> TrainStageOutputs:
-    """Train ``stage`` on the packed sets in ``data_dir`` (data prep output), from ``init_uri`` if given."""
+    """Train ``stage`` on the packed sets in ``data_dir`` (data prep output), from ``init_uri`` if given.
+
+    Checkpoints go to ``ckpt_uri`` (default ``<out_uri>/checkpoints``); a run finding valid checkpoints
+    there resumes from the latest. Orchestrators pass a location that outlives one task attempt.
+    """
     import mlflow
 
     from step3vl.checkpoint import load_checkpoint, save_checkpoint
@@ -76,7 +81,7 @@ def run_training(
 
     result = train(
         model, tcfg, datasets,
-        ckpt_root=join_uri(out_uri, "checkpoints"),
+        ckpt_root=ckpt_uri or join_uri(out_uri, "checkpoints"),
         seed=cfg.seed,
         save_extra=lambda: {"config": ckpt_config, "tokenizer_dir": str(tok_dir)},
         eval_ds=eval_ds,
@@ -98,9 +103,16 @@ def run_training(
         out.metrics.update(eval_loss_start=ev[0], eval_loss_end=ev[-1])
     out.plot = plot_loss(result, Path(_local(out_uri)) / "loss_curve.png" if _is_local(out_uri) else None, stage)
     if mlflow.active_run() is not None:
+        from step3vl.config import config_hash
+        from step3vl.registry import register_checkpoint
+
         mlflow.log_metrics({f"{stage}/{k}": v for k, v in out.metrics.items()})
         if out.plot:
             mlflow.log_artifact(str(out.plot))
+        mv = register_checkpoint(cfg.tracking.registered_model, out.model_uri, run_id=mlflow.active_run().info.run_id,
+                                 tags={"step3vl.stage": stage, "step3vl.config_hash": config_hash(cfg),
+                                       **{f"metric.{k}": f"{v:.6g}" for k, v in out.metrics.items()}})
+        out.metrics["registered_version"] = float(mv.version)
     return out
 
 

@@ -1,0 +1,138 @@
+"""RL stages on the one RL loop: RLVR (verifiable rewards) and RLHF (GenRM + behaviour regularisation).
+
+Layout under the stage's output URI: ``checkpoints/`` (resumable), ``model/`` (final policy),
+``rl_curves.png`` (reward and response length per task family per iteration).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from step3vl.config import PipelineConfig, RLConfig
+from step3vl.rl.rollout import Completion
+
+
+@dataclass
+class RLStageOutputs:
+    model_uri: str
+    result: Any  # RLResult
+    metrics: dict[str, float] = field(default_factory=dict)
+    plot: Path | None = None
+
+
+def verifiable_reward(format_weight: float = 0.0):
+    """Each record's own verifier (its ``reward`` field), plus an optional format shaping term."""
+    from step3vl.rl.rewards import format_reward, score
+
+    def fn(recs: Sequence[dict[str, Any]], comps: Sequence[Completion]) -> tuple[list[float], dict[str, list[float]]]:
+        ver = [score(c.text, r) for r, c in zip(recs, comps)]
+        if not format_weight:
+            return ver, {"verifier": ver}
+        fmt = [format_reward(c.text, "", r) for r, c in zip(recs, comps)]
+        return [v + format_weight * f for v, f in zip(ver, fmt)], {"verifier": ver, "format": fmt}
+
+    return fn
+
+
+def run_rl(
+    stage: str,
+    cfg: PipelineConfig,
+    data_dir: str | Path,
+    init_uri: str,
+    out_uri: str,
+    *,
+    reward_fn: Any = None,
+    rl_cfg: RLConfig | None = None,
+    records: list[dict[str, Any]] | None = None,
+    records_dir: str | Path | None = None,
+    ckpt_uri: str | None = None,
+    progress: bool = True,
+    stop_after_iteration: int | None = None,
+) -> RLStageOutputs:
+    """Run an RL stage from ``init_uri`` on the prompt set named by its config (or ``records``)."""
+    import mlflow
+
+    from step3vl.checkpoint import save_checkpoint
+    from step3vl.eval.suite import load_records, to_prompt
+    from step3vl.model.loading import checkpoint_config, load_model
+    from step3vl.rl.loop import rl_train
+    from step3vl.rl.rollout import make_engine
+    from step3vl.storage import join_uri
+    from step3vl.train.loop import seed_everything
+
+    rl: RLConfig = rl_cfg or getattr(cfg, stage)
+    data_dir = Path(data_dir)
+    seed_everything(cfg.seed)
+    lm = load_model(init_uri)
+    model = lm.model
+    model.train()
+    ds_dir = Path(records_dir) if records_dir else data_dir / "raw" / rl.data
+    if records is None:
+        records = load_records(ds_dir)
+    engine = make_engine(rl.backend, model, lm.tokenizer, lm.processor)
+    tok_dir = Path(lm.uri) / "tokenizer" if Path(lm.uri).exists() else None
+    ckpt_config = checkpoint_config(lm.cfg, lm.tokenizer, stage=stage)
+
+    def on_metrics(m: dict[str, float], it: int) -> None:
+        if mlflow.active_run() is not None:
+            mlflow.log_metrics({f"{stage}/{k}": v for k, v in m.items()}, step=it)
+
+    res = rl_train(
+        model, engine, lm.tokenizer, lm.processor, rl, records,
+        lambda r: to_prompt(r, ds_dir),
+        reward_fn or verifiable_reward(rl.format_weight),
+        ckpt_root=ckpt_uri or join_uri(out_uri, "checkpoints"),
+        seed=cfg.seed,
+        save_extra=lambda: {"config": ckpt_config, "tokenizer_dir": str(tok_dir) if tok_dir else None},
+        on_metrics=on_metrics,
+        progress=progress,
+        stop_after_iteration=stop_after_iteration,
+    )
+    out = RLStageOutputs(model_uri=join_uri(out_uri, "model"), result=res)
+    if res.iteration < rl.iterations or int(os.environ.get("RANK", "0")) != 0:
+        return out
+    save_checkpoint(out.model_uri, model_state=model.state_dict(), config=ckpt_config,
+                    tokenizer_dir=str(tok_dir) if tok_dir else None,
+                    extra_meta={"stage": stage, "iteration": res.iteration}, overwrite=True)
+    total = sum(res.timing.values()) or 1.0
+    out.metrics = {"iterations": float(res.iteration), "seconds": res.seconds,
+                   **{f"time_share/{k}": v / total for k, v in res.timing.items()}}
+    if res.history:
+        out.metrics.update(reward_first=res.history[0]["reward_mean"], reward_last=res.history[-1]["reward_mean"])
+    if not out_uri.startswith("s3://"):
+        out.plot = plot_rl(res.history, Path(out_uri) / "rl_curves.png", stage)
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics({f"{stage}/{k}": v for k, v in out.metrics.items()})
+        if out.plot:
+            mlflow.log_artifact(str(out.plot))
+    return out
+
+
+def plot_rl(history: list[dict[str, float]], path: Path, title: str) -> Path:
+    """Reward and response length per task family over iterations (the paper's length dynamics)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fams = sorted({k.split("/")[0] for h in history for k in h if k.endswith("/reward_mean")})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    xs = [h["iteration"] for h in history]
+    for f in fams:
+        axes[0].plot(xs, [h.get(f"{f}/reward_mean", float("nan")) for h in history], label=f)
+        axes[1].plot(xs, [h.get(f"{f}/response_length", float("nan")) for h in history], label=f)
+    axes[0].set_title(f"{title}: reward per family")
+    axes[1].set_title(f"{title}: response length (tokens)")
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
