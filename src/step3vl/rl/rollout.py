@@ -4,8 +4,9 @@ Backends: ``torch`` (the embedded default: batched sampling with a KV cache, eac
 once and its cache shared by its ``n`` samples) and ``vllm`` (GPU machines; an optional extra).
 Asking for ``vllm`` where it is not installed is an error, never a silent switch to torch.
 
-Logprobs are of the sampled tokens under the model's temperature-1 distribution (what RL needs as
-the behaviour policy), whatever temperature/top-p/top-k shaped the sampling.
+Logprobs are of the sampled tokens under the model's temperature-1 distribution over the tokens it
+may generate (image placeholders and turn openers are never sampled): the behaviour policy RL
+needs, whatever temperature/top-p/top-k shaped the sampling.
 """
 
 from __future__ import annotations
@@ -128,6 +129,14 @@ class TorchEngine:
         self.max_batch = max_batch
         self.pad_id = int(tokenizer.convert_tokens_to_ids("<|endoftext|>"))
         self.eos_ids = {int(tokenizer.convert_tokens_to_ids("<|im_end|>")), self.pad_id}
+        # image placeholders and turn openers are never generated: an <im_patch> fed back would
+        # ask for an image embedding that does not exist
+        from step3vl.model.tokenizer import (
+            CHAT_START, IMAGE_END, IMAGE_PATCH, IMAGE_START, IMAGE_TOKEN, PATCH_END, PATCH_NEWLINE, PATCH_START,
+        )
+
+        self.banned = torch.tensor(tokenizer.convert_tokens_to_ids(
+            [CHAT_START, IMAGE_TOKEN, IMAGE_START, IMAGE_END, IMAGE_PATCH, PATCH_START, PATCH_END, PATCH_NEWLINE]))
         self.stats: dict[str, float] = {"prompt_tokens": 0, "generated_tokens": 0, "seconds": 0.0}
 
     def sync_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -182,6 +191,7 @@ class TorchEngine:
         finish = ["length"] * B
         texts = [""] * B
         for t in range(params.max_tokens):
+            last[:, self.banned] = float("-inf")
             logp = torch.log_softmax(last, dim=-1)
             if params.temperature <= 0:
                 nxt = last.argmax(-1)

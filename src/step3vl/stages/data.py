@@ -165,7 +165,7 @@ def token_counter(tokenizer: Any, processor: Any):
 def run(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True, log_mlflow: bool = False) -> DataPrepOutputs:
     """The whole data prep stage. Raises ``GateFailed`` (with its report written) if any set fails the gate."""
     from step3vl.data.gate import GateFailed, dataset_hashes, validate_dataset
-    from step3vl.data.io import dataset_sha256
+    from step3vl.data.io import DataError, dataset_sha256
     from step3vl.data.pack import pack_dataset
     from step3vl.model.processor import ImageProcessor
     from step3vl.model.tokenizer import build_tokenizer, save_tokenizer
@@ -182,7 +182,13 @@ def run(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True, log_
         elif is_s3_uri(spec.path):
             raw[name] = fetch_dir(spec.path, out / "raw" / name)  # published with a manifest: verified
         else:
-            raw[name] = Path(spec.path)
+            # copied in, so the data prep output is self-contained (a pipeline artifact other pods read)
+            raw[name] = out / "raw" / name
+            if raw[name].exists():
+                shutil.rmtree(raw[name])
+            if not Path(spec.path).is_dir():
+                raise DataError(f"data.sets.{name}.path: {spec.path} is not a directory")
+            shutil.copytree(spec.path, raw[name], symlinks=True)
 
     # tokenizer trained on the training text only (never on eval sets)
     train_dirs = [raw[n] for n, s in cfg.data.sets.items() if s.split == "train"]
