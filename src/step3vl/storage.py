@@ -654,7 +654,8 @@ def verify_published(uri: str | os.PathLike[str], *, deep: bool = True) -> dict[
 # --------------------------------------------------------------------------- publish / fetch
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory entry change (create/rename) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -697,7 +698,7 @@ def _publish_local(src: Path, dest: Path, manifest: dict[str, Any], overwrite: b
             trash = dest.parent / f".{dest.name}{TMP_MARK}old-{uuid.uuid4().hex}"
             os.rename(dest, trash)
         os.rename(staging, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
     except BaseException:

@@ -30,6 +30,7 @@ from typing import IO, Any, Final, NamedTuple
 from PIL import Image, UnidentifiedImageError
 
 from step3vl.errors import Step3VLError
+from step3vl.storage import fsync_dir as _fsync_dir
 
 SHARD_GLOB: Final = "*.jsonl"
 IMAGES_DIR: Final = "images"
@@ -457,14 +458,6 @@ class _ShardWriter:
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def dataset_sha256(dataset_dir: str | os.PathLike[str]) -> str:
