@@ -40,3 +40,9 @@ test-fast: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .step3vl .pytest_cache
+
+# Benchmarks (~3 min on 2 cores): bench/results.json and the BENCHMARKS.md generated from it.
+.PHONY: bench
+bench: $(STAMP)
+	$(PY) -m pip install -q -r bench/requirements.txt
+	$(PY) bench/run.py

@@ -233,11 +233,12 @@ def run_cmd(
     if as_json:
         sys.stdout.write(json.dumps(res.to_dict(), indent=1, sort_keys=True) + "\n")
     else:
-        console.print(status.summary_table(res, module.KEY_METRICS))
-        console.print(f"task logs: {res.log_path}", highlight=False)
+        out = console if console.is_terminal else Console(width=max(console.width, 200))  # keep URIs whole in logs
+        if failure is not None and failure.tail:
+            out.print("\n".join(failure.tail), markup=False, highlight=False)
+        out.print(status.summary_table(res, module.KEY_METRICS))
+        out.print(f"task logs: {res.log_path}", highlight=False)
     if failure is not None:
-        if failure.tail and not as_json:
-            console.print("\n".join(failure.tail), markup=False, highlight=False)
         err_console.print(f"[bold red]error:[/] {failure}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 

@@ -1,0 +1,19 @@
+"""Two-stage SFT as a KFP component."""
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+
+from step3vl.pipeline.images import TRAINER_IMAGE
+
+
+@dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
+def sft(config_yaml: str, mlflow_parent_run_id: str, pipeline_run_name: str, data: Input[Dataset],
+        init_model: Input[Model], model: Output[Model], metrics: Output[Metrics], loss_curve: Output[HTML]):
+    """step3vl.stages.train.run_training("sft") from the pre-trained model; resumes from its checkpoints."""
+    from step3vl.pipeline import runtime
+    from step3vl.stages.train import run_training
+
+    with runtime.stage("sft", config_yaml, mlflow_parent_run_id, pipeline_run_name) as st:
+        out = run_training("sft", st.cfg, data.path, model.path, init_uri=runtime.model_dir(init_model),
+                           ckpt_uri=st.checkpoint_uri(data, init_model), progress=False)
+        st.publish_training(out, model, metrics, loss_curve)

@@ -1,0 +1,196 @@
+"""What runs inside a pipeline component, so that the bodies in ``components/`` stay a few lines.
+
+A body opens :func:`stage` (config rebuilt from the YAML text, an MLflow child run under the
+pipeline's parent run), calls its ``step3vl.stages`` function with artifact paths, and hands the
+result to one ``publish_*`` method, which puts metrics on the ``Metrics`` artifact, lineage on the
+output artifacts' metadata and the report into its ``Markdown``/``HTML`` artifact.
+
+Every output artifact is written to disk, ``Metrics`` included (KFP keeps metrics in metadata
+only, and the local runner treats an output whose file is missing as a cache miss).
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import gc
+import html
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from step3vl.config import PipelineConfig
+
+log = logging.getLogger("step3vl.pipeline")
+
+CHECKPOINT_SUBDIR = "model"  # run_training publishes the model under <out_uri>/model
+
+
+def _configure_logging() -> None:
+    # our records in our own format (the runner's status board shows the latest one); the KFP
+    # executor's root handler stays as it is
+    logger = logging.getLogger("step3vl")
+    if not any(getattr(h, "_step3vl", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._step3vl = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def config_text(cfg: PipelineConfig) -> str:
+    """The resolved config as the ``config_yaml`` parameter: one line of flow-style YAML.
+
+    One line because the KFP compiler copies parameter defaults into a header comment of the
+    compiled file without prefixing continuation lines, which breaks the YAML of a multi-line default.
+    """
+    import yaml
+
+    from step3vl.config import to_dict
+
+    return yaml.safe_dump(to_dict(cfg), default_flow_style=True, sort_keys=False, width=2**31).strip()
+
+
+def load_config(config_yaml: str, source: str = "config_yaml") -> PipelineConfig:
+    """The resolved pipeline config a component was given as YAML text."""
+    import yaml
+
+    from step3vl import config
+
+    return config.from_dict(PipelineConfig, yaml.safe_load(config_yaml) or {}, source=source)
+
+
+@dataclass
+class Stage:
+    """One stage execution inside a component: its config, its MLflow run, its clock."""
+
+    name: str
+    cfg: PipelineConfig
+    mlflow_run_id: str
+    started: float
+
+    # ------------------------------------------------------------------ inputs
+
+    def checkpoint_uri(self, *inputs: Any) -> str:
+        """The stable checkpoint location for this stage, config and input artifacts (see ``lineage``)."""
+        from step3vl.pipeline.lineage import checkpoint_location
+
+        uri = checkpoint_location(self.name, self.cfg, [artifact_digest(a) for a in inputs])
+        log.info("%s: checkpoints under %s", self.name, uri)
+        return uri
+
+    # ------------------------------------------------------------------ outputs
+
+    def publish_data(self, out: Any, data: Any, metrics: Any, report: Any) -> None:
+        """Data prep → ``data`` (the output dir), per-set metrics, the gate reports as Markdown."""
+        from step3vl.pipeline.lineage import data_digest
+
+        m = out.manifest
+        values: dict[str, float] = {"records": sum(s["n_records"] for s in m["sets"].values()),
+                                    "vocab_size": m["tokenizer"]["vocab_size"]}
+        for name, s in m["sets"].items():
+            values[f"records/{name}"] = s["n_records"]
+            for packed, p in s.get("packed", {}).items():
+                values[f"packed_tokens/{packed}"] = p["tokens"]
+                values[f"padding_fraction/{packed}"] = p["padding_fraction"]
+        _stamp(data, self, digest=data_digest(data.path), sets=sorted(m["sets"]))
+        reports = sorted(Path(out.out_dir, "reports").glob("*.md"))
+        Path(report.path).write_text("\n\n".join(p.read_text() for p in reports) or "No datasets.\n")
+        self._finish(metrics, values, data, report)
+
+    def publish_training(self, out: Any, model: Any, metrics: Any, loss_curve: Any) -> None:
+        """A training stage → ``model`` (checkpoint under ``model/``), its metrics, the loss curve as HTML."""
+        from step3vl.pipeline.lineage import checkpoint_digest
+
+        values = dict(out.metrics)
+        values["resumed_from_step"] = out.result.resumed_from or 0
+        _stamp(model, self, digest=checkpoint_digest(model_dir(model)), checkpoint=CHECKPOINT_SUBDIR,
+               steps=out.result.step, framework="step3vl")
+        body = f"<p>No loss curve for {html.escape(self.name)}.</p>"
+        if out.plot and Path(out.plot).is_file():
+            png = base64.b64encode(Path(out.plot).read_bytes()).decode()
+            body = f'<img alt="{self.name} loss" src="data:image/png;base64,{png}"/>'
+        Path(loss_curve.path).write_text(f"<html><body><h3>{html.escape(self.name)}</h3>{body}</body></html>\n")
+        self._finish(metrics, values, model, loss_curve)
+
+    def publish_eval(self, out: Any, results: Any, metrics: Any, report: Any) -> None:
+        """Evaluation → ``results`` (metrics.json + report.md), the metrics, the report as Markdown."""
+        _stamp(results, self)
+        Path(report.path).write_text(Path(out.report).read_text())
+        self._finish(metrics, out.metrics, results, report)
+
+    def _finish(self, metrics: Any, values: dict[str, float], *outputs: Any) -> None:
+        values = {**values, "stage_seconds": round(time.perf_counter() - self.started, 3)}
+        log_metrics(metrics, values)
+        missing = [a.name for a in (metrics, *outputs) if not os.path.exists(a.path)]
+        if missing:
+            raise RuntimeError(f"stage {self.name} did not write its output artifact(s): {', '.join(missing)}")
+        log.info("%s: done in %.1fs", self.name, values["stage_seconds"])
+
+
+@contextlib.contextmanager
+def stage(name: str, config_yaml: str, mlflow_parent_run_id: str = "", pipeline_run_name: str = "") -> Iterator[Stage]:
+    """Rebuild the config, open the stage's MLflow child run and time it."""
+    import mlflow
+
+    from step3vl import tracking
+    from step3vl.config import config_hash
+
+    _configure_logging()
+    # the task process exits right after the stage: skip the garbage collector's final passes over
+    # torch/mlflow objects (~1 s per task); refcounted objects and every atexit handler still run
+    atexit.register(gc.freeze)
+    t0 = time.perf_counter()
+    cfg = load_config(config_yaml, source=f"config_yaml of stage {name}")
+    with tracking.stage_run(name, cfg.tracking, parent_run_id=mlflow_parent_run_id or None, config=cfg) as run:
+        mlflow.set_tags({"step3vl.pipeline_run_name": pipeline_run_name, "step3vl.config_hash": config_hash(cfg)})
+        log.info("%s: config %s, MLflow run %s", name, config_hash(cfg), run.info.run_id)
+        yield Stage(name, cfg, run.info.run_id, t0)
+
+
+# --------------------------------------------------------------------------- artifact helpers
+
+
+def model_dir(model: Any) -> str:
+    """The loadable checkpoint inside a ``Model`` artifact written by a training stage."""
+    return os.path.join(model.path, model.metadata.get("checkpoint", CHECKPOINT_SUBDIR))
+
+
+def artifact_digest(artifact: Any) -> str:
+    """An input artifact's digest: from its metadata, else computed from its content."""
+    from step3vl.pipeline.lineage import checkpoint_digest, data_digest
+
+    if artifact.metadata.get("digest"):
+        return str(artifact.metadata["digest"])
+    if type(artifact).schema_title == "system.Model":
+        return checkpoint_digest(model_dir(artifact))
+    return data_digest(artifact.path)
+
+
+def log_metrics(metrics: Any, values: dict[str, Any]) -> None:
+    """Every finite value onto the ``Metrics`` artifact, and the same as JSON in its file."""
+    clean: dict[str, float] = {}
+    for k, v in values.items():
+        v = float(v)
+        if math.isfinite(v):
+            clean[k] = v
+            metrics.log_metric(k, v)
+        else:
+            log.warning("metric %s is %s: not logged", k, v)
+    Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(metrics.path).write_text(json.dumps(clean, indent=1, sort_keys=True) + "\n")
+
+
+def _stamp(artifact: Any, st: Stage, **extra: Any) -> None:
+    from step3vl.config import config_hash
+
+    artifact.metadata.update({"stage": st.name, "mlflow_run_id": st.mlflow_run_id,
+                              "config_hash": config_hash(st.cfg), **extra})

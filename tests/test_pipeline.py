@@ -1,0 +1,381 @@
+"""The KFP pipeline: golden compiled YAML, cluster settings, thin components, cache keys, the local runner.
+
+The end-to-end tests run the real ``step3vl run`` on the micro config: a run killed during pre-training
+resumes from its checkpoint, a rerun is all cache hits, and ``--from-stage`` imports an earlier run.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from google.protobuf import json_format
+
+from step3vl import config
+from step3vl.pipeline.runtime import config_text
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "pipelines" / "step3vl-10b.yaml"
+CONF_10B = ROOT / "conf" / "pipeline" / "step3vl-10b.yaml"
+MICRO = ROOT / "tests" / "conf" / "micro.yaml"
+EXE = shutil.which("step3vl", path=str(Path(sys.executable).parent))
+TRAINING = ("pretrain", "sft")
+
+
+@pytest.fixture(scope="module")
+def module():
+    from step3vl.pipeline.dag import pipeline_module
+
+    return pipeline_module()
+
+
+@pytest.fixture(scope="module")
+def compiled_10b(tmp_path_factory):
+    from step3vl.pipeline.submit import compile_pipeline
+
+    out = compile_pipeline(config.load(config.PipelineConfig, CONF_10B), tmp_path_factory.mktemp("kfp") / "p.yaml")
+    return out.read_text()
+
+
+def _docs(text: str) -> tuple[dict, dict]:
+    spec, platform = yaml.safe_load_all(text)
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+# --------------------------------------------------------------------------- compiled pipeline
+
+
+def test_compiled_10b_pipeline_is_up_to_date(compiled_10b):
+    assert GOLDEN.is_file(), "missing pipelines/step3vl-10b.yaml"
+    assert compiled_10b == GOLDEN.read_text(), (
+        "pipelines/step3vl-10b.yaml is stale: regenerate it with "
+        "`step3vl compile --config conf/pipeline/step3vl-10b.yaml --out pipelines/step3vl-10b.yaml`")
+
+
+def test_10b_pipeline_gpus_secrets_retries(compiled_10b, module):
+    spec, k8s = _docs(compiled_10b)
+    executors = spec["deploymentSpec"]["executors"]
+    tasks = spec["root"]["dag"]["tasks"]
+    assert list(module.STAGES) == ["data_prep", "pretrain", "sft", "evaluate"]
+    for stage in module.STAGES:
+        ex = f"exec-{stage.replace('_', '-')}"
+        container = executors[ex]["container"]
+        plat = k8s[ex]
+        assert container["image"] == "ghcr.io/step3vl/trainer:" + __import__("step3vl").__version__
+        assert "pip install" not in json.dumps(container["command"])  # the image has everything
+        secrets = {s["secretName"]: {k["envVar"] for k in s["keyToEnv"]} for s in plat["secretAsEnv"]}
+        assert secrets["step3vl-minio"] == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        assert secrets["step3vl-mlflow"] == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["AWS_ENDPOINT_URL"].startswith("http")
+        assert "AWS_SECRET_ACCESS_KEY" not in env
+        assert int(plat["activeDeadlineSeconds"]) > 0
+        assert container["resources"]["resourceMemoryLimit"]
+        gpu = container["resources"].get("accelerator")
+        if stage in TRAINING:
+            assert gpu["resourceType"] == "nvidia.com/gpu" and int(gpu["resourceCount"]) >= 1, stage
+            assert plat["nodeSelector"]["labels"], stage
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in plat["tolerations"]
+            assert tasks[stage.replace("_", "-")]["retryPolicy"]["maxRetryCount"] >= 1
+        if stage == "data_prep":
+            assert gpu is None and "nodeSelector" not in plat
+    # the compiled package carries the resolved 10B config as its default
+    default = spec["root"]["inputDefinitions"]["parameters"]["config_yaml"]["defaultValue"]
+    cfg = config.from_dict(config.PipelineConfig, yaml.safe_load(default))
+    assert cfg == config.load(config.PipelineConfig, CONF_10B)
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"config_yaml", "mlflow_parent_run_id",
+                                                                   "pipeline_run_name"}
+
+
+def test_resolved_config_yaml_round_trips():
+    from step3vl.pipeline.runtime import load_config
+
+    for path in (CONF_10B, ROOT / "conf" / "pipeline" / "tiny.yaml", MICRO):
+        cfg = config.load(config.PipelineConfig, path)
+        back = load_config(config_text(cfg))
+        assert back == cfg and config.config_hash(back) == config.config_hash(cfg)
+
+
+# --------------------------------------------------------------------------- components
+
+
+def test_components_are_thin_wrappers(module):
+    """Bodies only open the stage, call one step3vl.stages function and publish: no ML logic."""
+    for stage, comp in module.STAGES.items():
+        fn = ast.parse(textwrap.dedent(inspect.getsource(comp.python_func))).body[0]
+        body = fn.body[1:] if isinstance(fn.body[0], ast.Expr) else fn.body  # docstring
+        assert len(body) <= 4, f"{stage}: component body has {len(body)} statements"
+        for node in ast.walk(fn):
+            assert not isinstance(node, (ast.For, ast.While, ast.ListComp, ast.DictComp, ast.Lambda)), stage
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                mod = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                assert mod.startswith(("step3vl.pipeline", "step3vl.stages")), f"{stage} imports {mod}"
+        names = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name)}
+        assert not names & {"torch", "mlflow", "yaml", "open"}, stage
+        params = inspect.signature(comp.python_func).parameters
+        assert list(params)[:3] == ["config_yaml", "mlflow_parent_run_id", "pipeline_run_name"]
+        assert comp.component_spec.implementation.container.image.startswith("ghcr.io/step3vl/trainer:")
+
+
+# --------------------------------------------------------------------------- cache keys and lineage
+
+
+def _keys(module, cfg_yaml, **kw):
+    from step3vl.pipeline.dag import LocalTarget
+
+    target = LocalTarget(cfg_yaml, code=kw.pop("code", "code-1"), **kw)
+    module.build_pipeline(target)
+    return target.keys
+
+
+def test_local_cache_keys_are_input_addressed(module, micro_cfg):
+    y = config_text(micro_cfg)
+    a = _keys(module, y)
+    assert list(a) == list(module.STAGES) and len(set(a.values())) == len(a)
+    assert _keys(module, y) == a  # stable
+    other = _keys(module, config_text(config.load(config.PipelineConfig, MICRO, ["sft.warmup_steps=2"])))
+    assert all(other[s] != a[s] for s in a)  # the whole resolved config is the key
+    assert all(v != a[k] for k, v in _keys(module, y, code="code-2").items())
+    # an upstream change reaches every downstream key, not the stages before it
+    from step3vl.pipeline.dag import ReusedOutput, ReusedStage
+
+    reuse = {"data_prep": ReusedStage("k0", {o: ReusedOutput(f"/x/{o}", "system.Dataset") for o in
+                                             ("data", "metrics", "report")})}
+    b = _keys(module, y, reuse=reuse)
+    assert b["data_prep"] == "k0" and all(b[s] != a[s] for s in ("pretrain", "sft", "evaluate"))
+
+
+def test_tracking_context_is_not_in_the_cache_key(module, micro_cfg):
+    from step3vl.pipeline.dag import LocalTarget
+
+    target = LocalTarget(config_text(micro_cfg), code="c")
+    spec = module.build_pipeline(target).pipeline_spec
+    for name, task in spec.root.dag.tasks.items():
+        stage = name.replace("-", "_")
+        assert task.caching_options.enable_cache and task.caching_options.cache_key == target.keys[stage]
+
+
+def test_reused_stages_become_importers(module, micro_cfg):
+    from step3vl.pipeline.dag import LocalTarget, ReusedOutput, ReusedStage
+
+    outs = {"data_prep": ("data", "metrics", "report"), "pretrain": ("model", "metrics", "loss_curve")}
+    reuse = {s: ReusedStage(f"key-{s}", {o: ReusedOutput(f"/prev/{s}/{o}", "system.Artifact", {"digest": "d"})
+                                         for o in names}) for s, names in outs.items()}
+    spec = json_format.MessageToDict(
+        module.build_pipeline(LocalTarget(config_text(micro_cfg), reuse=reuse, code="c")).pipeline_spec)
+    tasks = spec["root"]["dag"]["tasks"]
+    assert "data-prep" not in tasks and "pretrain" not in tasks and {"sft", "evaluate"} <= set(tasks)
+    importers = [ex["importer"] for ex in spec["deploymentSpec"]["executors"].values() if "importer" in ex]
+    assert sorted(i["artifactUri"]["constant"] for i in importers) == sorted(
+        f"/prev/{s}/{o}" for s, names in outs.items() for o in names)
+    assert all(i["metadata"] == {"digest": "d"} for i in importers)
+    # sft reads the imported data and model
+    sft_inputs = tasks["sft"]["inputs"]["artifacts"]
+    assert {a["taskOutputArtifact"]["producerTask"] for a in sft_inputs.values()} <= {t for t in tasks if
+                                                                                        t.startswith("importer")}
+
+
+def test_checkpoint_location_is_stable_and_specific(micro_cfg, tmp_path, monkeypatch):
+    from step3vl.pipeline.lineage import checkpoint_location
+
+    monkeypatch.chdir(tmp_path)
+    a = checkpoint_location("sft", micro_cfg, ["data", "model"])
+    assert a == checkpoint_location("sft", micro_cfg, ["data", "model"])
+    assert a.startswith(str(tmp_path / ".step3vl" / "artifacts" / "checkpoints" / "sft-"))
+    assert a != checkpoint_location("sft", micro_cfg, ["data", "other-model"])
+    assert a != checkpoint_location("pretrain", micro_cfg, ["data", "model"])
+    changed = config.load(config.PipelineConfig, MICRO, ["sft.warmup_steps=2"])
+    assert a != checkpoint_location("sft", changed, ["data", "model"])
+    s3 = config.load(config.PipelineConfig, MICRO, ["storage.root=s3://b/p"])
+    assert checkpoint_location("sft", s3, ["data", "model"]) == "s3://b/p/checkpoints/" + a.rsplit("/", 1)[1]
+    moved = config.load(config.PipelineConfig, MICRO, ["tracking.experiment=elsewhere"])
+    assert checkpoint_location("sft", moved, ["data", "model"]) == a
+
+
+def test_code_digest_follows_what_a_stage_can_import(tmp_path):
+    from step3vl.pipeline.lineage import code_digest
+
+    pkg = tmp_path / "step3vl"
+    files = {
+        "__init__.py": "",
+        "a.py": "def run():\n    from step3vl import b\n    from step3vl.fam import thing\n",
+        "b.py": "from .c_rel import x\n",
+        "c_rel.py": "x = 1\n",
+        "cli.py": "from step3vl import a\n",  # imports the stage, is not imported by it
+        "other.py": "y = 1\n",
+        "fam/__init__.py": "import importlib\nthing = [importlib.import_module(f'{__name__}.{m}') for m in ('x',)]\n",
+        "fam/x.py": "z = 1\n",
+    }
+    for rel, text in files.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+    d = code_digest({"step3vl.a"}, pkg)
+    for rel in ("cli.py", "other.py"):
+        (pkg / rel).write_text("changed = True\n")
+        assert code_digest({"step3vl.a"}, pkg) == d, rel
+    for rel in ("a.py", "c_rel.py", "fam/x.py", "__init__.py"):
+        (pkg / rel).write_text((pkg / rel).read_text() + "# edit\n")
+        assert code_digest({"step3vl.a"}, pkg) != d, rel
+        d = code_digest({"step3vl.a"}, pkg)
+
+
+# --------------------------------------------------------------------------- runner pieces
+
+
+def test_log_sink_follows_kfp_local_log_lines(tmp_path):
+    from step3vl.pipeline.local import LogSink
+    from step3vl.pipeline.status import StatusBoard
+
+    board = StatusBoard(["data_prep", "pretrain", "sft"])
+    sink = LogSink(tmp_path / "run.log", board, {"data-prep": "data_prep", "pretrain": "pretrain", "sft": "sft"})
+    cyan, green, red, reset = "\x1b[96m", "\x1b[92m", "\x1b[91m", "\x1b[0m"
+    sink.write("03:13:35.004 - INFO - Task data-prep cache hit (key=abc); skipping execution.\n")
+    sink.write(f"03:13:35.004 - INFO - Executing task {cyan}'pretrain'{reset}\n")
+    assert board.status("data_prep") == "cached" and board.status("pretrain") == "running"
+    sink.write("    03:13:36 INFO step3vl.pipeline: pretrain: checkpoints under /x\n    noise")
+    sink.write(f"\n03:13:44.1 - INFO - Task {cyan}'pretrain'{reset} finished with status {green}SUCCESS{reset}\n")
+    sink.write(f"03:13:45.0 - INFO - Executing task {cyan}'sft'{reset}\n    ValueError: boom\n")
+    sink.write(f"03:13:46.1 - ERROR - Task {cyan}'sft'{reset} finished with status {red}FAILURE{reset}\n")
+    sink.close()
+    assert board.status("pretrain") == "done" and board.stages["pretrain"].detail == "pretrain: checkpoints under /x"
+    assert board.status("sft") == "failed" and sink.failed == "sft"
+    assert "ValueError: boom" in "\n".join(sink.tails["sft"])
+    assert "cache hit" in (tmp_path / "run.log").read_text()
+
+
+def test_plan_reuse_refuses_what_it_cannot_reuse(tmp_path):
+    from step3vl.errors import Step3VLError
+    from step3vl.pipeline.local import plan_reuse
+
+    (tmp_path / "data").mkdir()
+    prev = {"run_name": "r1", "stages": {
+        "data_prep": {"status": "cached", "cache_key": "k", "outputs": {
+            "data": {"uri": str(tmp_path / "data"), "type": "system.Dataset", "metadata": {"digest": "d"}}}},
+        "pretrain": {"status": "failed", "cache_key": "", "outputs": {}}}}
+    stages = ["data_prep", "pretrain", "sft"]
+    reuse = plan_reuse(stages, "pretrain", prev)
+    assert list(reuse) == ["data_prep"] and reuse["data_prep"].outputs["data"].metadata == {"digest": "d"}
+    with pytest.raises(Step3VLError, match="no outputs of pretrain"):
+        plan_reuse(stages, "sft", prev)
+    with pytest.raises(Step3VLError, match="not a stage"):
+        plan_reuse(stages, "rlhf", prev)
+    (tmp_path / "data").rmdir()
+    with pytest.raises(Step3VLError, match="no longer exists"):
+        plan_reuse(stages, "pretrain", prev)
+
+
+def test_submit_builds_the_run_request(monkeypatch, tmp_path):
+    import kfp
+    from typer.testing import CliRunner
+
+    from step3vl.cli import app
+
+    calls: dict = {}
+
+    class FakeClient:
+        def __init__(self, **kw):
+            calls["init"] = kw
+
+        def create_run_from_pipeline_package(self, pipeline_file, **kw):
+            calls["package"] = Path(pipeline_file).read_text()
+            calls["run"] = kw
+            return type("R", (), {"run_id": "run-123"})()
+
+    monkeypatch.setattr(kfp, "Client", FakeClient)
+    res = CliRunner().invoke(app, ["submit", "--config", str(CONF_10B), "--host", "http://kfp.example:8888",
+                                   "--experiment", "exp1", "--run-name", "r1", "--set", "sft.warmup_steps=300"])
+    assert res.exit_code == 0, res.output
+    assert "run-123" in res.output
+    assert calls["init"] == {"host": "http://kfp.example:8888"}
+    run = calls["run"]
+    assert run["run_name"] == "r1" and run["experiment_name"] == "exp1"
+    args = run["arguments"]
+    assert args["pipeline_run_name"] == "r1" and args["mlflow_parent_run_id"] == ""
+    cfg = config.from_dict(config.PipelineConfig, yaml.safe_load(args["config_yaml"]))
+    assert cfg.sft.warmup_steps == 300 and cfg.name == "step3vl-10b"
+    spec, k8s = _docs(calls["package"])
+    assert spec["pipelineInfo"]["name"] == "step3vl" and "exec-pretrain" in k8s
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _run(cwd: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "STEP3VL_HOME": str(cwd / ".step3vl")}
+    return subprocess.run([EXE, "run", "--config", str(MICRO), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900, **kw)
+
+
+def _outputs(cwd: Path, run_id: str) -> dict:
+    import mlflow
+
+    from step3vl.pipeline.local import load_outputs
+
+    mlflow.set_tracking_uri(f"sqlite:///{cwd / '.step3vl' / 'mlflow.db'}")
+    return load_outputs(run_id)
+
+
+@pytest.mark.slow
+def test_run_killed_resumes_then_reruns_all_cached_then_from_stage(tmp_path, monkeypatch):
+    assert EXE
+    # 1. killed during pre-training, right after its first checkpoint
+    env = {**os.environ, "STEP3VL_HOME": str(tmp_path / ".step3vl")}
+    proc = subprocess.Popen([EXE, "run", "--config", str(MICRO), "--run-name", "killed"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpts = tmp_path / ".step3vl" / "artifacts" / "checkpoints"
+    deadline = time.time() + 600
+    while not list(ckpts.glob("pretrain-*/step-000002/MANIFEST.json")):
+        assert proc.poll() is None, "the run ended before pre-training wrote a checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    # 2. the rerun: data prep is a cache hit, pre-training resumes from its checkpoint
+    t0 = time.perf_counter()
+    p = _run(tmp_path, "--run-name", "first", "--json")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    first = json.loads(p.stdout)
+    print(f"micro run after kill: {time.perf_counter() - t0:.1f}s")
+    st = first["stages"]
+    assert [st[s]["status"] for s in ("data_prep", "pretrain", "sft", "evaluate")] == ["cached", "done", "done", "done"]
+    assert 2 <= st["pretrain"]["metrics"]["resumed_from_step"] < 10
+    assert st["sft"]["metrics"]["resumed_from_step"] == 0
+    assert "greedy/mean_accuracy" in st["evaluate"]["metrics"]
+    model = st["sft"]["outputs"]["model"]
+    assert model["type"] == "system.Model" and Path(model["uri"], "model", "MANIFEST.json").is_file()
+    assert model["metadata"]["digest"] and model["metadata"]["mlflow_run_id"] == st["sft"]["mlflow_run_id"]
+    assert json.loads(Path(st["pretrain"]["outputs"]["metrics"]["uri"]).read_text())["steps"] == 10
+    assert _outputs(tmp_path, first["mlflow_run_id"]) == first  # recorded in the MLflow parent run
+
+    # 3. nothing changed: every stage is a cache hit, with the first run's artifacts
+    t0 = time.perf_counter()
+    p = _run(tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    print(f"all-cached micro run: {time.perf_counter() - t0:.1f}s")
+    for stage in ("data_prep", "pretrain", "sft", "evaluate"):
+        assert f"│ {stage}" in p.stdout and "│ yes" in p.stdout
+    assert "│ no " not in p.stdout
+    second = _outputs(tmp_path, p.stdout.split("MLflow run ")[1].split(")")[0])
+    assert {s: v["status"] for s, v in second["stages"].items()} == dict.fromkeys(st, "cached")
+    assert all(second["stages"][s]["outputs"] == st[s]["outputs"] for s in st)
+
+    # 4. start at sft from the first run: data prep and pretrain imported, evaluate re-executed
+    p = _run(tmp_path, "--from-stage", "evaluate", "--resume-from", "first", "--no-cache", "--json")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    third = json.loads(p.stdout)["stages"]
+    assert [third[s]["status"] for s in ("data_prep", "pretrain", "sft", "evaluate")] == ["reused"] * 3 + ["done"]
+    assert third["sft"]["outputs"]["model"]["uri"] == model["uri"]
+    assert third["evaluate"]["metrics"] == {**st["evaluate"]["metrics"],
+                                            "stage_seconds": third["evaluate"]["metrics"]["stage_seconds"]}
