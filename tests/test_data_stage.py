@@ -89,3 +89,8 @@ def test_cli_validate_names_failing_checks(tmp_path):
     assert p.returncode == 1
     assert "no_empty_turns" in p.stdout and "parse" in p.stdout and "`a`" in p.stdout
     assert "data gate failed" in p.stderr
+
+
+def test_data_prep_manifest_is_byte_identical_across_runs(micro_cfg, micro_data, tmp_path):
+    again = data.run(micro_cfg, tmp_path / "again", progress=False)
+    assert (again.out_dir / "data_manifest.json").read_bytes() == (micro_data.out_dir / "data_manifest.json").read_bytes()

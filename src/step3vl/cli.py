@@ -154,7 +154,8 @@ def stage_data_cmd(
         pad = ", ".join(f"{v['padding_fraction']:.0%}" for v in packed.values())
         t.add_row(name, info["purpose"], str(info["n_records"]), "pass" if info["gate"]["passed"] else "FAIL", rows, pad)
     console.print(t)
-    console.print(f"data prep took {res.manifest['seconds']:.1f}s")
+    timings = json.loads((res.out_dir / "timings.json").read_text())
+    console.print(f"data prep took {timings['total']:.1f}s")
 
 
 def _train_stage(stage: str, config_path: Path, overrides, data: Path | None, out: Path | None, init: str | None,

@@ -290,7 +290,7 @@ def rl_train(
             on_metrics(row, it)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}")
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", refresh=False)
         if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
             save(it)
         if stop_after_iteration is not None and it >= stop_after_iteration:

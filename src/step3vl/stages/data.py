@@ -222,12 +222,13 @@ def run(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True, log_
         manifest["sets"][name] = {
             "purpose": spec.purpose,
             "split": spec.split,
-            "path": str(raw[name]),
+            "path": f"raw/{name}",
             "content_hash": dataset_sha256(raw[name]),
             "n_records": report.n_records,
             "rows_per_task": _rows_per_task(raw[name]),
             "gate": {"passed": report.passed, "failed_checks": [c.name for c in report.failed_checks]},
-            "generate": gen.get(name, {}),
+            "generate": {k: v for k, v in gen.get(name, {}).items() if k in ("n_records", "n_images", "shards",
+                                                                                "skipped_eval_duplicates")},
         }
         if not report.passed:
             failed.append(report)
@@ -256,8 +257,10 @@ def run(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True, log_
         manifest["sets"][dataset].setdefault("packed", {})[packed] = {
             k: index[k] for k in ("rows", "samples", "tokens", "loss_tokens", "padding_fraction", "dropped_too_long")
         }
-    manifest["seconds"] = round(time.perf_counter() - t0, 2)
-    _write_manifest(out, manifest)
+    _write_manifest(out, manifest)  # no timings or absolute paths: same inputs, byte-identical manifest
+    timings = {"total": round(time.perf_counter() - t0, 2),
+               "generate": {k: v.get("seconds") for k, v in gen.items()}}
+    (out / "timings.json").write_text(json.dumps(timings, indent=1, sort_keys=True))
     if log_mlflow:
         _log_to_mlflow(out, manifest)
     return DataPrepOutputs(out, manifest)
@@ -288,7 +291,8 @@ def _log_to_mlflow(out: Path, manifest: dict[str, Any]) -> None:
 
     for name, info in manifest["sets"].items():
         df = pd.DataFrame([{"task": k, "rows": v} for k, v in info["rows_per_task"].items()])
-        ds = mlflow.data.from_pandas(df, source=info["path"], name=name, digest=info["content_hash"][:32])
+        ds = mlflow.data.from_pandas(df, source=str(out / info["path"]), name=name, digest=info["content_hash"][:32])
         mlflow.log_input(ds, context=info["purpose"])
     mlflow.log_artifact(str(out / "data_manifest.json"))
+    mlflow.log_artifact(str(out / "timings.json"))
     mlflow.log_artifacts(str(out / "reports"), artifact_path="gate_reports")

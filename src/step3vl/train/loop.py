@@ -288,7 +288,7 @@ def train(
         history.append({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm})
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", phase=phase + 1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", phase=phase + 1, refresh=False)
         if step % cfg.log_every == 0 or step == total_steps:
             dt = max(time.perf_counter() - window_t, 1e-9)
             m = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": window_tokens / dt,
