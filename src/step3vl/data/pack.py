@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 
 from step3vl.data.io import DataError, iter_records, resolve_image
 from step3vl.model.processor import ImageProcessor
+from step3vl.progress import track
 from step3vl.model.tokenizer import (
     IMAGE_END,
     IMAGE_PATCH,
@@ -209,8 +210,8 @@ def pack_dataset(
                            "tokens": int((arrs["segment_ids"] > 0).sum())})
             builder = _ShardBuilder(seq_len, pad_id)
 
-        for sample in _progress(_shuffled_samples(dataset_dir, tokenizer, processor, loss_on, rng),
-                                f"pack {Path(dataset_dir).name}", progress):
+        for sample in track(_shuffled_samples(dataset_dir, tokenizer, processor, loss_on, rng),
+                            f"pack {Path(dataset_dir).name}", enabled=progress, unit=" samples"):
             n = len(sample.input_ids)
             if n > seq_len:
                 stats["dropped_too_long"] += 1
@@ -263,14 +264,6 @@ def _shuffled_samples(dataset_dir, tokenizer, processor, loss_on, rng: random.Ra
             buf = []
     rng.shuffle(buf)
     yield from buf
-
-
-def _progress(it, desc: str, enabled: bool):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc=desc, unit=" samples", leave=False, mininterval=1.0)
 
 
 # --------------------------------------------------------------------------- reading

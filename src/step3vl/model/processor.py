@@ -29,17 +29,15 @@ several sequences in a batch, the views follow the sequences' order, images in t
 
 Pixels are RGB in [0, 1], normalised per channel with the CLIP constants ``MEAN``/``STD`` (the
 ones vLLM's step3_vl processor uses). Images with transparency are composited onto white.
-Images above ``MAX_PIXELS`` are refused; importing this module also lowers PIL's decompression-bomb
-limit to it, so ``Image.open`` itself refuses images of more than twice that.
+Images above ``MAX_PIXELS`` are refused. Decoding untrusted bytes (size checked from the header,
+before any pixel is decompressed) is ``step3vl.data.io.decode_image``'s job.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import BinaryIO, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -92,20 +90,6 @@ def check_size(image: Image.Image) -> None:
         raise ImageTooLargeError(
             f"image of {width}x{height} = {width * height} pixels exceeds the limit of {MAX_PIXELS} pixels"
         )
-
-
-def load_image(source: str | Path | BinaryIO) -> Image.Image:
-    """Open an image file, refusing one above ``MAX_PIXELS`` before its pixels are decoded."""
-    try:
-        with warnings.catch_warnings():
-            # PIL only warns between MAX_PIXELS and twice that; check_size raises just below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(source)
-    except Image.DecompressionBombError as e:
-        raise ImageTooLargeError(str(e)) from e
-    check_size(image)
-    image.load()
-    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

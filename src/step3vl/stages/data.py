@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from step3vl.config import DataConfig, DatasetSpec, PipelineConfig
+from step3vl.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def generate(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True)
     summaries: dict[str, Any] = {}
     order = sorted(cfg.data.sets.items(), key=lambda kv: kv[1].split != "eval")
     eval_hashes: set[str] = set()
-    for name, spec in _progress(order, "generate", progress):
+    for name, spec in track(order, "generate", enabled=progress, unit=" set"):
         dest = out / "raw" / name
         if spec.path:
             continue  # user datasets are fetched, not generated
@@ -126,14 +127,6 @@ def generate(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True)
         if spec.split == "eval":
             eval_hashes |= dataset_hashes(dest)
     return summaries
-
-
-def _progress(items, desc: str, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="set", leave=False)
 
 
 def _corpus(dirs: list[Path]) -> Iterator[str]:
@@ -209,7 +202,7 @@ def run(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True, log_
     reports_dir.mkdir(exist_ok=True)
     manifest: dict[str, Any] = {"sets": {}, "tokenizer": {"vocab_size": len(tok)}}
     failed = []
-    for name, spec in _progress(list(cfg.data.sets.items()), "gate", progress):
+    for name, spec in track(list(cfg.data.sets.items()), "gate", enabled=progress, unit=" set"):
         report = validate_dataset(
             raw[name],
             require_answer=spec.purpose in ANSWER_PURPOSES,

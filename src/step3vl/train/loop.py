@@ -244,7 +244,8 @@ def train(
     if step == 0 and eval_ds is not None and not eval_history:
         do_eval(0)
     bar = _bar(total_steps, step, progress and rank == 0)
-    t_start, tokens_done, loss = time.perf_counter(), 0, float("nan")
+    # a run resumed at its last step reports the loss it ended with
+    t_start, tokens_done, loss = time.perf_counter(), 0, (history[-1]["loss"] if history else float("nan"))
     window_t, window_tokens, window_samples = time.perf_counter(), 0, 0
     while step < total_steps:
         phase = _phase_of(step, phase_steps)
