@@ -277,6 +277,46 @@ def submit_cmd(
                   highlight=False)
 
 
+@app.command("serve")
+def serve_cmd(
+    model: Annotated[str, typer.Option(help="Checkpoint: a path, s3://… or models:/NAME@alias.")],
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.", min=0, max=65535)] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="STEP3VL_API_KEY",
+                                                   help="Require 'Authorization: Bearer KEY' (env STEP3VL_API_KEY).")] = None,
+    model_name: Annotated[str, typer.Option(help="Model id clients name (default: the checkpoint's).")] = "",
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.", min=1)] = 1024,
+    max_n: Annotated[int, typer.Option(help="Largest n a request may ask for.", min=1)] = 8,
+    max_pending: Annotated[int, typer.Option(help="Requests queued or running before 429.", min=1)] = 256,
+    max_request_bytes: Annotated[int, typer.Option(help="Largest request body (413 above).", min=1)] = 8 << 20,
+    max_image_bytes: Annotated[int, typer.Option(help="Largest image file (413 above).", min=1)] = 4 << 20,
+    max_image_pixels: Annotated[int, typer.Option(help="Largest image, width x height.", min=1)] = 12_000_000,
+) -> None:
+    """Serve a checkpoint with an OpenAI-compatible API (torch on CPU; batched across clients)."""
+    from step3vl.serve.app import serve
+    from step3vl.serve.config import ServeConfig
+
+    cfg = ServeConfig(api_key=api_key or None, model_name=model_name, max_tokens=max_tokens, max_n=max_n,
+                      max_pending=max_pending, max_request_bytes=max_request_bytes, max_image_bytes=max_image_bytes,
+                      max_image_pixels=max_image_pixels)
+    serve(model, host=host, port=port, cfg=cfg)
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Annotated[str, typer.Option(help="Checkpoint: a path, s3://… or models:/NAME@alias.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (Hugging Face layout for vLLM).")],
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+) -> None:
+    """Export a checkpoint in the layout vLLM's built-in step_vl loads (`vllm serve OUT --trust-remote-code`)."""
+    from step3vl.serve.export import export_hf
+
+    res = export_hf(checkpoint, out, dtype=dtype, overwrite=overwrite)
+    note = "" if res.vllm_images else " (text only in vLLM: its image processor needs 728/504 px, patch 14)"
+    console.print(f"exported {res.n_tensors} tensors to {res.out_dir}{note}", highlight=False)
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
     try:
