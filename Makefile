@@ -7,12 +7,13 @@ PY := $(VENV)/bin/python
 STEP3VL := $(VENV)/bin/step3vl
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast test-servers clean help
+.PHONY: setup run test test-fast test-servers manifests-check clean help
 
 help:
 	@echo "make run        run the whole STEP3-VL recipe on the tiny config (embedded mode)"
 	@echo "make test       every test, real-server integration tests included"
 	@echo "make test-fast  unit tests only (no real servers, no slow tests)"
+	@echo "make manifests-check  kustomize, schema, policy and hadolint checks of manifests/ and images/"
 	@echo "make setup      create .venv (done automatically by run/test)"
 
 setup: $(STAMP)
@@ -32,8 +33,14 @@ run: $(STAMP)
 test-servers:
 	bash scripts/install-test-servers.sh
 
-test: $(STAMP) test-servers
+test: $(STAMP) test-servers manifests-check
 	$(PY) -m pytest
+
+# Offline: every overlay built (kubectl kustomize), each object validated strictly (kubernetes-validate;
+# CRs against the CRDs vendored in manifests/crds), the security policy, hadolint on images/*/Dockerfile.
+# kubernetes-validate and hadolint come with the dev extra; kubectl (or kustomize) from the machine.
+manifests-check: $(STAMP)
+	$(PY) scripts/manifests_check.py
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not integration"
