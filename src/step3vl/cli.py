@@ -317,6 +317,214 @@ def export_cmd(
     console.print(f"exported {res.n_tensors} tensors to {res.out_dir}{note}", highlight=False)
 
 
+# --------------------------------------------------------------------------- model registry
+
+registry_app = typer.Typer(help="The MLflow model registry: versions, aliases, gate decisions, rollback.",
+                           no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Registered model name.")]
+OptConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Pipeline config: its tracking and "
+                                                      "promotion sections (default: built-in defaults).")]
+
+
+def _tracking_and_policy(config_path: Path | None, overrides: list[str] | None):
+    if config_path is None:
+        from step3vl.config import PromotionConfig
+
+        return None, PromotionConfig()
+    cfg = _pipeline_config(config_path, overrides)
+    return cfg.tracking, cfg.promotion
+
+
+@app.command("register")
+def register_cmd(
+    model_uri: Annotated[str, typer.Option(help="The published checkpoint (path or s3://) to register.")],
+    metrics: Annotated[Path, typer.Option(help="The evaluate stage's metrics.json.")],
+    config_path: ConfigOpt,
+    overrides: SetOpt = None,
+    stage: Annotated[str, typer.Option(help="The stage the checkpoint came from.")] = "final",
+    model: Annotated[Optional[str], typer.Option(help="Registered model (default: tracking.registered_model).")] = None,
+    data_manifest: Annotated[Optional[Path], typer.Option(help="Data prep's data_manifest.json (dataset hashes).")] = None,
+    kfp_run_id: Annotated[str, typer.Option(help="The KFP run this model came from.")] = "",
+    parent_run_id: Annotated[str, typer.Option(help="The pipeline's MLflow parent run.")] = "",
+) -> None:
+    """Register a checkpoint as a new model version with its lineage and eval metrics; alias `candidate`."""
+    from step3vl import registry
+    from step3vl.config import config_hash
+
+    cfg = _pipeline_config(config_path, overrides)
+    hashes = registry.data_hashes(json.loads(data_manifest.read_text())) if data_manifest else {}
+    name = model or cfg.tracking.registered_model
+    mv = registry.register_final(name, model_uri, metrics=json.loads(metrics.read_text()), stage=stage,
+                                 config_hash=config_hash(cfg), data_manifest_hashes=hashes, kfp_run_id=kfp_run_id,
+                                 parent_run_id=parent_run_id, tracking=cfg.tracking)
+    console.print(f"registered {name} version {mv.version} ({model_uri}); alias candidate → {mv.version}",
+                  highlight=False)
+
+
+@app.command("promote")
+def promote_cmd(
+    model: ModelOpt,
+    version: Annotated[str, typer.Option("--version", "-v", help="The version to promote.")],
+    to: Annotated[str, typer.Option(help="The alias to move.")] = "champion",
+    config_path: OptConfigOpt = None,
+    overrides: SetOpt = None,
+    force: Annotated[bool, typer.Option(help="Move the alias even if the gate fails (needs --reason).")] = False,
+    reason: Annotated[Optional[str], typer.Option(help="Why the gate is overridden (recorded).")] = None,
+    actor: Annotated[Optional[str], typer.Option(help="Who promotes (default $STEP3VL_ACTOR or user@host).")] = None,
+) -> None:
+    """Gate a version against the current champion and move the alias on a pass; exit 1 when refused."""
+    from step3vl import registry
+
+    tracking, policy = _tracking_and_policy(config_path, overrides)
+    res = registry.promote(model, version, to, force=force, reason=reason, actor=actor, policy=policy,
+                           tracking=tracking)
+    verdict = ("forced" if res.forced else "promoted") if res.promoted else (
+        "unchanged" if res.previous == res.version else "refused")
+    against = f"version {res.previous}" if res.previous else "no champion"
+    console.print(f"{model} version {version} → {to}: {verdict} (gated against {against})", highlight=False)
+    for r in res.decision.reasons:
+        console.print(f"  - {r}", highlight=False, markup=False)
+    if not res.promoted and res.previous != res.version:
+        err_console.print(f"[bold red]refused:[/] failing families: {', '.join(res.decision.failing_families) or '-'}",
+                          highlight=False)
+        raise typer.Exit(1)
+
+
+@registry_app.command("list")
+def registry_list_cmd(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="List this model's versions instead.")] = None,
+    config_path: OptConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Registered models with their aliases, or one model's versions."""
+    from step3vl import registry
+
+    tracking, _ = _tracking_and_policy(config_path, None)
+    rows = registry.describe(model, tracking)["versions"] if model else registry.list_models(tracking)
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=1, sort_keys=True) + "\n")
+        return
+    t = Table(title=f"versions of {model}" if model else "registered models")
+    if model:
+        for col in ("version", "aliases", "stage", "created", "champion gate", "source"):
+            t.add_column(col)
+        for v in rows:
+            t.add_row(v["version"], ",".join(v["aliases"]), v["tags"].get("step3vl.stage", ""), v["created"],
+                      registry.version_gate(v).get("decision", ""), v["source"])
+    else:
+        for col in ("model", "latest version", "aliases"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(r["name"], r["latest_version"] or "-", ", ".join(f"{a}→{v}" for a, v in sorted(r["aliases"].items())))
+    console.print(t)
+
+
+@registry_app.command("show")
+def registry_show_cmd(
+    model: ModelOpt,
+    version: Annotated[Optional[str], typer.Option("--version", "-v", help="Every tag of this version.")] = None,
+    config_path: OptConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """A model's aliases, versions with their gate decisions, and the alias history."""
+    from step3vl import registry
+
+    tracking, _ = _tracking_and_policy(config_path, None)
+    info = registry.describe(model, tracking)
+    if version is not None:
+        info = next((v for v in info["versions"] if v["version"] == version), None)
+        if info is None:
+            raise registry.RegistryError(f"{model} has no version {version}")
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=1, sort_keys=True) + "\n")
+        return
+    if version is not None:
+        t = Table(title=f"{model} version {version}: {info['source']}")
+        t.add_column("tag")
+        t.add_column("value", overflow="fold")
+        for k, v in info["tags"].items():
+            t.add_row(k, v)
+        console.print(t)
+        return
+    console.print(f"{model}: " + (", ".join(f"{a} → {v}" for a, v in sorted(info["aliases"].items())) or "no aliases"),
+                  highlight=False)
+    t = Table(title="versions")
+    for col in ("version", "aliases", "stage", "champion gate", "vs", "failing", "by"):
+        t.add_column(col)
+    for v in info["versions"]:
+        g = registry.version_gate(v)
+        decision = g.get("decision", "") + (", rolled back" if "rolled_back" in g else "")
+        t.add_row(v["version"], ",".join(v["aliases"]), v["tags"].get("step3vl.stage", ""), decision,
+                  g.get("compared_to", ""), g.get("failing_families", ""), g.get("actor", ""))
+    console.print(t)
+    t = Table(title="alias history")
+    for col in ("#", "at", "action", "alias", "version", "previous", "actor", "reason / failing"):
+        t.add_column(col)
+    for e in info["events"]:
+        why = e.get("reason") or ", ".join(e.get("failing", []))
+        t.add_row(str(e["seq"]), e["at"][:19], e["action"], e["alias"], e["version"], e.get("previous") or "-",
+                  e["actor"], why)
+    console.print(t)
+
+
+@registry_app.command("rollback")
+def registry_rollback_cmd(
+    model: ModelOpt,
+    alias: Annotated[str, typer.Option(help="The alias to move back.")] = "champion",
+    to_version: Annotated[Optional[str], typer.Option(help="An earlier holder of the alias (default: the previous one).")] = None,
+    reason: Annotated[str, typer.Option(help="Why (recorded).")] = "",
+    actor: Annotated[Optional[str], typer.Option(help="Who rolls back (default $STEP3VL_ACTOR or user@host).")] = None,
+    config_path: OptConfigOpt = None,
+) -> None:
+    """Point the alias back at the version it had before its last promotion."""
+    from step3vl import registry
+
+    tracking, _ = _tracking_and_policy(config_path, None)
+    res = registry.rollback(model, alias, to_version=to_version, reason=reason, actor=actor, tracking=tracking)
+    console.print(f"{model}@{alias} → version {res.version} (was {res.previous})", highlight=False)
+
+
+@app.command("serve")
+def serve_cmd(
+    model: Annotated[str, typer.Option(help="Checkpoint: a path, s3://… or models:/NAME@alias.")],
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.", min=0, max=65535)] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="STEP3VL_API_KEY",
+                                                   help="Require 'Authorization: Bearer KEY' (env STEP3VL_API_KEY).")] = None,
+    model_name: Annotated[str, typer.Option(help="Model id clients name (default: the checkpoint's).")] = "",
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.", min=1)] = 1024,
+    max_n: Annotated[int, typer.Option(help="Largest n a request may ask for.", min=1)] = 8,
+    max_pending: Annotated[int, typer.Option(help="Requests queued or running before 429.", min=1)] = 256,
+    max_request_bytes: Annotated[int, typer.Option(help="Largest request body (413 above).", min=1)] = 8 << 20,
+    max_image_bytes: Annotated[int, typer.Option(help="Largest image file (413 above).", min=1)] = 4 << 20,
+    max_image_pixels: Annotated[int, typer.Option(help="Largest image, width x height.", min=1)] = 12_000_000,
+) -> None:
+    """Serve a checkpoint with an OpenAI-compatible API (torch on CPU; batched across clients)."""
+    from step3vl.serve.app import serve
+    from step3vl.serve.config import ServeConfig
+
+    cfg = ServeConfig(api_key=api_key or None, model_name=model_name, max_tokens=max_tokens, max_n=max_n,
+                      max_pending=max_pending, max_request_bytes=max_request_bytes, max_image_bytes=max_image_bytes,
+                      max_image_pixels=max_image_pixels)
+    serve(model, host=host, port=port, cfg=cfg)
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Annotated[str, typer.Option(help="Checkpoint: a path, s3://… or models:/NAME@alias.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (Hugging Face layout for vLLM).")],
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+) -> None:
+    """Export a checkpoint in the layout vLLM's built-in step_vl loads (`vllm serve OUT --trust-remote-code`)."""
+    from step3vl.serve.export import export_hf
+
+    res = export_hf(checkpoint, out, dtype=dtype, overwrite=overwrite)
+    note = "" if res.vllm_images else " (text only in vLLM: its image processor needs 728/504 px, patch 14)"
+    console.print(f"exported {res.n_tensors} tensors to {res.out_dir}{note}", highlight=False)
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
     try:

@@ -235,6 +235,22 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class PromotionConfig:
+    """The eval gate a registered version must pass before an alias (``champion``) moves to it.
+
+    Accuracies are read from the version's ``metric.<mode>/<family>/accuracy`` tags (the evaluate
+    stage's metrics.json); all thresholds are accuracies in [0, 1]. With no champion yet, only
+    ``min_accuracy`` applies.
+    """
+
+    mode: str = "greedy"  # which evaluation's accuracies the gate reads: greedy | sere | majority@K | pacore
+    headline: str = "text_math"  # the family that must not get worse (by min_improvement)
+    min_accuracy: dict[str, float] = field(default_factory=dict)  # absolute floor per family
+    max_regression: float = 0.02  # largest drop vs. the champion allowed in any family
+    min_improvement: float = 0.0  # the headline family must beat the champion by at least this
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """A whole recipe run: which model, the size of every stage, where things go."""
 
@@ -249,6 +265,7 @@ class PipelineConfig:
     pacore: RLConfig = field(default_factory=RLConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
 
 
 # Which conf/ subfolder a string reference for a nested dataclass resolves in.
@@ -375,6 +392,18 @@ def _validate(obj: Any, source: str, prefix: str) -> None:
             if ref and names and ref not in names:
                 raise ConfigError(f"{source}: '{prefix}{key}' names dataset '{ref}', not one of data.sets: "
                                   f"{', '.join(sorted(names))}")
+    if isinstance(obj, PromotionConfig):
+        if obj.mode not in ("greedy", "sere", "pacore") and not re.fullmatch(r"majority@[1-9]\d*", obj.mode):
+            raise ConfigError(f"{source}: '{prefix}mode' is {obj.mode!r}: greedy, sere, majority@K or pacore")
+        if not obj.headline:
+            raise ConfigError(f"{source}: '{prefix}headline' must name an eval family")
+        for fam, floor in obj.min_accuracy.items():
+            if not 0.0 <= floor <= 1.0:
+                raise ConfigError(f"{source}: '{prefix}min_accuracy.{fam}' must be an accuracy in [0, 1], got {floor}")
+        if not 0.0 <= obj.max_regression <= 1.0:
+            raise ConfigError(f"{source}: '{prefix}max_regression' must be in [0, 1], got {obj.max_regression}")
+        if not -1.0 <= obj.min_improvement <= 1.0:
+            raise ConfigError(f"{source}: '{prefix}min_improvement' must be in [-1, 1], got {obj.min_improvement}")
     if isinstance(obj, ModelConfig) and obj.tokenizer.vocab_size > obj.text.vocab_size:
         raise ConfigError(
             f"{source}: '{prefix}tokenizer.vocab_size' ({obj.tokenizer.vocab_size}) exceeds "
