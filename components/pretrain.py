@@ -14,6 +14,7 @@ def pretrain(config_yaml: str, mlflow_parent_run_id: str, pipeline_run_name: str
     from step3vl.stages.train import run_training
 
     with runtime.stage("pretrain", config_yaml, mlflow_parent_run_id, pipeline_run_name) as st:
-        out = run_training("pretrain", st.cfg, data.path, model.path, ckpt_uri=st.checkpoint_uri(data),
-                           progress=False)
+        ckpt = st.checkpoint_uri(data)
+        out = st.execute(run_training, "pretrain", data_dir=data.path, out_uri=model.path, ckpt_uri=ckpt,
+                         progress=False, work_uri=ckpt)
         st.publish_training(out, model, metrics, loss_curve)

@@ -14,6 +14,7 @@ def sft(config_yaml: str, mlflow_parent_run_id: str, pipeline_run_name: str, dat
     from step3vl.stages.train import run_training
 
     with runtime.stage("sft", config_yaml, mlflow_parent_run_id, pipeline_run_name) as st:
-        out = run_training("sft", st.cfg, data.path, model.path, init_uri=runtime.model_dir(init_model),
-                           ckpt_uri=st.checkpoint_uri(data, init_model), progress=False)
+        ckpt = st.checkpoint_uri(data, init_model)
+        out = st.execute(run_training, "sft", data_dir=data.path, out_uri=model.path,
+                         init_uri=runtime.model_dir(init_model), ckpt_uri=ckpt, progress=False, work_uri=ckpt)
         st.publish_training(out, model, metrics, loss_curve)

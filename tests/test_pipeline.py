@@ -1,7 +1,8 @@
 """The KFP pipeline: golden compiled YAML, cluster settings, thin components, cache keys, the local runner.
 
-The end-to-end tests run the real ``step3vl run`` on the micro config: a run killed during pre-training
-resumes from its checkpoint, a rerun is all cache hits, and ``--from-stage`` imports an earlier run.
+The end-to-end test runs the real ``step3vl run`` on the micro config: a run killed during SFT resumes
+from its checkpoint and ends with one registered version carrying eval metrics, a rerun is all cache
+hits, and ``--from-stage rlvr`` imports the earlier run's SFT model.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ GOLDEN = ROOT / "pipelines" / "step3vl-10b.yaml"
 CONF_10B = ROOT / "conf" / "pipeline" / "step3vl-10b.yaml"
 MICRO = ROOT / "tests" / "conf" / "micro.yaml"
 EXE = shutil.which("step3vl", path=str(Path(sys.executable).parent))
-TRAINING = ("pretrain", "sft")
+TRAINING = ("pretrain", "sft", "rlvr", "rlhf", "pacore")
+ALL_STAGES = ["data_prep", "pretrain", "sft", "rlvr", "rlhf", "pacore", "evaluate", "register", "deploy_serving"]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,7 @@ def test_10b_pipeline_gpus_secrets_retries(compiled_10b, module):
     spec, k8s = _docs(compiled_10b)
     executors = spec["deploymentSpec"]["executors"]
     tasks = spec["root"]["dag"]["tasks"]
-    assert list(module.STAGES) == ["data_prep", "pretrain", "sft", "evaluate"]
+    assert list(module.STAGES) == ALL_STAGES
     for stage in module.STAGES:
         ex = f"exec-{stage.replace('_', '-')}"
         container = executors[ex]["container"]
@@ -88,8 +90,17 @@ def test_10b_pipeline_gpus_secrets_retries(compiled_10b, module):
             assert plat["nodeSelector"]["labels"], stage
             assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in plat["tolerations"]
             assert tasks[stage.replace("_", "-")]["retryPolicy"]["maxRetryCount"] >= 1
-        if stage == "data_prep":
+        if stage in ("data_prep", "register", "deploy_serving"):
             assert gpu is None and "nodeSelector" not in plat
+    assert {e["name"]: e["value"] for e in executors["exec-deploy-serving"]["container"]["env"]}[
+        "STEP3VL_SERVING"] == "kubernetes"
+    assert tasks["register"]["inputs"]["parameters"]["kfp_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    # the DAG: each training stage starts from the previous one's model; evaluate sees all five
+    producer = {n: {a["taskOutputArtifact"]["producerTask"] for a in t["inputs"]["artifacts"].values()}
+                for n, t in tasks.items() if "artifacts" in t.get("inputs", {})}
+    assert producer["rlvr"] == {"data-prep", "sft"} and producer["pacore"] == {"data-prep", "rlhf"}
+    assert producer["evaluate"] == {"data-prep", "pretrain", "sft", "rlvr", "rlhf", "pacore"}
+    assert producer["register"] == {"data-prep", "pacore", "evaluate"} and producer["deploy-serving"] == {"register"}
     # the compiled package carries the resolved 10B config as its default
     default = spec["root"]["inputDefinitions"]["parameters"]["config_yaml"]["defaultValue"]
     cfg = config.from_dict(config.PipelineConfig, yaml.safe_load(default))
@@ -153,7 +164,7 @@ def test_local_cache_keys_are_input_addressed(module, micro_cfg):
     reuse = {"data_prep": ReusedStage("k0", {o: ReusedOutput(f"/x/{o}", "system.Dataset") for o in
                                              ("data", "metrics", "report")})}
     b = _keys(module, y, reuse=reuse)
-    assert b["data_prep"] == "k0" and all(b[s] != a[s] for s in ("pretrain", "sft", "evaluate"))
+    assert b["data_prep"] == "k0" and all(b[s] != a[s] for s in ALL_STAGES[1:])
 
 
 def test_tracking_context_is_not_in_the_cache_key(module, micro_cfg):
@@ -306,6 +317,32 @@ def test_submit_builds_the_run_request(monkeypatch, tmp_path):
     assert cfg.sft.warmup_steps == 300 and cfg.name == "step3vl-10b"
     spec, k8s = _docs(calls["package"])
     assert spec["pipelineInfo"]["name"] == "step3vl" and "exec-pretrain" in k8s
+    assert run["service_account"] == "step3vl-pipeline"
+
+    # --from-stage rlvr --resume-from: the earlier stages become importers of what that run recorded
+    from step3vl.pipeline import local
+
+    outs = {"data_prep": ("data", "metrics", "report"), "pretrain": ("model", "metrics", "loss_curve"),
+            "sft": ("model", "metrics", "loss_curve")}
+    previous = {"run_name": "r0", "stages": {s: {"status": "done", "cache_key": f"k-{s}", "outputs": {
+        o: {"uri": f"s3://b/r0/{s}/{o}", "type": "system.Artifact", "metadata": {}} for o in names}}
+        for s, names in outs.items()}}
+    monkeypatch.setattr(local, "find_run", lambda ref, cfg: "id-" + ref)
+    monkeypatch.setattr(local, "load_outputs", lambda run_id: previous)
+    res = CliRunner().invoke(app, ["submit", "--config", str(CONF_10B), "--host", "http://kfp:8888", "--run-name",
+                                   "r2", "--from-stage", "rlvr", "--resume-from", "r0"])
+    assert res.exit_code == 0, res.output
+    assert "reusing data_prep, pretrain, sft from r0" in " ".join(res.output.split())
+    spec, _ = _docs(calls["package"])
+    tasks = spec["root"]["dag"]["tasks"]
+    assert not {"data-prep", "pretrain", "sft"} & set(tasks) and {"rlvr", "deploy-serving"} <= set(tasks)
+    uris = {ex["importer"]["artifactUri"]["constant"] for ex in spec["deploymentSpec"]["executors"].values()
+            if "importer" in ex}
+    assert "s3://b/r0/sft/model" in uris and len(uris) == 9
+    previous["stages"]["sft"]["outputs"]["model"]["uri"] = "/home/me/.step3vl/kfp/sft/model"
+    res = CliRunner().invoke(app, ["submit", "--config", str(CONF_10B), "--host", "http://kfp:8888",
+                                   "--from-stage", "rlvr", "--resume-from", "r0"])
+    assert res.exit_code != 0 and "local paths a cluster cannot read" in str(res.exception)
 
 
 # --------------------------------------------------------------------------- end to end

@@ -172,7 +172,12 @@ def test_stage_logs_to_mlflow_and_registers_its_model(micro_cfg, micro_data, tmp
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     try:
         with tracking.stage_run("sft", micro_cfg.tracking, config=micro_cfg) as run:
-            out = run_training("sft", micro_cfg, micro_data.out_dir, str(tmp_path / "sft"), progress=False)
+            out = run_training("sft", micro_cfg, micro_data.out_dir, str(tmp_path / "sft"), progress=False,
+                               register=True)
+        with tracking.stage_run("sft", micro_cfg.tracking, config=micro_cfg):
+            # the default (what the pipeline does) registers nothing: the register stage adds the one version
+            plain = run_training("sft", micro_cfg, micro_data.out_dir, str(tmp_path / "sft2"), progress=False)
+        assert "registered_version" not in plain.metrics
         client = mlflow.MlflowClient()
         hist = client.get_metric_history(run.info.run_id, "sft/loss")
         assert len(hist) == 8 and hist[-1].value < hist[0].value

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -204,6 +204,67 @@ def stage_sft_cmd(config_path: ConfigOpt, overrides: SetOpt = None, data: DataOp
     _train_stage("sft", config_path, overrides, data, out, init, tracking)
 
 
+@stage_app.command("exec", hidden=True)
+def stage_exec_cmd(stage: Annotated[str, typer.Argument(help="The stage the call belongs to.")]) -> None:
+    """Run the stage call a Kubeflow Trainer TrainJob carries in $STEP3VL_CALL (torchrun: on every rank)."""
+    import os
+
+    from step3vl.pipeline import trainjob
+
+    spec = json.loads(os.environ[trainjob.CALL_ENV])
+    res = trainjob.exec_call(spec)
+    console.print(f"{stage}: {res['model_uri']} after {res['step']} steps", highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint path, s3://…, models:/NAME@alias or models:/NAME/V.")],
+    config_path: Annotated[Optional[Path], typer.Option("--config", "-c", help="Pipeline config (default conf/pipeline/tiny.yaml).")] = None,
+    overrides: SetOpt = None,
+    mode: Annotated[Optional[list[str]], typer.Option("--mode", help="greedy | sere | majority@K | pacore (repeatable; default: eval.modes).")] = None,
+    data: DataOpt = None,
+    per_family: Annotated[Optional[int], typer.Option(help="Records per task family (default eval.per_family; 0 = all).", min=0)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where metrics.json and the reports go (default .step3vl/eval/<name>/<time>).")] = None,
+) -> None:
+    """Evaluate one model on the held-out set: per-family accuracy per mode, metrics.json + report.
+
+    Logs to MLflow when a run is active (``MLFLOW_RUN_ID`` set, e.g. inside a pipeline step)."""
+    import contextlib
+    import datetime as dt
+    import os
+
+    from step3vl.config import PACKAGE_DIR
+    from step3vl.stages.evaluate import run as evaluate_run
+
+    cfg = _pipeline_config(config_path or PACKAGE_DIR.parent.parent / "conf" / "pipeline" / "tiny.yaml", overrides)
+    data = data or _default_out(cfg, "data")
+    out = out or _default_out(cfg, "eval") / f"{dt.datetime.now():%Y%m%d-%H%M%S}"
+    ctx: Any = contextlib.nullcontext()
+    if os.environ.get("MLFLOW_RUN_ID"):
+        import mlflow
+
+        from step3vl import tracking
+
+        tracking.setup(cfg.tracking)
+        ctx = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
+    with ctx:
+        res = evaluate_run(cfg, data, model, out, modes=tuple(mode) if mode else None, per_family=per_family)
+    modes = list(next(iter(res.results.values())))
+    t = Table(title=f"{model} on {res.metrics['eval_records']:.0f} records")
+    t.add_column("family")
+    for m in modes:
+        t.add_column(m, justify="right")
+    first = res.results["model"][modes[0]]
+    for fam in first.families:
+        t.add_row(fam, *[f"{res.results['model'][m].families[fam].accuracy:.3f}" for m in modes])
+    t.add_row("mean", *[f"{res.metrics.get(f'{m}/mean_accuracy', 0.0):.3f}" for m in modes])
+    console.print(t)
+    if res.contamination is not None:
+        console.print(f"contamination: {res.contamination.count} of {res.contamination.n_eval} eval records also "
+                      "in training data", highlight=False)
+    console.print(f"metrics: {out / 'metrics.json'}  report: {res.report}", highlight=False)
+
+
 # --------------------------------------------------------------------------- the pipeline (KFP)
 
 
@@ -266,55 +327,22 @@ def submit_cmd(
     run_name: Annotated[Optional[str], typer.Option(help="KFP run name (default <config name>-<time>).")] = None,
     namespace: Annotated[Optional[str], typer.Option(help="Kubeflow profile namespace (multi-user KFP).")] = None,
     mlflow_parent_run_id: Annotated[str, typer.Option(help="Nest the stages' MLflow runs under this run.")] = "",
+    from_stage: Annotated[Optional[str], typer.Option(help="Start at this stage, reusing the earlier stages of --resume-from.")] = None,
+    resume_from: Annotated[Optional[str], typer.Option(help="An earlier run (MLflow run id or name) whose outputs --from-stage reuses.")] = None,
+    executor: Annotated[str, typer.Option(help="Training stages: 'pod' (in the task pod) or 'trainjob' (Kubeflow Trainer).")] = "pod",
 ) -> None:
     """Compile the pipeline for a cluster and start a run on a KFP API server."""
+    import dataclasses
+
+    from step3vl.pipeline.cluster import DEFAULT
     from step3vl.pipeline.submit import submit
 
     cfg = _pipeline_config(config_path, overrides)
     res = submit(cfg, host=host, experiment=experiment, run_name=run_name, namespace=namespace,
-                 mlflow_parent_run_id=mlflow_parent_run_id)
-    console.print(f"submitted run {res['run_name']} ({res['run_id']}) to {res['host']}, experiment {res['experiment']}",
-                  highlight=False)
-
-
-@app.command("serve")
-def serve_cmd(
-    model: Annotated[str, typer.Option(help="Checkpoint: a path, s3://… or models:/NAME@alias.")],
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.", min=0, max=65535)] = 8000,
-    api_key: Annotated[Optional[str], typer.Option(envvar="STEP3VL_API_KEY",
-                                                   help="Require 'Authorization: Bearer KEY' (env STEP3VL_API_KEY).")] = None,
-    model_name: Annotated[str, typer.Option(help="Model id clients name (default: the checkpoint's).")] = "",
-    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.", min=1)] = 1024,
-    max_n: Annotated[int, typer.Option(help="Largest n a request may ask for.", min=1)] = 8,
-    max_pending: Annotated[int, typer.Option(help="Requests queued or running before 429.", min=1)] = 256,
-    max_request_bytes: Annotated[int, typer.Option(help="Largest request body (413 above).", min=1)] = 8 << 20,
-    max_image_bytes: Annotated[int, typer.Option(help="Largest image file (413 above).", min=1)] = 4 << 20,
-    max_image_pixels: Annotated[int, typer.Option(help="Largest image, width x height.", min=1)] = 12_000_000,
-) -> None:
-    """Serve a checkpoint with an OpenAI-compatible API (torch on CPU; batched across clients)."""
-    from step3vl.serve.app import serve
-    from step3vl.serve.config import ServeConfig
-
-    cfg = ServeConfig(api_key=api_key or None, model_name=model_name, max_tokens=max_tokens, max_n=max_n,
-                      max_pending=max_pending, max_request_bytes=max_request_bytes, max_image_bytes=max_image_bytes,
-                      max_image_pixels=max_image_pixels)
-    serve(model, host=host, port=port, cfg=cfg)
-
-
-@app.command("export")
-def export_cmd(
-    checkpoint: Annotated[str, typer.Option(help="Checkpoint: a path, s3://… or models:/NAME@alias.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (Hugging Face layout for vLLM).")],
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")] = "float32",
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
-) -> None:
-    """Export a checkpoint in the layout vLLM's built-in step_vl loads (`vllm serve OUT --trust-remote-code`)."""
-    from step3vl.serve.export import export_hf
-
-    res = export_hf(checkpoint, out, dtype=dtype, overwrite=overwrite)
-    note = "" if res.vllm_images else " (text only in vLLM: its image processor needs 728/504 px, patch 14)"
-    console.print(f"exported {res.n_tensors} tensors to {res.out_dir}{note}", highlight=False)
+                 mlflow_parent_run_id=mlflow_parent_run_id, from_stage=from_stage, resume_from=resume_from,
+                 settings=dataclasses.replace(DEFAULT, executor=executor))
+    console.print(f"submitted run {res['run_name']} ({res['run_id']}) to {res['host']}, experiment {res['experiment']}"
+                  + (f", reusing {res['reused']} from {resume_from}" if res.get("reused") else ""), highlight=False)
 
 
 # --------------------------------------------------------------------------- model registry

@@ -251,6 +251,16 @@ class PromotionConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """The evaluate stage (and ``step3vl eval``): which modes, on how much of the held-out set."""
+
+    modes: tuple[str, ...] = ("greedy", "sere")  # greedy | sere | majority@K | pacore
+    per_family: int = 0  # records per task family of the eval set; 0 = all of them
+    batch_size: int = 128  # prompts per engine call
+    contamination_check: bool = True  # hash the eval set against every training set
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """A whole recipe run: which model, the size of every stage, where things go."""
 
@@ -266,6 +276,7 @@ class PipelineConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # Which conf/ subfolder a string reference for a nested dataclass resolves in.
@@ -392,6 +403,12 @@ def _validate(obj: Any, source: str, prefix: str) -> None:
             if ref and names and ref not in names:
                 raise ConfigError(f"{source}: '{prefix}{key}' names dataset '{ref}', not one of data.sets: "
                                   f"{', '.join(sorted(names))}")
+    if isinstance(obj, EvalConfig):
+        for mode in obj.modes:
+            if mode not in ("greedy", "sere", "pacore") and not re.fullmatch(r"majority@[1-9]\d*", mode):
+                raise ConfigError(f"{source}: '{prefix}modes' has {mode!r}: greedy, sere, majority@K or pacore")
+        if obj.per_family < 0 or obj.batch_size < 1:
+            raise ConfigError(f"{source}: '{prefix}per_family' must be >= 0 and '{prefix}batch_size' >= 1")
     if isinstance(obj, PromotionConfig):
         if obj.mode not in ("greedy", "sere", "pacore") and not re.fullmatch(r"majority@[1-9]\d*", obj.mode):
             raise ConfigError(f"{source}: '{prefix}mode' is {obj.mode!r}: greedy, sere, majority@K or pacore")

@@ -8,10 +8,13 @@ does not set it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from step3vl.pipeline.images import TRAINER_IMAGE
+from step3vl.pipeline.images import TRAINER_IMAGE, TRAINER_RUNTIME
+
+TRAINING_STAGES = ("pretrain", "sft", "rlvr", "rlhf", "pacore")
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,7 @@ class Resources:
     gpus: int = 0
     timeout_s: int = 0  # 0 = no deadline
     retries: int = 0  # task-level retries; training stages resume from their checkpoints
+    nodes: int = 1  # nodes of the stage's TrainJob (executor "trainjob"); gpus is then per node
 
 
 @dataclass(frozen=True)
@@ -53,13 +57,24 @@ class ClusterSettings:
     gpu_tolerations: tuple[Toleration, ...] = (Toleration("nvidia.com/gpu"),)
     shm_size: str = "64Gi"  # /dev/shm for NCCL and data loaders on GPU pods
     retry_backoff: str = "300s"
+    # "pod": a training stage trains in its own task pod (which gets the GPUs); "trainjob": the task
+    # pod only launches and follows a Kubeflow Trainer TrainJob of `nodes` x `gpus` (step3vl.pipeline.trainjob)
+    executor: str = "pod"
+    trainjob_runtime: str = TRAINER_RUNTIME
     retry_backoff_max: str = "3600s"
     stages: dict[str, Resources] = field(default_factory=lambda: {
         "data_prep": Resources(cpu="16", memory="64Gi", timeout_s=12 * 3600),
-        # one 8-GPU pod per training stage; multi-node goes through a PyTorchJob later
-        "pretrain": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=14 * 24 * 3600, retries=3),
-        "sft": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=7 * 24 * 3600, retries=3),
-        "evaluate": Resources(cpu="16", memory="128Gi", gpus=1, timeout_s=12 * 3600),
+        # one 8-GPU node per training stage in-pod; executor "trainjob" spreads it over `nodes`
+        "pretrain": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=14 * 24 * 3600, retries=3, nodes=4),
+        "sft": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=7 * 24 * 3600, retries=3, nodes=2),
+        "rlvr": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=7 * 24 * 3600, retries=3, nodes=2),
+        "rlhf": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=7 * 24 * 3600, retries=3, nodes=2),
+        "pacore": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=7 * 24 * 3600, retries=3, nodes=2),
+        # five models x the eval modes; one GPU is plenty for the suite
+        "evaluate": Resources(cpu="16", memory="128Gi", gpus=1, timeout_s=24 * 3600),
+        "register": Resources(cpu="1", memory="2Gi", timeout_s=3600, retries=2),
+        # exports the model (bf16 safetensors) and waits for the vLLM rollout
+        "deploy_serving": Resources(cpu="8", memory="96Gi", timeout_s=3 * 3600),
     })
     default: Resources = field(default_factory=Resources)
 
@@ -75,6 +90,19 @@ def apply(task: Any, stage: str, settings: ClusterSettings = DEFAULT) -> Any:
     from kfp import kubernetes
 
     r = settings.resources(stage)
+    remote = settings.executor == "trainjob" and stage in TRAINING_STAGES
+    if settings.executor not in ("pod", "trainjob"):
+        raise ValueError(f"ClusterSettings.executor: pod or trainjob, not {settings.executor!r}")
+    if remote:
+        # the task pod only follows the TrainJob, which gets the resources and GPUs
+        from step3vl.pipeline import trainjob
+
+        task.set_env_variable(trainjob.EXECUTOR_ENV, "trainjob")
+        task.set_env_variable(trainjob.NODES_ENV, str(r.nodes))
+        task.set_env_variable(trainjob.GPUS_ENV, str(r.gpus))
+        r = dataclasses.replace(r, cpu="1", memory="4Gi", gpus=0)
+    if stage == "deploy_serving":
+        task.set_env_variable("STEP3VL_SERVING", "kubernetes")
     task.set_cpu_request(r.cpu)
     task.set_memory_request(r.memory).set_memory_limit(r.memory)
     if r.gpus:

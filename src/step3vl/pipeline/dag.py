@@ -167,8 +167,13 @@ class Dag:
         self.stages: dict[str, dict[str, Any]] = {}
         self._origin: dict[tuple[str, str], tuple[str, str]] = {}  # (task, output) → (stage, output)
 
-    def stage(self, name: str, component: Any, **inputs: Any) -> dict[str, Any]:
-        """Add stage ``name`` running ``component`` on ``inputs`` (outputs of earlier stages)."""
+    def stage(self, name: str, component: Any, *, params: Mapping[str, Any] | None = None,
+              **inputs: Any) -> dict[str, Any]:
+        """Add stage ``name`` running ``component`` on ``inputs`` (outputs of earlier stages).
+
+        ``params`` are extra parameter values (constants or KFP placeholders such as the run id); they
+        are deliberately not part of the local cache key, so a run-specific value never forces a rerun.
+        """
         from kfp import dsl
 
         if name in self.stages:
@@ -191,7 +196,7 @@ class Dag:
                 if origin is None:
                     raise ValueError(f"stage {name}: input {arg} is not an output of an earlier stage")
                 sources[arg] = origin
-            task = component(**self.params, **inputs)
+            task = component(**self.params, **dict(params or {}), **inputs)
             self.target.configure(name, component, task, sources)
             for out, channel in task.outputs.items():
                 outputs[out] = channel

@@ -76,6 +76,8 @@ class Stage:
     cfg: PipelineConfig
     mlflow_run_id: str
     started: float
+    config_yaml: str = ""
+    parent_run_id: str = ""
 
     # ------------------------------------------------------------------ inputs
 
@@ -106,26 +108,76 @@ class Stage:
         Path(report.path).write_text("\n\n".join(p.read_text() for p in reports) or "No datasets.\n")
         self._finish(metrics, values, data, report)
 
+    def execute(self, fn: Any, *args: Any, work_uri: str, **kwargs: Any) -> Any:
+        """Run a training stage function: here, or as a Kubeflow Trainer TrainJob when
+        ``$STEP3VL_EXECUTOR=trainjob`` (the cluster build's choice; see :mod:`step3vl.pipeline.trainjob`).
+        ``work_uri`` (the stage's checkpoint location) is where the job leaves its summary."""
+        from step3vl.pipeline import trainjob
+
+        if os.environ.get(trainjob.EXECUTOR_ENV, "pod") != "trainjob":
+            return fn(*args, cfg=self.cfg, **kwargs)
+        return trainjob.run_remote(self.name, fn, args, {"cfg": self.cfg, **kwargs}, config_yaml=self.config_yaml,
+                                   work_uri=work_uri)
+
     def publish_training(self, out: Any, model: Any, metrics: Any, loss_curve: Any) -> None:
         """A training stage → ``model`` (checkpoint under ``model/``), its metrics, the loss curve as HTML."""
-        from step3vl.pipeline.lineage import checkpoint_digest
-
         values = dict(out.metrics)
         values["resumed_from_step"] = out.result.resumed_from or 0
-        _stamp(model, self, digest=checkpoint_digest(model_dir(model)), checkpoint=CHECKPOINT_SUBDIR,
-               steps=out.result.step, framework="step3vl")
-        body = f"<p>No loss curve for {html.escape(self.name)}.</p>"
-        if out.plot and Path(out.plot).is_file():
-            png = base64.b64encode(Path(out.plot).read_bytes()).decode()
-            body = f'<img alt="{self.name} loss" src="data:image/png;base64,{png}"/>'
-        Path(loss_curve.path).write_text(f"<html><body><h3>{html.escape(self.name)}</h3>{body}</body></html>\n")
-        self._finish(metrics, values, model, loss_curve)
+        self._publish_model(out.model_uri, out.result.step, values, getattr(out, "plot", None), model, metrics,
+                            loss_curve, "loss")
 
-    def publish_eval(self, out: Any, results: Any, metrics: Any, report: Any) -> None:
-        """Evaluation → ``results`` (metrics.json + report.md), the metrics, the report as Markdown."""
+    def publish_rl(self, out: Any, model: Any, metrics: Any, curves: Any) -> None:
+        """An RL stage (RLVR, RLHF, PaCoRe) → ``model``, its metrics, its reward/length curves as HTML."""
+        inner = getattr(out, "rl", None) or out  # RLHF wraps the RL stage's outputs
+        res = getattr(inner, "result", None)
+        values = dict(out.metrics)
+        values["resumed_from_iteration"] = (getattr(res, "resumed_from", None) or 0) if res is not None else 0
+        plot = getattr(out, "plot", None) or getattr(inner, "plot", None)
+        steps = getattr(res, "iteration", getattr(res, "step", 0)) if res is not None else 0
+        self._publish_model(out.model_uri, steps, values, plot, model, metrics, curves, "RL curves")
+
+    def _publish_model(self, model_uri: str, steps: int, values: dict[str, Any], plot: Any, model: Any,
+                       metrics: Any, curve: Any, what: str) -> None:
+        from step3vl.pipeline.lineage import checkpoint_digest
+
+        sub = os.path.relpath(model_uri, model.path) if model_uri.startswith(model.path + os.sep) else ""
+        if not sub or sub.startswith(".."):
+            # trained elsewhere (a TrainJob writing to object storage): the artifact records where
+            Path(model.path).mkdir(parents=True, exist_ok=True)
+            Path(model.path, "REMOTE.json").write_text(json.dumps({"model_uri": model_uri}) + "\n")
+            sub = CHECKPOINT_SUBDIR
+        _stamp(model, self, digest=checkpoint_digest(model_uri), checkpoint=sub, model_uri=model_uri, steps=steps,
+               framework="step3vl")
+        body = f"<p>No {what} for {html.escape(self.name)}.</p>"
+        if plot and Path(plot).is_file():
+            png = base64.b64encode(Path(plot).read_bytes()).decode()
+            body = f'<img alt="{self.name} {what}" src="data:image/png;base64,{png}"/>'
+        Path(curve.path).write_text(f"<html><body><h3>{html.escape(self.name)}</h3>{body}</body></html>\n")
+        self._finish(metrics, values, model, curve)
+
+    def publish_eval(self, out: Any, results: Any, metrics: Any, report: Any, report_html: Any = None) -> None:
+        """Evaluation → ``results`` (metrics.json, per-model metrics, reports), the metrics, the report as
+        Markdown and (with the stage-progression plot) as HTML."""
         _stamp(results, self)
         Path(report.path).write_text(Path(out.report).read_text())
-        self._finish(metrics, out.metrics, results, report)
+        outputs = [results, report]
+        if report_html is not None:
+            Path(report_html.path).write_text(Path(out.html).read_text())
+            outputs.append(report_html)
+        self._finish(metrics, out.metrics, *outputs)
+
+    def publish_release(self, out: Any, metrics: Any, decision: Any) -> None:
+        """Register/promote → the version and the gate's decision as metrics and Markdown."""
+        decision.metadata.update({"registered_model": out.name, "version": out.version, "model_uri": out.model_uri,
+                                  "promoted": bool(out.promotion.promoted)})
+        Path(decision.path).write_text(out.report)
+        self._finish(metrics, out.metrics, decision)
+
+    def publish_serving(self, out: Any, metrics: Any, report: Any) -> None:
+        """Deploy-serving → where it is served, the check's timings, the exchange as Markdown."""
+        report.metadata.update({"target": out.target, "endpoint": out.endpoint, "model_uri": out.model_uri})
+        Path(report.path).write_text(out.report)
+        self._finish(metrics, out.metrics, report)
 
     def _finish(self, metrics: Any, values: dict[str, float], *outputs: Any) -> None:
         values = {**values, "stage_seconds": round(time.perf_counter() - self.started, 3)}
@@ -153,15 +205,29 @@ def stage(name: str, config_yaml: str, mlflow_parent_run_id: str = "", pipeline_
     with tracking.stage_run(name, cfg.tracking, parent_run_id=mlflow_parent_run_id or None, config=cfg) as run:
         mlflow.set_tags({"step3vl.pipeline_run_name": pipeline_run_name, "step3vl.config_hash": config_hash(cfg)})
         log.info("%s: config %s, MLflow run %s", name, config_hash(cfg), run.info.run_id)
-        yield Stage(name, cfg, run.info.run_id, t0)
+        yield Stage(name, cfg, run.info.run_id, t0, config_yaml, mlflow_parent_run_id)
 
 
 # --------------------------------------------------------------------------- artifact helpers
 
 
 def model_dir(model: Any) -> str:
-    """The loadable checkpoint inside a ``Model`` artifact written by a training stage."""
+    """The loadable checkpoint of a ``Model`` artifact written by a training stage: inside the artifact,
+    or in object storage where a TrainJob published it."""
+    remote = str(model.metadata.get("model_uri", ""))
+    if remote.startswith("s3://"):
+        return remote
     return os.path.join(model.path, model.metadata.get("checkpoint", CHECKPOINT_SUBDIR))
+
+
+def model_dirs(**models: Any) -> dict[str, str]:
+    """Label → loadable checkpoint of each ``Model`` artifact, in the order given."""
+    return {label: model_dir(m) for label, m in models.items()}
+
+
+def registered_model_uri(release: Any) -> str:
+    """``models:/NAME/VERSION`` of the version the register stage created (from its decision's metadata)."""
+    return f"models:/{release.metadata['registered_model']}/{int(float(release.metadata['version']))}"
 
 
 def artifact_digest(artifact: Any) -> str:

@@ -194,8 +194,14 @@ def run(
     progress: bool = True,
     settings: GenRMSettings = GenRMSettings(),
     stop_after_iteration: int | None = None,
+    ckpt_uri: str | None = None,
 ) -> RLHFOutputs:
-    """The RLHF stage from ``init_uri`` (the SFT or RLVR model): GenRM, RL, then the comparison."""
+    """The RLHF stage from ``init_uri`` (the SFT or RLVR model): GenRM, RL, then the comparison.
+
+    With ``ckpt_uri`` (a location that outlives one task attempt), the GenRM (its checkpoints and
+    final judge) lives under ``<ckpt_uri>/genrm`` and the policy's checkpoints under
+    ``<ckpt_uri>/policy``, so a killed stage neither retrains a finished judge nor restarts RL.
+    """
     import mlflow
 
     from step3vl.eval.suite import EVAL_SAMPLING, GREEDY, evaluate, load_records, to_prompt
@@ -207,7 +213,7 @@ def run(
 
     t0 = time.perf_counter()
     data_dir = Path(data_dir)
-    genrm_uri = join_uri(out_uri, "genrm")
+    genrm_uri = join_uri(ckpt_uri or out_uri, "genrm")
     local = not is_s3_uri(out_uri)
     work = Path(out_uri.removeprefix("file://")) / "genrm" / "data" if local else None
     metrics: dict[str, float] = {}
@@ -229,7 +235,8 @@ def run(
                                                                       cfg.rlhf.max_response_tokens),
                                     lambda r: to_prompt(r, rl_dir), settings.length_factor)
     rl = run_rl("rlhf", cfg, data_dir, init_uri, out_uri, reward_fn=reward, progress=progress,
-                stop_after_iteration=stop_after_iteration)
+                stop_after_iteration=stop_after_iteration,
+                ckpt_uri=join_uri(ckpt_uri, "policy") if ckpt_uri else None)
     t3 = time.perf_counter()
     out = RLHFOutputs(model_uri=rl.model_uri, genrm_uri=join_uri(genrm_uri, "model"), rl=rl, metrics=metrics)
     metrics.update({f"rl/{k}": v for k, v in rl.metrics.items()})

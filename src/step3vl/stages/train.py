@@ -39,11 +39,15 @@ def run_training(
     ckpt_uri: str | None = None,
     progress: bool = True,
     stop_after_step: int | None = None,
+    register: bool = False,
 ) -> TrainStageOutputs:
     """Train ``stage`` on the packed sets in ``data_dir`` (data prep output), from ``init_uri`` if given.
 
     Checkpoints go to ``ckpt_uri`` (default ``<out_uri>/checkpoints``); a run finding valid checkpoints
     there resumes from the latest. Orchestrators pass a location that outlives one task attempt.
+    ``register`` also registers the model as a version of ``tracking.registered_model`` (needs an active
+    MLflow run); off by default, because a pipeline run registers exactly one version, its final model
+    with its eval metrics (the ``register`` stage).
     """
     import mlflow
 
@@ -103,12 +107,15 @@ def run_training(
         out.metrics.update(eval_loss_start=ev[0], eval_loss_end=ev[-1])
     out.plot = plot_loss(result, Path(_local(out_uri)) / "loss_curve.png" if _is_local(out_uri) else None, stage)
     if mlflow.active_run() is not None:
-        from step3vl.config import config_hash
-        from step3vl.registry import register_checkpoint
-
         mlflow.log_metrics({f"{stage}/{k}": v for k, v in out.metrics.items()})
         if out.plot:
             mlflow.log_artifact(str(out.plot))
+    if register:
+        from step3vl.config import config_hash
+        from step3vl.registry import register_checkpoint
+
+        if mlflow.active_run() is None:
+            raise ValueError(f"{stage}: register=True needs an active MLflow run")
         mv = register_checkpoint(cfg.tracking.registered_model, out.model_uri, run_id=mlflow.active_run().info.run_id,
                                  tags={"step3vl.stage": stage, "step3vl.config_hash": config_hash(cfg),
                                        **{f"metric.{k}": f"{v:.6g}" for k, v in out.metrics.items()}})

@@ -1,0 +1,340 @@
+"""Training stages as Kubeflow Trainer ``TrainJob``s (v1alpha1): multi-node DeepSpeed on the cluster.
+
+With ``$STEP3VL_EXECUTOR=trainjob`` (set by the cluster build when ``ClusterSettings.executor`` is
+``trainjob``) a training component does not train in its own pod: :func:`run_remote` turns the
+stage call into a ``TrainJob`` on the ``step3vl-deepspeed`` ClusterTrainingRuntime
+(:data:`step3vl.pipeline.images.TRAINER_RUNTIME`), checks first that Kubeflow Trainer and the
+runtime are there (:func:`preflight`), follows the job's conditions to ``Complete`` or ``Failed``
+(:func:`follow`) and reads back what rank 0 wrote. In the job every node runs
+``torchrun --no-python step3vl stage exec <stage>`` (the runtime's command plus our args), which
+calls the same ``step3vl.stages`` function with the same arguments (:func:`exec_call`):
+artifact paths become their ``s3://`` URIs, the data directory is fetched to local disk.
+
+Nothing here needs a cluster to test: the Kubernetes APIs are passed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from step3vl.errors import Step3VLError
+from step3vl.pipeline.cluster import DEFAULT, ClusterSettings
+from step3vl.pipeline.images import TRAINER_RUNTIME
+
+log = logging.getLogger("step3vl.pipeline")
+
+GROUP = "trainer.kubeflow.org"
+VERSION = "v1alpha1"
+PLURAL = "trainjobs"
+CRD_NAME = f"{PLURAL}.{GROUP}"
+RUNTIME_PLURAL = "clustertrainingruntimes"
+EXECUTOR_ENV = "STEP3VL_EXECUTOR"  # "trainjob": training components launch TrainJobs
+CALL_ENV = "STEP3VL_CALL"  # the stage call a TrainJob runs (JSON)
+NODES_ENV = "STEP3VL_TRAINJOB_NODES"
+GPUS_ENV = "STEP3VL_TRAINJOB_GPUS_PER_NODE"
+NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+_NAME_OK = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+class TrainJobError(Step3VLError):
+    """Kubeflow Trainer is missing, or a TrainJob failed or timed out."""
+
+
+# --------------------------------------------------------------------------- the spec
+
+
+def job_name(stage: str, key: str) -> str:
+    """A TrainJob name: RFC 1035 label, at most 63 characters, stable for (stage, key)."""
+    name = f"step3vl-{stage.replace('_', '-')}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    assert _NAME_OK.match(name) and len(name) <= 63, name
+    return name
+
+
+def _env(settings: ClusterSettings, extra: dict[str, str]) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in extra.items()]
+    env += [{"name": "AWS_ENDPOINT_URL", "value": settings.s3_endpoint},
+            {"name": "MLFLOW_S3_ENDPOINT_URL", "value": settings.s3_endpoint},
+            {"name": "AWS_REGION", "value": settings.s3_region}]
+    env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": settings.s3_secret, "key": key}}}
+            for var, key in settings.s3_secret_keys.items()]
+    env += [{"name": var, "valueFrom": {"secretKeyRef": {"name": settings.mlflow_secret, "key": key, "optional": True}}}
+            for var, key in settings.mlflow_secret_keys.items()]
+    return env
+
+
+def build_trainjob(name: str, stage: str, call: dict[str, Any], *, namespace: str,
+                   settings: ClusterSettings = DEFAULT, nodes: int | None = None,
+                   gpus_per_node: int | None = None) -> dict[str, Any]:
+    """The TrainJob running ``call`` (see :func:`exec_call`) for ``stage`` on ``nodes`` x ``gpus_per_node``.
+
+    Resources, deadline and GPU count come from the stage's :class:`~step3vl.pipeline.cluster.Resources`
+    unless given; credentials are secret references, never values.
+    """
+    r = settings.resources(stage)
+    nodes = nodes or r.nodes
+    gpus = r.gpus if gpus_per_node is None else gpus_per_node
+    if nodes < 1 or gpus < 1:
+        raise TrainJobError(f"{stage}: a TrainJob needs at least one node and one GPU per node "
+                            f"(got {nodes} x {gpus})")
+    res = {"cpu": r.cpu, "memory": r.memory, settings.accelerator_type: str(gpus)}
+    spec: dict[str, Any] = {
+        "runtimeRef": {"apiGroup": GROUP, "kind": "ClusterTrainingRuntime", "name": settings.trainjob_runtime},
+        "trainer": {
+            "image": settings.image,
+            # the runtime's command is `torchrun --no-python step3vl`: every rank runs the CLI
+            "args": ["stage", "exec", stage],
+            "env": _env(settings, {CALL_ENV: json.dumps(call, sort_keys=True)}),
+            "numNodes": nodes,
+            "numProcPerNode": gpus,
+            "resourcesPerNode": {"requests": res, "limits": dict(res)},
+        },
+    }
+    if r.timeout_s:
+        spec["activeDeadlineSeconds"] = r.timeout_s
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainJob",
+            "metadata": {"name": name, "namespace": namespace,
+                         "labels": {"app.kubernetes.io/name": "step3vl-trainer", "step3vl.ai/stage": stage}},
+            "spec": spec}
+
+
+# --------------------------------------------------------------------------- preflight, create, follow
+
+
+def _status(e: Exception) -> int | None:
+    return getattr(e, "status", None)
+
+
+def preflight(custom: Any, ext: Any, namespace: str, runtime: str = TRAINER_RUNTIME) -> list[str]:
+    """Fail with a clear message unless the TrainJob CRD (serving v1alpha1) and ``runtime`` exist.
+
+    Reading cluster-scoped objects may be forbidden to a pipeline's service account; then the CRD is
+    checked by listing TrainJobs in ``namespace`` and the runtime is left to the Trainer's own
+    admission check. Returns the notes on what could not be checked.
+    """
+    notes: list[str] = []
+    try:
+        crd = ext.read_custom_resource_definition(CRD_NAME)
+        versions = {v.name for v in crd.spec.versions if v.served}
+        if VERSION not in versions:
+            raise TrainJobError(f"the TrainJob CRD {CRD_NAME} serves {sorted(versions)}, not {VERSION}: "
+                                "install Kubeflow Trainer v2 (manifests/README.md)")
+    except TrainJobError:
+        raise
+    except Exception as e:
+        if _status(e) == 404:
+            raise TrainJobError(f"Kubeflow Trainer is not installed: no CustomResourceDefinition {CRD_NAME} "
+                                "(install it as manifests/README.md says, or run training in-pod)") from None
+        if _status(e) != 403:
+            raise
+        try:
+            custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, limit=1)
+        except Exception as e2:
+            if _status(e2) == 404:
+                raise TrainJobError(f"Kubeflow Trainer is not installed: the API has no {GROUP}/{VERSION} "
+                                    f"{PLURAL}") from None
+            raise
+        notes.append(f"CRD {CRD_NAME} not readable (forbidden); {PLURAL} are listable in {namespace}")
+    try:
+        custom.get_cluster_custom_object(GROUP, VERSION, RUNTIME_PLURAL, runtime)
+    except Exception as e:
+        if _status(e) == 404:
+            raise TrainJobError(f"ClusterTrainingRuntime {runtime} not found: apply manifests/base/trainer "
+                                "(kubectl apply -k manifests/overlays/<env>)") from None
+        if _status(e) != 403:
+            raise
+        notes.append(f"ClusterTrainingRuntime {runtime} not readable (forbidden); Trainer validates it on create")
+    for n in notes:
+        log.warning("trainjob preflight: %s", n)
+    return notes
+
+
+def conditions(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in (job.get("status") or {}).get("conditions") or []}
+
+
+def _done(job: dict[str, Any]) -> str | None:
+    c = conditions(job)
+    for kind in ("Failed", "Complete"):
+        if c.get(kind, {}).get("status") == "True":
+            return kind
+    return None
+
+
+def create(custom: Any, body: dict[str, Any]) -> dict[str, Any]:
+    """Create the TrainJob; an existing one of the same name (a retried task) is followed if still running
+    or complete, and replaced if it failed (the new one resumes from the stage's checkpoints)."""
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    try:
+        return custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+    except Exception as e:
+        if _status(e) != 409:
+            raise
+    old = custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+    if _done(old) != "Failed":
+        log.info("TrainJob %s/%s exists: following it", ns, name)
+        return old
+    log.info("TrainJob %s/%s failed before: replacing it", ns, name)
+    custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, propagation_policy="Foreground")
+    return custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+
+
+def follow(custom: Any, name: str, namespace: str, *, timeout_s: float, poll_s: float = 15.0,
+           clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+    """Poll the TrainJob until ``Complete`` (returned) or ``Failed`` / ``timeout_s`` (:class:`TrainJobError`)."""
+    deadline = clock() + timeout_s
+    seen = ""
+    while True:
+        job = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        state = _done(job)
+        conds = conditions(job)
+        if state == "Complete":
+            return job
+        if state == "Failed":
+            c = conds["Failed"]
+            raise TrainJobError(f"TrainJob {namespace}/{name} failed: {c.get('reason', '?')}: {c.get('message', '')}")
+        now = ", ".join(f"{t}={c.get('status')}" for t, c in sorted(conds.items())) or "no conditions yet"
+        if now != seen:
+            log.info("TrainJob %s/%s: %s", namespace, name, now)
+            seen = now
+        if timeout_s and clock() > deadline:
+            raise TrainJobError(f"TrainJob {namespace}/{name} did not finish within {timeout_s:.0f}s ({now}); "
+                                "it keeps running: delete it or retry the task to follow it again")
+        sleep(poll_s)
+
+
+# --------------------------------------------------------------------------- the call, both sides
+
+
+def path_to_uri(value: Any) -> Any:
+    """A KFP artifact's local path (``/s3/bucket/key``, ``/minio/bucket/key``) → ``s3://bucket/key``."""
+    if isinstance(value, str):
+        for prefix in ("/s3/", "/minio/"):
+            if value.startswith(prefix):
+                return "s3://" + value[len(prefix):]
+    return value
+
+
+@dataclass(frozen=True)
+class Call:
+    fn: str  # module:qualname of a step3vl.stages function
+    arguments: dict[str, Any]  # by parameter name; "cfg" is rebuilt from config_yaml
+    config_yaml: str
+    result_uri: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fn": self.fn, "arguments": self.arguments, "config_yaml": self.config_yaml,
+                "result_uri": self.result_uri}
+
+
+def make_call(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], config_yaml: str, result_uri: str) -> Call:
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    arguments = {k: path_to_uri(v) for k, v in bound.arguments.items() if k != "cfg"}
+    arguments["progress"] = False
+    bad = {k: type(v).__name__ for k, v in arguments.items() if not isinstance(v, (str, int, float, bool, type(None)))}
+    if bad:
+        raise TrainJobError(f"{fn.__name__}: arguments {bad} cannot travel to a TrainJob")
+    return Call(f"{fn.__module__}:{fn.__qualname__}", arguments, config_yaml, result_uri)
+
+
+def _summary(out: Any) -> dict[str, Any]:
+    """What the component needs back from a stage's outputs: the model, its metrics, steps and resume point."""
+    inner = getattr(out, "rl", None) or out
+    res = getattr(inner, "result", None)
+    return {"model_uri": out.model_uri, "metrics": dict(out.metrics),
+            "step": getattr(res, "step", getattr(res, "iteration", 0)) if res is not None else 0,
+            "resumed_from": getattr(res, "resumed_from", None) if res is not None else None}
+
+
+def exec_call(spec: dict[str, Any]) -> dict[str, Any]:
+    """Inside the TrainJob (every rank): run the call; rank 0 writes the summary to ``result_uri``."""
+    import tempfile
+
+    from step3vl.pipeline.runtime import load_config
+    from step3vl.storage import fetch_dir, is_s3_uri
+
+    module, _, qualname = spec["fn"].partition(":")
+    if not module.startswith("step3vl.stages."):
+        raise TrainJobError(f"refusing to run {spec['fn']}: not a step3vl stage function")
+    fn: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        fn = getattr(fn, part)
+    arguments = dict(spec["arguments"])
+    with tempfile.TemporaryDirectory(prefix="step3vl-trainjob-") as tmp:
+        if is_s3_uri(str(arguments.get("data_dir", ""))):
+            arguments["data_dir"] = str(fetch_dir(arguments["data_dir"], os.path.join(tmp, "data")))
+        out = fn(cfg=load_config(spec["config_yaml"], source="the TrainJob's call"), **arguments)
+    summary = _summary(out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _write(spec["result_uri"], json.dumps(summary, sort_keys=True))
+    return summary
+
+
+def _write(uri: str, text: str) -> None:
+    from step3vl.storage import open_store
+
+    parent, key = uri.rstrip("/").rsplit("/", 1)
+    open_store(parent, create=True).write_bytes(key, text.encode())
+
+
+def _read(uri: str) -> str:
+    from step3vl.storage import open_store
+
+    parent, key = uri.rstrip("/").rsplit("/", 1)
+    return open_store(parent).read_bytes(key).decode()
+
+
+def current_namespace(default: str = "step3vl") -> str:
+    env = os.environ.get("STEP3VL_NAMESPACE")
+    if env:
+        return env
+    try:
+        with open(NAMESPACE_FILE) as f:
+            return f.read().strip() or default
+    except OSError:
+        return default
+
+
+def kube_apis() -> tuple[Any, Any]:
+    """(CustomObjectsApi, ApiextensionsV1Api) from the in-cluster config (or ~/.kube/config)."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.CustomObjectsApi(), client.ApiextensionsV1Api()
+
+
+def run_remote(stage: str, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], *, config_yaml: str,
+               work_uri: str, settings: ClusterSettings = DEFAULT, apis: tuple[Any, Any] | None = None,
+               poll_s: float = 15.0) -> Any:
+    """The component side: preflight, create (or re-attach to) the TrainJob, follow it, read its summary."""
+    from step3vl.storage import join_uri
+
+    custom, ext = apis or kube_apis()
+    namespace = current_namespace()
+    result_uri = join_uri(work_uri, "trainjob-result.json")
+    call = make_call(fn, args, kwargs, config_yaml, result_uri)
+    name = job_name(stage, json.dumps(call.to_json(), sort_keys=True))
+    preflight(custom, ext, namespace, settings.trainjob_runtime)
+    nodes = int(os.environ.get(NODES_ENV, "0")) or None
+    gpus = int(os.environ[GPUS_ENV]) if os.environ.get(GPUS_ENV) else None
+    body = build_trainjob(name, stage, call.to_json(), namespace=namespace, settings=settings, nodes=nodes,
+                          gpus_per_node=gpus)
+    create(custom, body)
+    log.info("%s: TrainJob %s/%s (%d node(s))", stage, namespace, name, body["spec"]["trainer"]["numNodes"])
+    follow(custom, name, namespace, timeout_s=settings.resources(stage).timeout_s, poll_s=poll_s)
+    summary = json.loads(_read(result_uri))
+    result = SimpleNamespace(step=summary["step"], iteration=summary["step"], resumed_from=summary["resumed_from"])
+    return SimpleNamespace(model_uri=summary["model_uri"], metrics=summary["metrics"], result=result, plot=None,
+                           trainjob=name)

@@ -1,0 +1,114 @@
+"""Evaluation: the stage x family x mode report of several models, the contamination check (a planted
+duplicate is reported), the modes and their hooks, and the ``step3vl eval`` command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from step3vl.errors import Step3VLError
+
+
+@pytest.fixture(scope="module")
+def checkpoints(micro_cfg, tmp_path_factory):
+    from step3vl.serve.tiny import random_checkpoint
+
+    d = tmp_path_factory.mktemp("ckpts")
+    return {"base": random_checkpoint(d / "a", micro_cfg.model, seed=0),
+            "sft": random_checkpoint(d / "b", micro_cfg.model, seed=1)}
+
+
+def test_contamination_check_reports_a_planted_duplicate(micro_data, tmp_path):
+    from step3vl.eval import contamination
+
+    src = Path(micro_data.out_dir)
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(src / "data_manifest.json", data)
+    shutil.copytree(src / "raw", data / "raw")
+    clean = contamination.check(data)
+    assert clean.count == 0 and clean.n_eval == 70 and "sft_stage1" in clean.train_sets and "eval" not in clean.train_sets
+    # plant one text-only eval record (new id, same content) in a training shard
+    line = next(ln for ln in (data / "raw" / "eval").glob("*.jsonl").__next__().read_text().splitlines()
+                if '"task": "text_math"' in ln or '"task":"text_math"' in ln)
+    rec = json.loads(line)
+    shard = sorted((data / "raw" / "sft_stage1").glob("*.jsonl"))[0]
+    with shard.open("a") as f:
+        f.write(json.dumps({**rec, "id": "planted-duplicate", "split": "train"}) + "\n")
+    dirty = contamination.check(data)
+    assert dirty.count == 1 and dirty.duplicates == {rec["id"]: ["sft_stage1"]}
+    assert f"`{rec['id']}` | sft_stage1" in dirty.to_markdown()
+
+
+def test_evaluate_models_stage_family_mode_table(micro_cfg, micro_data, checkpoints, tmp_path):
+    from step3vl.stages.evaluate import evaluate_models
+
+    out = evaluate_models(micro_cfg, micro_data.out_dir, checkpoints, tmp_path / "ev", per_family=3, progress=False)
+    fams = {"text_math", "mm_math", "perception_count", "chat"}
+    assert set(out.results) == {"base", "sft"} and all(set(r) == {"greedy", "sere"} for r in out.results.values())
+    for label in ("base", "sft"):
+        for mode in ("greedy", "sere"):
+            res = out.results[label][mode]
+            assert set(res.families) == fams and all(f.n == 3 for f in res.families.values())
+            for fam, f in res.families.items():
+                assert out.metrics[f"{label}/{mode}/{fam}/accuracy"] == pytest.approx(f.correct / 3)
+        per = json.loads((tmp_path / "ev" / label / "metrics.json").read_text())
+        assert per == out.per_model[label] and "greedy/text_math/accuracy" in per  # what the registry reads
+    assert out.metrics["contamination/duplicates"] == 0 and out.metrics["eval_records"] == 12
+    md = out.report.read_text()
+    assert "| family | n | base | sft |" in md and md.count("| text_math | 3 |") == 2  # one table per mode
+    assert "## Contamination check" in md and "0 of 70 records" in md
+    page = out.html.read_text()
+    assert "<table>" in page and "data:image/png;base64," in page and out.plot.stat().st_size > 1000
+    # greedy is deterministic: the same model evaluated again gives the same numbers
+    again = evaluate_models(micro_cfg, micro_data.out_dir, {"base": checkpoints["base"]}, tmp_path / "ev2",
+                            modes=("greedy",), per_family=3, progress=False)
+    assert again.metrics["greedy/mean_accuracy"] == out.metrics["base/greedy/mean_accuracy"]
+    assert again.plot is None  # one model: no progression
+
+
+def test_modes_and_their_hooks(micro_cfg):
+    from step3vl import config
+    from step3vl.eval import modes, suite
+
+    assert modes.check_mode("majority@8") == "majority@8"
+    with pytest.raises(Step3VLError, match="unknown evaluation mode 'best'"):
+        modes.check_mode("best")
+    with pytest.raises(config.ConfigError, match="eval.modes"):
+        config.from_dict(config.PipelineConfig, {**config.to_dict(micro_cfg), "eval": {"modes": ["majority@0"]}})
+    for mode, hook in (("pacore", "evaluate_pacore"), ("majority@4", "evaluate_majority")):
+        if not hasattr(suite, hook):
+            with pytest.raises(Step3VLError, match=f"suite.{hook}"):
+                modes.run_mode(mode, None, [], ".", seed=0)
+
+
+def test_eval_cli_writes_metrics_and_logs_to_the_active_run(micro_data, checkpoints, tmp_path, monkeypatch):
+    import mlflow
+    from typer.testing import CliRunner
+
+    from step3vl.cli import app
+
+    monkeypatch.setenv("STEP3VL_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    micro = Path(__file__).parent / "conf" / "micro.yaml"
+    try:
+        from step3vl import config, tracking
+
+        tracking.setup(config.load(config.PipelineConfig, micro).tracking)
+        with mlflow.start_run() as run:
+            pass
+        monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+        res = CliRunner().invoke(app, ["eval", "--model", checkpoints["sft"], "--config", str(micro), "--data",
+                                       str(micro_data.out_dir), "--mode", "greedy", "--per-family", "2",
+                                       "--out", str(tmp_path / "out")])
+        assert res.exit_code == 0, res.output
+        metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+        assert set(metrics) >= {"greedy/text_math/accuracy", "greedy/mean_accuracy", "contamination/duplicates"}
+        assert "text_math" in res.output and "contamination: 0 of 70" in res.output
+        logged = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
+        assert logged["greedy/mean_accuracy"] == metrics["greedy/mean_accuracy"]
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -1,0 +1,236 @@
+"""Training as Kubeflow Trainer TrainJobs: the spec (validated against the vendored CRD schema), the
+preflight, creation on retry, following the conditions, and the remote call round trip, on fake APIs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from step3vl.pipeline import trainjob
+from step3vl.pipeline.cluster import DEFAULT, ClusterSettings
+from step3vl.pipeline.images import TRAINER_IMAGE, TRAINER_RUNTIME
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ApiException(Exception):
+    def __init__(self, status: int):
+        super().__init__(f"({status})")
+        self.status = status
+
+
+@pytest.fixture(scope="module")
+def crd_validators():
+    spec = importlib.util.spec_from_file_location("manifests_check", ROOT / "scripts" / "manifests_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    crds, problems = mod.load_crds(ROOT / "manifests")
+    assert not problems
+    return mod, crds
+
+
+def _call():
+    return {"fn": "step3vl.stages.train:run_training", "arguments": {"stage": "pretrain"}, "config_yaml": "{}",
+            "result_uri": "s3://b/ck/trainjob-result.json"}
+
+
+def test_trainjob_spec_matches_the_crd_schema(crd_validators):
+    mod, crds = crd_validators
+    name = trainjob.job_name("pretrain", "key-1")
+    assert name == trainjob.job_name("pretrain", "key-1") != trainjob.job_name("pretrain", "key-2")
+    body = trainjob.build_trainjob(name, "pretrain", _call(), namespace="step3vl")
+    assert mod.validate_object(body, crds) == []
+    spec = body["spec"]
+    assert spec["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                                  "name": TRAINER_RUNTIME}
+    tr = spec["trainer"]
+    r = DEFAULT.resources("pretrain")
+    assert tr["numNodes"] == r.nodes >= 2 and tr["numProcPerNode"] == r.gpus == 8
+    assert tr["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8" == tr["resourcesPerNode"]["requests"]["nvidia.com/gpu"]
+    assert tr["image"] == TRAINER_IMAGE and tr["args"] == ["stage", "exec", "pretrain"]
+    env = {e["name"]: e for e in tr["env"]}
+    assert json.loads(env[trainjob.CALL_ENV]["value"]) == _call()
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "step3vl-minio",
+                                                                         "key": "AWS_SECRET_ACCESS_KEY"}
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert all("value" not in e for k, e in env.items() if "SECRET" in k or "PASSWORD" in k)
+    assert spec["activeDeadlineSeconds"] == r.timeout_s
+    # every training stage can go this way, with its own shape
+    for stage in ("sft", "rlvr", "rlhf", "pacore"):
+        b = trainjob.build_trainjob(trainjob.job_name(stage, "k"), stage, _call(), namespace="ns", nodes=3,
+                                    gpus_per_node=4)
+        assert mod.validate_object(b, crds) == [], stage
+        assert (b["spec"]["trainer"]["numNodes"], b["spec"]["trainer"]["numProcPerNode"]) == (3, 4)
+    with pytest.raises(trainjob.TrainJobError, match="one GPU"):
+        trainjob.build_trainjob("x", "data_prep", _call(), namespace="ns")
+    # an unknown field is caught by the strict schema (the check is not vacuous)
+    body["spec"]["trainer"]["gpus"] = 8
+    assert mod.validate_object(body, crds)
+
+
+class FakeExt:
+    def __init__(self, status=None, versions=("v1alpha1",)):
+        self.status, self.versions = status, versions
+
+    def read_custom_resource_definition(self, name):
+        assert name == "trainjobs.trainer.kubeflow.org"
+        if self.status:
+            raise ApiException(self.status)
+        return SimpleNamespace(spec=SimpleNamespace(versions=[SimpleNamespace(name=v, served=True)
+                                                              for v in self.versions]))
+
+
+class FakeCustom:
+    """TrainJobs in memory; ``script`` gives the conditions each successive GET returns."""
+
+    def __init__(self, runtime_status=None, list_status=None, script=()):
+        self.runtime_status, self.list_status = runtime_status, list_status
+        self.jobs: dict[str, dict] = {}
+        self.script = list(script)
+        self.created: list[dict] = []
+        self.deleted: list[str] = []
+
+    def get_cluster_custom_object(self, group, version, plural, name):
+        assert (group, version, plural) == ("trainer.kubeflow.org", "v1alpha1", "clustertrainingruntimes")
+        if self.runtime_status:
+            raise ApiException(self.runtime_status)
+        return {"metadata": {"name": name}}
+
+    def list_namespaced_custom_object(self, group, version, ns, plural, limit=None):
+        if self.list_status:
+            raise ApiException(self.list_status)
+        return {"items": []}
+
+    def create_namespaced_custom_object(self, group, version, ns, plural, body):
+        name = body["metadata"]["name"]
+        if name in self.jobs:
+            raise ApiException(409)
+        self.jobs[name] = json.loads(json.dumps(body))
+        self.created.append(body)
+        return body
+
+    def delete_namespaced_custom_object(self, group, version, ns, plural, name, propagation_policy=None):
+        self.deleted.append(name)
+        del self.jobs[name]
+
+    def get_namespaced_custom_object(self, group, version, ns, plural, name):
+        job = self.jobs[name]
+        if self.script:
+            job["status"] = {"conditions": self.script.pop(0)}
+        return job
+
+
+def _cond(kind, status="True", reason="", message=""):
+    return {"type": kind, "status": status, "reason": reason, "message": message}
+
+
+def test_preflight_names_what_is_missing():
+    assert trainjob.preflight(FakeCustom(), FakeExt(), "ns") == []
+    with pytest.raises(trainjob.TrainJobError, match="Kubeflow Trainer is not installed.*trainjobs.trainer.kubeflow.org"):
+        trainjob.preflight(FakeCustom(), FakeExt(status=404), "ns")
+    with pytest.raises(trainjob.TrainJobError, match="serves \\['v1'\\], not v1alpha1"):
+        trainjob.preflight(FakeCustom(), FakeExt(versions=("v1",)), "ns")
+    with pytest.raises(trainjob.TrainJobError, match=f"ClusterTrainingRuntime {TRAINER_RUNTIME} not found.*manifests/base/trainer"):
+        trainjob.preflight(FakeCustom(runtime_status=404), FakeExt(), "ns")
+    # a namespaced service account: CRD read forbidden, TrainJobs listable; runtime read forbidden
+    notes = trainjob.preflight(FakeCustom(runtime_status=403), FakeExt(status=403), "ns")
+    assert len(notes) == 2 and "forbidden" in notes[0]
+    with pytest.raises(trainjob.TrainJobError, match="not installed"):
+        trainjob.preflight(FakeCustom(list_status=404), FakeExt(status=403), "ns")
+    with pytest.raises(ApiException):
+        trainjob.preflight(FakeCustom(), FakeExt(status=500), "ns")
+
+
+def test_follow_until_complete_failed_or_timeout():
+    now = [0.0]
+    clock, sleep = (lambda: now[0]), (lambda s: now.__setitem__(0, now[0] + s))
+    c = FakeCustom(script=[[], [_cond("Created")], [_cond("Created"), _cond("Complete")]])
+    c.jobs["j"] = {"metadata": {"name": "j"}}
+    job = trainjob.follow(c, "j", "ns", timeout_s=100, poll_s=1, clock=clock, sleep=sleep)
+    assert trainjob.conditions(job)["Complete"]["status"] == "True" and now[0] == 2
+    c = FakeCustom(script=[[_cond("Failed", reason="JobFailed", message="node-0 OOMKilled")]])
+    c.jobs["j"] = {}
+    with pytest.raises(trainjob.TrainJobError, match="TrainJob ns/j failed: JobFailed: node-0 OOMKilled"):
+        trainjob.follow(c, "j", "ns", timeout_s=100, poll_s=1, clock=clock, sleep=sleep)
+    c = FakeCustom()
+    c.jobs["j"] = {"status": {"conditions": [_cond("Created")]}}
+    with pytest.raises(trainjob.TrainJobError, match="did not finish within 10s \\(Created=True\\)"):
+        trainjob.follow(c, "j", "ns", timeout_s=10, poll_s=3, clock=clock, sleep=sleep)
+
+
+def test_create_reattaches_to_a_running_job_and_replaces_a_failed_one():
+    body = trainjob.build_trainjob("step3vl-sft-abc", "sft", _call(), namespace="ns")
+    c = FakeCustom()
+    trainjob.create(c, body)
+    trainjob.create(c, body)  # a retried task: the same job is followed, not duplicated
+    assert len(c.created) == 1 and not c.deleted
+    c.jobs["step3vl-sft-abc"]["status"] = {"conditions": [_cond("Failed", reason="x")]}
+    trainjob.create(c, body)
+    assert c.deleted == ["step3vl-sft-abc"] and len(c.created) == 2
+
+
+def test_remote_call_round_trip(tmp_path, monkeypatch):
+    """The component side builds the call, the job side runs it and writes the summary, the component reads it."""
+    import yaml
+
+    from step3vl.stages import rl
+
+    captured = {}
+
+    def fake_stage(stage, cfg, data_dir, init_uri, out_uri, *, ckpt_uri=None, progress=True):
+        captured.update(stage=stage, seed=cfg.seed, data_dir=data_dir, init_uri=init_uri, out_uri=out_uri,
+                        ckpt_uri=ckpt_uri, progress=progress)
+        res = SimpleNamespace(iteration=7, resumed_from=5)
+        return SimpleNamespace(model_uri=out_uri + "/model", metrics={"reward_last": 0.5}, result=res)
+
+    fake_stage.__module__, fake_stage.__qualname__ = "step3vl.stages.rl", "run_rl"
+    monkeypatch.setattr(rl, "run_rl", fake_stage)
+    cfg_yaml = yaml.safe_dump({"seed": 3})
+    work = str(tmp_path / "ckpt")
+
+    class Custom(FakeCustom):
+        def create_namespaced_custom_object(self, group, version, ns, plural, body):
+            out = super().create_namespaced_custom_object(group, version, ns, plural, body)
+            env = {e["name"]: e.get("value") for e in body["spec"]["trainer"]["env"]}
+            trainjob.exec_call(json.loads(env[trainjob.CALL_ENV]))  # what `step3vl stage exec` does on rank 0
+            self.script = [[_cond("Complete")]]
+            return out
+
+    monkeypatch.setenv("STEP3VL_NAMESPACE", "team-a")
+    monkeypatch.setenv(trainjob.NODES_ENV, "2")
+    monkeypatch.setenv(trainjob.GPUS_ENV, "8")
+    from step3vl.pipeline.runtime import load_config
+
+    custom = Custom()
+    out = trainjob.run_remote("rlvr", rl.run_rl, ("rlvr",),
+                              {"cfg": load_config(cfg_yaml), "data_dir": str(tmp_path), "init_uri": "/s3/b/sft/model",
+                               "out_uri": "/s3/b/rlvr/model", "ckpt_uri": work},
+                              config_yaml=cfg_yaml, work_uri=work, apis=(custom, FakeExt()), poll_s=0)
+    assert captured == {"stage": "rlvr", "seed": 3, "data_dir": str(tmp_path), "init_uri": "s3://b/sft/model",
+                        "out_uri": "s3://b/rlvr/model", "ckpt_uri": work, "progress": False}
+    assert out.model_uri == "s3://b/rlvr/model/model" and out.metrics == {"reward_last": 0.5}
+    assert (out.result.step, out.result.resumed_from) == (7, 5)
+    body = custom.created[0]
+    assert body["metadata"]["namespace"] == "team-a" and body["spec"]["trainer"]["numNodes"] == 2
+
+
+def test_cluster_target_trainjob_executor_moves_gpus_to_the_trainjob(tmp_path):
+    import yaml
+
+    from step3vl import config
+    from step3vl.pipeline.submit import compile_pipeline
+
+    cfg = config.load(config.PipelineConfig, ROOT / "conf" / "pipeline" / "step3vl-10b.yaml")
+    out = compile_pipeline(cfg, tmp_path / "p.yaml", ClusterSettings(executor="trainjob"))
+    spec, _ = yaml.safe_load_all(out.read_text())
+    ex = spec["deploymentSpec"]["executors"]
+    for stage in ("pretrain", "sft", "rlvr", "rlhf", "pacore"):
+        c = ex[f"exec-{stage}"]["container"]
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert env[trainjob.EXECUTOR_ENV] == "trainjob" and int(env[trainjob.GPUS_ENV]) == 8, stage
+        assert "accelerator" not in c["resources"], stage
+    assert ex["exec-evaluate"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
