@@ -11,6 +11,7 @@ import ast
 import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -365,54 +366,79 @@ def _outputs(cwd: Path, run_id: str) -> dict:
 
 @pytest.mark.slow
 def test_run_killed_resumes_then_reruns_all_cached_then_from_stage(tmp_path, monkeypatch):
+    import mlflow
+
     assert EXE
-    # 1. killed during pre-training, right after its first checkpoint
+    # 1. killed during SFT, right after its first checkpoint
     env = {**os.environ, "STEP3VL_HOME": str(tmp_path / ".step3vl")}
+    t0 = time.perf_counter()
     proc = subprocess.Popen([EXE, "run", "--config", str(MICRO), "--run-name", "killed"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpts = tmp_path / ".step3vl" / "artifacts" / "checkpoints"
     deadline = time.time() + 600
-    while not list(ckpts.glob("pretrain-*/step-000002/MANIFEST.json")):
-        assert proc.poll() is None, "the run ended before pre-training wrote a checkpoint"
+    while not list(ckpts.glob("sft-*/step-000002/MANIFEST.json")):
+        assert proc.poll() is None, "the run ended before SFT wrote a checkpoint"
         assert time.time() < deadline
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    print(f"killed during sft after {time.perf_counter() - t0:.1f}s")
 
-    # 2. the rerun: data prep is a cache hit, pre-training resumes from its checkpoint
+    # 2. the rerun: data prep and pretrain are cache hits, SFT resumes from its checkpoint, the rest runs
     t0 = time.perf_counter()
     p = _run(tmp_path, "--run-name", "first", "--json")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     first = json.loads(p.stdout)
-    print(f"micro run after kill: {time.perf_counter() - t0:.1f}s")
+    print(f"micro run after kill: {time.perf_counter() - t0:.1f}s; stages: "
+          + ", ".join(f"{s} {v['seconds'] or 0:.1f}s" for s, v in first["stages"].items()))
     st = first["stages"]
-    assert [st[s]["status"] for s in ("data_prep", "pretrain", "sft", "evaluate")] == ["cached", "done", "done", "done"]
-    assert 2 <= st["pretrain"]["metrics"]["resumed_from_step"] < 10
-    assert st["sft"]["metrics"]["resumed_from_step"] == 0
-    assert "greedy/mean_accuracy" in st["evaluate"]["metrics"]
+    assert [st[s]["status"] for s in ALL_STAGES] == ["cached", "cached"] + ["done"] * 7
+    assert 2 <= st["sft"]["metrics"]["resumed_from_step"] < 8
+    log = Path(first["log_path"]).read_text()
+    assert re.search(r"resuming from \S+sft-\w+/step-0000\d\d at step [2-7]\b", log)  # where SFT continued
+    assert st["rlvr"]["metrics"]["resumed_from_iteration"] == 0
+    ev = st["evaluate"]["metrics"]
+    for stage in ("base", "sft", "rlvr", "rlhf", "pacore"):
+        assert f"{stage}/greedy/mean_accuracy" in ev and f"{stage}/sere/text_math/accuracy" in ev, stage
+    assert ev["contamination/duplicates"] == 0
     model = st["sft"]["outputs"]["model"]
     assert model["type"] == "system.Model" and Path(model["uri"], "model", "MANIFEST.json").is_file()
     assert model["metadata"]["digest"] and model["metadata"]["mlflow_run_id"] == st["sft"]["mlflow_run_id"]
-    assert json.loads(Path(st["pretrain"]["outputs"]["metrics"]["uri"]).read_text())["steps"] == 10
     assert _outputs(tmp_path, first["mlflow_run_id"]) == first  # recorded in the MLflow parent run
+    # exactly one registered version, the PaCoRe model, carrying its eval metrics and lineage
+    client = mlflow.MlflowClient()
+    versions = client.search_model_versions("name = 'step3vl-micro'")
+    assert [str(v.version) for v in versions] == ["1"] and st["register"]["metrics"]["version"] == 1
+    tags = versions[0].tags
+    assert versions[0].source == str(Path(st["pacore"]["outputs"]["model"]["uri"], "model"))
+    assert tags["step3vl.stage"] == "pacore" and tags["step3vl.mlflow_parent_run_id"] == first["mlflow_run_id"]
+    assert tags["step3vl.kfp_run_id"] not in ("", "none") and tags["step3vl.config_hash"]
+    assert float(tags["metric.greedy/text_math/accuracy"]) == ev["pacore/greedy/text_math/accuracy"]
+    assert any(k.startswith("step3vl.data.") for k in tags)
+    assert str(client.get_registered_model("step3vl-micro").aliases["candidate"]) == "1"
+    assert st["deploy_serving"]["metrics"]["completion_tokens"] >= 1
 
     # 3. nothing changed: every stage is a cache hit, with the first run's artifacts
     t0 = time.perf_counter()
     p = _run(tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     print(f"all-cached micro run: {time.perf_counter() - t0:.1f}s")
-    for stage in ("data_prep", "pretrain", "sft", "evaluate"):
-        assert f"│ {stage}" in p.stdout and "│ yes" in p.stdout
+    for stage in ALL_STAGES:
+        assert f"│ {stage}" in p.stdout
     assert "│ no " not in p.stdout
     second = _outputs(tmp_path, p.stdout.split("MLflow run ")[1].split(")")[0])
     assert {s: v["status"] for s, v in second["stages"].items()} == dict.fromkeys(st, "cached")
     assert all(second["stages"][s]["outputs"] == st[s]["outputs"] for s in st)
+    assert len(client.search_model_versions("name = 'step3vl-micro'")) == 1
 
-    # 4. start at sft from the first run: data prep and pretrain imported, evaluate re-executed
-    p = _run(tmp_path, "--from-stage", "evaluate", "--resume-from", "first", "--no-cache", "--json")
+    # 4. start at rlvr from the first run: data prep, pretrain and SFT imported, rlvr onward re-executed
+    t0 = time.perf_counter()
+    p = _run(tmp_path, "--from-stage", "rlvr", "--resume-from", "first", "--no-cache", "--json")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    print(f"--from-stage rlvr micro run: {time.perf_counter() - t0:.1f}s")
     third = json.loads(p.stdout)["stages"]
-    assert [third[s]["status"] for s in ("data_prep", "pretrain", "sft", "evaluate")] == ["reused"] * 3 + ["done"]
+    assert [third[s]["status"] for s in ALL_STAGES] == ["reused"] * 3 + ["done"] * 6
     assert third["sft"]["outputs"]["model"]["uri"] == model["uri"]
-    assert third["evaluate"]["metrics"] == {**st["evaluate"]["metrics"],
-                                            "stage_seconds": third["evaluate"]["metrics"]["stage_seconds"]}
+    # rlvr started from the first run's SFT model: it resumed nothing and its checkpoints sit at the same place
+    assert third["rlvr"]["metrics"]["resumed_from_iteration"] == 2  # the first run's finished rlvr checkpoints
+    assert len(client.search_model_versions("name = 'step3vl-micro'")) == 2

@@ -216,6 +216,9 @@ class RLConfig:
     repetition_weight: float = 0.2
     length_weight: float = 0.1
     abstention_weight: float = 0.5
+    # RLHF only: the GenRM judge's SFT steps and its held-out pairwise-accuracy check
+    genrm_steps: int = 100
+    genrm_heldout_pairs: int = 200
 
 
 @dataclass(frozen=True)

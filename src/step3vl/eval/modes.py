@@ -42,8 +42,11 @@ def _hook(name: str, mode: str) -> Any:
 
 
 def run_mode(mode: str, engine: Any, records: list[dict[str, Any]], dataset_dir: str | Path, *, seed: int,
-             batch_size: int = 128, progress: bool = False) -> Any:
-    """Score ``records`` in ``mode``; returns a :class:`step3vl.eval.suite.EvalResult`."""
+             batch_size: int = 128, progress: bool = False, pacore_rounds: tuple[int, ...] | None = None) -> Any:
+    """Score ``records`` in ``mode``; returns a :class:`step3vl.eval.suite.EvalResult`.
+
+    ``pacore_rounds``: the parallel responses per PaCoRe round (default: the suite's own).
+    """
     from step3vl.eval.suite import EVAL_SAMPLING, GREEDY, evaluate
 
     check_mode(mode)
@@ -57,6 +60,6 @@ def run_mode(mode: str, engine: Any, records: list[dict[str, Any]], dataset_dir:
         return _hook("evaluate_majority", mode)(engine, records, dataset_dir, k=int(m[1]),
                                                 params=replace(EVAL_SAMPLING, seed=seed), batch_size=batch_size,
                                                 progress=progress)
-    # the PaCoRe mode hook: rounds and widths come from the suite's own defaults
+    extra = {"rounds": tuple(pacore_rounds)} if pacore_rounds else {}
     return _hook("evaluate_pacore", mode)(engine, records, dataset_dir, params=replace(EVAL_SAMPLING, seed=seed),
-                                          seed=seed, batch_size=batch_size, progress=progress)
+                                          seed=seed, batch_size=batch_size, progress=progress, **extra)

@@ -85,7 +85,7 @@ def evaluate_models(cfg: PipelineConfig, data_dir: str | Path, models: dict[str,
         mine: dict[str, float] = {}
         for mode in track(modes, f"eval {label}", enabled=progress, unit=" mode"):
             res = run_mode(mode, engine, records, ds_dir, seed=cfg.seed, batch_size=cfg.eval.batch_size,
-                           progress=progress)
+                           progress=progress, pacore_rounds=getattr(cfg.pacore, "rounds", None))
             results[label][mode] = res
             mine.update(res.metrics(prefix=f"{mode}/"))
         seconds[label] = time.perf_counter() - t0

@@ -192,7 +192,7 @@ def run(
     out_uri: str,
     *,
     progress: bool = True,
-    settings: GenRMSettings = GenRMSettings(),
+    settings: GenRMSettings | None = None,
     stop_after_iteration: int | None = None,
     ckpt_uri: str | None = None,
 ) -> RLHFOutputs:
@@ -212,6 +212,7 @@ def run(
     from step3vl.storage import is_s3_uri, join_uri
 
     t0 = time.perf_counter()
+    settings = settings or GenRMSettings(steps=cfg.rlhf.genrm_steps, heldout_pairs=cfg.rlhf.genrm_heldout_pairs)
     data_dir = Path(data_dir)
     genrm_uri = join_uri(ckpt_uri or out_uri, "genrm")
     local = not is_s3_uri(out_uri)
