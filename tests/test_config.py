@@ -44,7 +44,10 @@ def test_10b_pipeline_has_paper_stage_sizes():
     assert s1.tokens + s2.tokens == pytest.approx(2.26e11)
     assert (cfg.rlvr.iterations, cfg.rlvr.prompts_per_iteration, cfg.rlvr.rollouts) == (600, 512, 16)
     assert (cfg.rlhf.iterations, cfg.rlhf.prompts_per_iteration, cfg.rlhf.rollouts) == (300, 512, 8)
-    assert cfg.pacore.iterations == 500
+    assert sum(st.rl_iterations for st in cfg.pacore.curriculum) == 500
+    assert (cfg.pacore.rl.prompts_per_iteration, cfg.pacore.rl.rollouts, cfg.pacore.rounds) == (64, 16, (16,))
+    widths = [st.width for st in cfg.pacore.curriculum]
+    assert widths == sorted(widths) and len(widths) == 2  # a smaller set first, then a larger one
     assert cfg.pretrain.zero_stage == 3 and cfg.model.text.num_hidden_layers == 36
     assert cfg.pretrain.steps_for(p1) == round(9e11 / (8192 * 4096))
 

@@ -204,6 +204,69 @@ def stage_sft_cmd(config_path: ConfigOpt, overrides: SetOpt = None, data: DataOp
     _train_stage("sft", config_path, overrides, data, out, init, tracking)
 
 
+def _rl_stage(stage: str, config_path: Path, overrides, data: Path | None, out: Path | None, init: str | None,
+              tracking: bool) -> None:
+    import contextlib
+
+    from step3vl import tracking as trk
+
+    cfg = _pipeline_config(config_path, overrides)
+    data = data or _default_out(cfg, "data")
+    out = out or _default_out(cfg, "runs") / stage
+    previous = {"rlvr": "sft", "rlhf": "rlvr", "pacore": "rlhf"}[stage]
+    init = init or str(_default_out(cfg, "runs") / previous / "model")
+    ctx = trk.stage_run(stage, cfg.tracking, config=cfg) if tracking else contextlib.nullcontext()
+    with ctx:
+        if stage == "rlvr":
+            from step3vl.stages.rl import run_rl
+
+            res = run_rl("rlvr", cfg, data, init, str(out))
+            metrics, uri = res.metrics, res.model_uri
+            resumed = res.result.resumed_from
+        elif stage == "rlhf":
+            from step3vl.stages import rlhf
+
+            res = rlhf.run(cfg, data, init, str(out))
+            metrics, uri, resumed = res.metrics, res.model_uri, res.rl.result.resumed_from
+        else:
+            from step3vl.stages import pacore
+
+            res = pacore.run(cfg, data, init, str(out))
+            metrics, uri, resumed = res.metrics, res.model_uri, None
+    t = Table(title=f"{stage} → {uri}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    if resumed is not None:
+        t.add_row("resumed from iteration", str(resumed))
+    for k, v in metrics.items():
+        t.add_row(k, f"{v:.4g}")
+    console.print(t)
+
+
+InitOpt = Annotated[Optional[str], typer.Option(help="Start from this checkpoint (default: the previous stage's model under .step3vl/runs).")]
+
+
+@stage_app.command("rlvr")
+def stage_rlvr_cmd(config_path: ConfigOpt, overrides: SetOpt = None, data: DataOpt = None, out: OutOpt = None,
+                   init: InitOpt = None, tracking: TrackOpt = True) -> None:
+    """RLVR: rollouts → verifiable rewards → advantages → PPO updates; resumes from its last checkpoint."""
+    _rl_stage("rlvr", config_path, overrides, data, out, init, tracking)
+
+
+@stage_app.command("rlhf")
+def stage_rlhf_cmd(config_path: ConfigOpt, overrides: SetOpt = None, data: DataOpt = None, out: OutOpt = None,
+                   init: InitOpt = None, tracking: TrackOpt = True) -> None:
+    """RLHF: train the GenRM judge, then RL on its preferences + behaviour regularisation."""
+    _rl_stage("rlhf", config_path, overrides, data, out, init, tracking)
+
+
+@stage_app.command("pacore")
+def stage_pacore_cmd(config_path: ConfigOpt, overrides: SetOpt = None, data: DataOpt = None, out: OutOpt = None,
+                     init: InitOpt = None, tracking: TrackOpt = True) -> None:
+    """PaCoRe training: on-policy message sets, synthesis warm-up, outcome RL (a curriculum of steps)."""
+    _rl_stage("pacore", config_path, overrides, data, out, init, tracking)
+
+
 @stage_app.command("exec", hidden=True)
 def stage_exec_cmd(stage: Annotated[str, typer.Argument(help="The stage the call belongs to.")]) -> None:
     """Run the stage call a Kubeflow Trainer TrainJob carries in $STEP3VL_CALL (torchrun: on every rank)."""

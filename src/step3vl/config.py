@@ -222,6 +222,40 @@ class RLConfig:
 
 
 @dataclass(frozen=True)
+class PaCoReStep:
+    """One step of the PaCoRe training curriculum: fresh message sets from the current policy, then training."""
+
+    prompts: int = 64  # problems whose message sets are generated (from the policy as it is now)
+    width: int = 16  # parallel responses per problem: the references the synthesis reads
+    sft_steps: int = 0  # supervised warm-up steps on correct synthesis answers
+    rl_iterations: int = 0  # outcome-based RL iterations on the synthesis prompts
+
+
+@dataclass(frozen=True)
+class PaCoReConfig:
+    """PaCoRe training: synthesis over cached parallel responses, as a curriculum of steps.
+
+    Each step regenerates its message sets from the current policy (on-policy caching), stores them
+    as a dataset, warms the synthesis up by SFT on the correct answers, then runs the RL loop with
+    the records' verifiers. ``rounds`` is the PaCoRe setting evaluation and serving use by default.
+    """
+
+    data: str = ""  # prompt dataset (verifiable records) from data.sets
+    curriculum: tuple[PaCoReStep, ...] = ()
+    max_response_tokens: int = 32  # per parallel response and per synthesis answer
+    temperature: float = 1.0  # sampling of the parallel responses (the recipe's T=1)
+    top_p: float = 1.0
+    seq_len: int = 256  # SFT context: the controller prompt carries every reference's conclusion
+    solver_mix: float = 1.0  # plain problems per synthesis record in the warm-up (keeps the solver itself)
+    batch_size: int = 32
+    lr_start: float = 3.0e-4
+    lr_end: float = 1.0e-4
+    warmup_steps: int = 5
+    rl: RLConfig = field(default_factory=RLConfig)  # the RL part (its iterations come from each step)
+    rounds: tuple[int, ...] = (16,)
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     """Where artifacts go. Credentials/endpoints never live here: they come from the environment."""
 
@@ -275,7 +309,7 @@ class PipelineConfig:
     sft: TrainConfig = field(default_factory=TrainConfig)
     rlvr: RLConfig = field(default_factory=RLConfig)
     rlhf: RLConfig = field(default_factory=RLConfig)
-    pacore: RLConfig = field(default_factory=RLConfig)
+    pacore: PaCoReConfig = field(default_factory=PaCoReConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
@@ -406,6 +440,13 @@ def _validate(obj: Any, source: str, prefix: str) -> None:
             if ref and names and ref not in names:
                 raise ConfigError(f"{source}: '{prefix}{key}' names dataset '{ref}', not one of data.sets: "
                                   f"{', '.join(sorted(names))}")
+    if isinstance(obj, PaCoReConfig):
+        for i, st in enumerate(obj.curriculum):
+            if st.prompts < 1 or not 1 <= st.width <= 256 or st.sft_steps < 0 or st.rl_iterations < 0:
+                raise ConfigError(f"{source}: '{prefix}curriculum[{i}]' needs prompts >= 1, width in 1..256 and "
+                                  f"non-negative sft_steps/rl_iterations, got {st}")
+        if not obj.rounds or any(not 1 <= w <= 256 for w in obj.rounds):
+            raise ConfigError(f"{source}: '{prefix}rounds' must list widths in 1..256, got {list(obj.rounds)}")
     if isinstance(obj, EvalConfig):
         for mode in obj.modes:
             if mode not in ("greedy", "sere", "pacore") and not re.fullmatch(r"majority@[1-9]\d*", mode):

@@ -117,3 +117,64 @@ def evaluate(engine: Any, records: list[dict[str, Any]], dataset_dir: str | Path
     res.families = dict(sorted(res.families.items()))
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _score_into(res: EvalResult, record: dict[str, Any], c: Any, tokens: int) -> None:
+    from step3vl.rl.rewards import score
+
+    reward = score(c.text, record)
+    fr = res.families.setdefault(record["task"], FamilyResult())
+    fr.n += 1
+    fr.correct += is_correct(record, reward)
+    fr.reward_sum += reward
+    fr.length_sum += len(c.token_ids)
+    fr.tokens += tokens
+
+
+def evaluate_majority(engine: Any, records: list[dict[str, Any]], dataset_dir: str | Path, *, k: int,
+                      params: SamplingParams = EVAL_SAMPLING, batch_size: int = 128,
+                      progress: bool = False) -> EvalResult:
+    """majority@K: K samples per record; the response with the most common conclusion is scored."""
+    from step3vl.pacore.inference import majority_vote
+
+    t0 = time.perf_counter()
+    res = EvalResult()
+    per = max(1, batch_size // max(1, k) or 1)
+    it = range(0, len(records), per)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc=f"eval majority@{k}", unit="batch", leave=False)
+    for i in it:
+        chunk = records[i : i + per]
+        outs = engine.generate([to_prompt(r, dataset_dir) for r in chunk], k, params)
+        for r, group in zip(chunk, outs):
+            c = group[majority_vote([x.text for x in group])]
+            _score_into(res, r, c, sum(len(x.token_ids) + x.prompt_tokens for x in group))
+    res.families = dict(sorted(res.families.items()))
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def evaluate_pacore(engine: Any, records: list[dict[str, Any]], dataset_dir: str | Path, *,
+                    rounds: tuple[int, ...] | list[int] = (16,), params: SamplingParams = EVAL_SAMPLING,
+                    seed: int = 0, batch_size: int = 128, progress: bool = False) -> EvalResult:
+    """PaCoRe(rounds): the final round's single answer is scored; tokens count every round."""
+    from step3vl.pacore.inference import pacore_generate
+
+    t0 = time.perf_counter()
+    res = EvalResult()
+    per = max(1, batch_size // max(rounds))
+    it = range(0, len(records), per)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc=f"eval pacore{list(rounds)}", unit="batch", leave=False)
+    for i in it:
+        chunk = records[i : i + per]
+        outs = pacore_generate(engine, [to_prompt(r, dataset_dir) for r in chunk], list(rounds), params, seed=seed)
+        for r, o in zip(chunk, outs):
+            _score_into(res, r, o.completion, o.total_tokens + sum(o.prompt_tokens))
+    res.families = dict(sorted(res.families.items()))
+    res.seconds = time.perf_counter() - t0
+    return res

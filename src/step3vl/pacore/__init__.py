@@ -1,0 +1,1 @@
+"""PaCoRe: parallel coordinated reasoning (inference rounds, and the training stage's message sets)."""

@@ -1,0 +1,293 @@
+"""PaCoRe training: teach the policy to synthesise its own parallel responses (outcome-based).
+
+A curriculum of steps (``cfg.pacore.curriculum``; the recipe's smaller set, then a larger one). Each step:
+
+1. **Message sets**, from the policy as it is at that step (on-policy caching): ``prompts`` problems of
+   the PaCoRe prompt set, ``width`` responses each at T=1 (one batched ``generate`` per chunk),
+   compacted to their conclusions, shuffled with a seeded RNG and rendered into the controller prompt
+   (:mod:`step3vl.pacore.inference`). They are written as a dataset (the problem's images included,
+   its reference answer as the assistant turn), reused on rerun and copied to ``<out>/messages/``.
+2. **Warm-up** (``sft_steps``): SFT on those conversations on the one training loop (assistant tokens).
+3. **RL** (``rl_iterations``): the RL loop on the synthesis prompts with the records' verifiers.
+
+Layout under ``ckpt_uri`` (defaults to ``out_uri``): ``step-<k>/{messages,packed}`` (local work),
+``step-<k>/sft/{checkpoints,model}``, ``step-<k>/rl/{checkpoints,model}``, ``step-<k>/model`` (the
+step's result; a finished step is never redone). Under ``out_uri``: ``model/`` (the final policy),
+``messages/step-<k>/`` (the message sets), ``metrics.json``. Every sub-phase resumes exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from step3vl.config import PaCoReConfig, PhaseConfig, PipelineConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+SYNTHESIS_SET = "pacore_synthesis"
+
+
+@dataclass
+class PaCoReOutputs:
+    model_uri: str
+    messages_uri: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    plot: Path | None = None
+
+
+def synthesis_records(engine: Any, records: list[dict[str, Any]], src_dir: Path, width: int, pc: PaCoReConfig,
+                      seed: int, step: int, progress: bool = False) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """One message set: ``width`` responses per record, compacted, shuffled and put in the controller prompt.
+
+    Returns the synthesis records (the record's reference answer as the assistant turn) and statistics
+    of the cached responses: how often they are right, and what voting or any-of-them would score.
+    """
+    from step3vl.eval.suite import is_correct, to_prompt
+    from step3vl.pacore.inference import compact, controller_prompt, majority_vote, shuffled
+    from step3vl.rl.rewards import score
+    from step3vl.rl.rollout import SamplingParams
+
+    sp = SamplingParams(temperature=pc.temperature, top_p=pc.top_p, max_tokens=pc.max_response_tokens,
+                        seed=seed * 7919 + step)
+    prompts = [to_prompt(r, src_dir) for r in records]
+    chunk = max(1, 512 // width)
+    groups = []
+    rng = range(0, len(prompts), chunk)
+    if progress:
+        from step3vl.progress import track
+
+        rng = track(rng, desc=f"pacore messages (step {step})", unit="chunk")
+    for i in rng:
+        groups.extend(engine.generate(prompts[i : i + chunk], width, replace(sp, seed=sp.seed * 1000 + i)))
+    out, ref_acc, maj, any_ok = [], [], [], []
+    for idx, (rec, p, group) in enumerate(zip(records, prompts, groups)):
+        ok = [is_correct(rec, score(c.text, rec)) for c in group]
+        ref_acc.append(float(np.mean(ok)))
+        maj.append(float(ok[majority_vote([c.text for c in group])]))
+        any_ok.append(float(any(ok)))
+        concl = shuffled([compact(c.text) for c in group], seed, idx, step)
+        cp = controller_prompt(p, concl)
+        target = next(m["content"] for m in reversed(rec["messages"]) if m["role"] == "assistant")
+        out.append({
+            "id": f"pacore-s{step}-{rec['id']}", "task": rec["task"], "split": "train",
+            "reward": rec["reward"], "answer": rec["answer"], "images": list(p.images),
+            "messages": [*cp.messages, {"role": "assistant", "content": target}],
+            "meta": {"source": rec["id"], "width": width, "references_correct": int(sum(ok))},
+        })
+    stats = {"references_accuracy": float(np.mean(ref_acc)), "references_majority": float(np.mean(maj)),
+             "references_pass": float(np.mean(any_ok)), "problems": float(len(records))}
+    return out, stats
+
+
+def _take(records: list[dict[str, Any]], n: int, seed: int, step: int) -> list[dict[str, Any]]:
+    """``n`` problems for curriculum step ``step``: a seeded permutation, a fresh slice per step (cycling)."""
+    order = np.random.default_rng([seed, 0xC0DE]).permutation(len(records)).tolist()
+    return [records[order[(step * 7919 + i) % len(order)]] for i in range(n)]
+
+
+def _solver_records(problems: list[dict[str, Any]], src_dir: Path, mix: float, seed: int,
+                    step: int) -> list[dict[str, Any]]:
+    """``mix`` x len(problems) plain problems (their own conversations, images loaded) for the warm-up."""
+    from step3vl.data.io import resolve_image
+
+    n = int(round(mix * len(problems)))
+    out = []
+    for i in range(n):
+        r = problems[(i * 7 + step) % len(problems)]
+        imgs = [resolve_image(src_dir, ref, record_id=r["id"]) for ref in r.get("images", [])]
+        out.append({**r, "id": f"solver-s{step}-{i}-{r['id']}", "images": imgs})
+    return out
+
+
+def _publish_dataset(dest: Path, records: list[dict[str, Any]], shard_size: int,
+                     stats: dict[str, float] | None = None) -> None:
+    """Write a dataset next to ``dest`` and publish it there atomically (with a checksum manifest)."""
+    from step3vl.data.io import write_dataset
+    from step3vl.storage import publish_dir
+
+    staging = dest.with_name(f".{dest.name}-staging")
+    if staging.exists():
+        shutil.rmtree(staging)
+    write_dataset(staging, records, shard_size=shard_size)
+    if stats is not None:
+        (staging / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))
+    publish_dir(staging, str(dest), overwrite=True, move=True)
+
+
+def _published(uri: str) -> bool:
+    from step3vl.storage import StorageError, verify_published
+
+    try:
+        verify_published(uri)
+        return True
+    except StorageError:
+        return False
+
+
+def warmup_config(pc: PaCoReConfig, steps: int, sft: TrainConfig) -> TrainConfig:
+    return TrainConfig(
+        phases=(PhaseConfig(data=SYNTHESIS_SET, steps=steps, lr_start=pc.lr_start, lr_end=pc.lr_end),),
+        loss_on="assistant", seq_len=pc.seq_len, batch_size=pc.batch_size, warmup_steps=min(pc.warmup_steps, steps),
+        weight_decay=sft.weight_decay, precision=sft.precision, grad_clip=sft.grad_clip,
+        checkpoint_every=max(1, steps // 2), log_every=10,
+    )
+
+
+def run(cfg: PipelineConfig, data_dir: str | Path, init_uri: str, out_uri: str, *, ckpt_uri: str | None = None,
+        progress: bool = True, stop_after: tuple[int, str] | None = None) -> PaCoReOutputs:
+    """PaCoRe training from ``init_uri``; ``stop_after=(step, "messages"|"sft"|"rl")`` ends early (tests)."""
+    from step3vl.storage import is_s3_uri, join_uri
+
+    root = ckpt_uri or out_uri
+    if is_s3_uri(root):
+        with tempfile.TemporaryDirectory(prefix="step3vl-pacore-") as tmp:
+            return _run(cfg, Path(data_dir), init_uri, out_uri, root, Path(tmp), progress, stop_after)
+    return _run(cfg, Path(data_dir), init_uri, out_uri, root, Path(root.removeprefix("file://")), progress, stop_after)
+
+
+def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root: str, work: Path, progress: bool,
+         stop_after: tuple[int, str] | None) -> PaCoReOutputs:
+    import mlflow
+
+    from step3vl.checkpoint import save_checkpoint
+    from step3vl.data.pack import PackedDataset, pack_dataset
+    from step3vl.eval.suite import load_records
+    from step3vl.model.loading import checkpoint_config, load_model
+    from step3vl.rl.rollout import TorchEngine
+    from step3vl.stages.data import set_seed
+    from step3vl.stages.rl import run_rl
+    from step3vl.storage import StorageError, is_s3_uri, join_uri, verify_dir
+    from step3vl.train.loop import seed_everything, train
+
+    pc = cfg.pacore
+    if not pc.curriculum:
+        raise ValueError("pacore.curriculum is empty: nothing to train")
+    t_start = time.perf_counter()
+    src_dir = data_dir / "raw" / pc.data
+    problems = load_records(src_dir)
+    if not problems:
+        raise ValueError(f"PaCoRe prompt set {src_dir} has no verifiable records")
+    metrics: dict[str, float] = {}
+    current = init_uri
+    msg_dirs: list[Path] = []
+
+    def log_m(values: dict[str, float], step: int | None = None) -> None:
+        metrics.update(values)
+        if mlflow.active_run() is not None:
+            mlflow.log_metrics({f"pacore/{k}": v for k, v in values.items()}, step=step)
+
+    for k, st in enumerate(pc.curriculum, 1):
+        step_root = join_uri(root, f"step-{k}")
+        step_model = join_uri(step_root, "model")
+        msg_dir = work / f"step-{k}" / "messages"
+        msg_dirs.append(msg_dir)
+        if _published(step_model) and msg_dir.is_dir():
+            log.warning("pacore step %d already done (%s); reusing it", k, step_model)
+            current = step_model
+            continue
+        t0 = time.perf_counter()
+        seed_everything(cfg.seed)
+        lm = load_model(current)
+        tok_dir = str(Path(lm.uri) / "tokenizer") if Path(lm.uri).exists() else None
+        ckpt_config = checkpoint_config(lm.cfg, lm.tokenizer, stage="pacore")
+        # 1. message sets from the current policy (+ the warm-up set: synthesis and plain problems)
+        warm_dir = work / f"step-{k}" / "warmup"
+        try:
+            verify_dir(msg_dir)
+            verify_dir(warm_dir)
+            with open(msg_dir / "stats.json") as f:
+                stats = json.load(f)
+        except (StorageError, FileNotFoundError):
+            for d in (msg_dir, warm_dir):
+                if d.exists():
+                    shutil.rmtree(d)
+            engine = TorchEngine(lm.model, lm.tokenizer, lm.processor)
+            chosen = _take(problems, st.prompts, cfg.seed, k)
+            recs, stats = synthesis_records(engine, chosen, src_dir, st.width, pc, cfg.seed, k, progress)
+            _publish_dataset(msg_dir, recs, cfg.data.shard_size, stats)
+            _publish_dataset(warm_dir, recs + _solver_records(chosen, src_dir, pc.solver_mix, cfg.seed, k),
+                             cfg.data.shard_size)
+        log_m({f"step{k}/{n}": v for n, v in stats.items()} | {f"step{k}/seconds_messages": time.perf_counter() - t0})
+        if stop_after == (k, "messages"):
+            return PaCoReOutputs(join_uri(out_uri, "model"), join_uri(out_uri, "messages"), metrics)
+        # 2. supervised warm-up on the correct synthesis answers
+        if st.sft_steps:
+            t1 = time.perf_counter()
+            sft_model = join_uri(step_root, "sft", "model")
+            if not _published(sft_model):
+                packed = work / f"step-{k}" / "packed"
+                try:
+                    verify_dir(packed)
+                except (StorageError, FileNotFoundError):
+                    if packed.exists():
+                        shutil.rmtree(packed)
+                    pack_dataset(warm_dir, str(packed), tokenizer=lm.tokenizer, processor=lm.processor,
+                                 seq_len=pc.seq_len, loss_on="assistant", seed=set_seed(cfg.data, SYNTHESIS_SET) + k,
+                                 progress=progress, extra_meta={"source": SYNTHESIS_SET, "step": k})
+                seed_everything(cfg.seed)
+                lm.model.train()
+                res = train(lm.model, warmup_config(pc, st.sft_steps, cfg.sft), [PackedDataset(packed, lm.processor)],
+                            ckpt_root=join_uri(step_root, "sft", "checkpoints"), seed=cfg.seed + k,
+                            save_extra=lambda: {"config": ckpt_config, "tokenizer_dir": tok_dir},
+                            progress=progress,
+                            stop_after_step=None)
+                log_m({f"step{k}/sft_loss_first": res.history[0]["loss"] if res.history else float("nan"),
+                       f"step{k}/sft_loss_last": res.final_loss})
+                save_checkpoint(sft_model, model_state=lm.model.state_dict(), config=ckpt_config,
+                                tokenizer_dir=tok_dir, extra_meta={"stage": "pacore", "step": k, "phase": "sft"},
+                                overwrite=True)
+            current = sft_model
+            log_m({f"step{k}/seconds_sft": time.perf_counter() - t1})
+        if stop_after == (k, "sft"):
+            return PaCoReOutputs(join_uri(out_uri, "model"), join_uri(out_uri, "messages"), metrics)
+        # 3. outcome-based RL on the synthesis prompts
+        if st.rl_iterations:
+            t2 = time.perf_counter()
+            rl_cfg = replace(pc.rl, data=pc.data, iterations=st.rl_iterations,
+                             max_response_tokens=pc.max_response_tokens)
+            rl = run_rl("pacore", cfg, data_dir, current, join_uri(step_root, "rl"), rl_cfg=rl_cfg,
+                        records=load_records(msg_dir), records_dir=msg_dir, progress=progress,
+                        ckpt_uri=join_uri(step_root, "rl", "checkpoints"))
+            if rl.result.iteration < st.rl_iterations:
+                return PaCoReOutputs(join_uri(out_uri, "model"), join_uri(out_uri, "messages"), metrics)
+            if rl.result.history:
+                log_m({f"step{k}/rl_reward_first": rl.result.history[0]["reward_mean"],
+                       f"step{k}/rl_reward_last": rl.result.history[-1]["reward_mean"]})
+            current = rl.model_uri
+            log_m({f"step{k}/seconds_rl": time.perf_counter() - t2})
+        # the step's result, published once whole
+        final = load_model(current)
+        save_checkpoint(step_model, model_state=final.model.state_dict(), config=ckpt_config, tokenizer_dir=tok_dir,
+                        extra_meta={"stage": "pacore", "step": k}, overwrite=True)
+        current = step_model
+    out = PaCoReOutputs(join_uri(out_uri, "model"), join_uri(out_uri, "messages"), metrics)
+    final = load_model(current)
+    tok_dir = str(Path(final.uri) / "tokenizer") if Path(final.uri).exists() else None
+    save_checkpoint(out.model_uri, model_state=final.model.state_dict(),
+                    config=checkpoint_config(final.cfg, final.tokenizer, stage="pacore"), tokenizer_dir=tok_dir,
+                    extra_meta={"stage": "pacore", "steps": len(pc.curriculum)}, overwrite=True)
+    if not is_s3_uri(out_uri):
+        dest = Path(out_uri.removeprefix("file://")) / "messages"
+        for k, d in enumerate(msg_dirs, 1):
+            if d.resolve() != (dest / f"step-{k}").resolve():
+                if (dest / f"step-{k}").exists():
+                    shutil.rmtree(dest / f"step-{k}")
+                shutil.copytree(d, dest / f"step-{k}")
+    else:
+        from step3vl.storage import publish_dir
+
+        for k, d in enumerate(msg_dirs, 1):
+            publish_dir(d, join_uri(out_uri, "messages", f"step-{k}"), overwrite=True)
+    log_m({"seconds": time.perf_counter() - t_start})
+    if not is_s3_uri(out_uri):
+        Path(out_uri.removeprefix("file://"), "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    return out

@@ -1,0 +1,124 @@
+"""PaCoRe inference (compaction, shuffling, controller template, rounds) and the PaCoRe training stage."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from step3vl.pacore.inference import (
+    PaCoReError,
+    compact,
+    controller_prompt,
+    majority_vote,
+    pacore_generate,
+    render_controller,
+    shuffled,
+    validate_rounds,
+)
+from step3vl.rl.rollout import Completion, Prompt, SamplingParams
+
+
+def test_compaction_keeps_only_the_conclusion():
+    assert compact("<think>12 + 30 = 42</think>42") == "42"
+    assert compact("<think>a</think>x<think>b</think> 7 ") == "7"  # after the LAST </think>
+    assert compact("plain answer") == "plain answer"
+    assert compact("<think>cut off while reasoning") == ""  # no conclusion at all
+    assert compact("<think>t</think>5<|im_end|>") == "5"
+
+
+def test_shuffle_is_seeded_a_permutation_and_varies_with_prompt_and_round():
+    xs = [str(i) for i in range(16)]
+    a = shuffled(xs, seed=3, prompt_index=0, round_index=0)
+    assert a == shuffled(xs, seed=3, prompt_index=0, round_index=0)
+    assert sorted(a) == sorted(xs) and a != xs
+    assert a != shuffled(xs, seed=3, prompt_index=1, round_index=0)
+    assert a != shuffled(xs, seed=4, prompt_index=0, round_index=0)
+
+
+def test_template_renders_the_problem_and_every_reference_in_order():
+    text = render_controller("<image>\nWhat is 2 + 3?", ["5", "6", ""])
+    assert text.endswith("<image>\nWhat is 2 + 3?")
+    assert "[1] 5\n[2] 6\n[3]" in text
+    assert text.index("[1] 5") < text.index("[2] 6")
+
+
+def test_controller_prompt_replaces_only_the_last_user_turn_and_keeps_images():
+    img = object()
+    p = Prompt([{"role": "system", "content": "sys"}, {"role": "user", "content": "first"},
+                {"role": "assistant", "content": "ok"}, {"role": "user", "content": "<image>\nsum?"}], [img])
+    c = controller_prompt(p, ["3", "4"])
+    assert [m["content"] for m in c.messages[:3]] == ["sys", "first", "ok"]
+    assert c.messages[3]["content"].endswith("<image>\nsum?") and "[2] 4" in c.messages[3]["content"]
+    assert c.images == [img]
+    assert p.messages[3]["content"] == "<image>\nsum?"  # the input prompt is not mutated
+
+
+def test_rounds_are_validated_and_end_with_one():
+    assert validate_rounds([16]) == [16, 1]
+    assert validate_rounds([32, 4]) == [32, 4, 1]
+    for bad in ([], [0], [2.5], [True], [10_000]):
+        with pytest.raises(PaCoReError):
+            validate_rounds(bad)
+
+
+class FakeEngine:
+    """Answers ``<think>…</think>{k}`` with k = call-local index; records every generate call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, n=1, params=SamplingParams()):
+        self.calls.append((list(prompts), n, params))
+        out = []
+        for pi, p in enumerate(prompts):
+            group = []
+            for j in range(n):
+                text = f"<think>r{len(self.calls)}</think>{pi * 100 + j}"
+                group.append(Completion(text, list(range(3 + j)), [0.0] * (3 + j), "stop", 10 + pi))
+            out.append(group)
+        return out
+
+
+def test_rounds_run_as_one_batch_each_and_count_tokens_per_round():
+    eng = FakeEngine()
+    prompts = [Prompt([{"role": "user", "content": "q0"}]), Prompt([{"role": "user", "content": "q1"}])]
+    res = pacore_generate(eng, prompts, [4, 2], SamplingParams(seed=5), seed=1)
+    assert [n for _, n, _ in eng.calls] == [4, 2, 1]  # one batched call per round, final width 1
+    assert all(len(ps) == 2 for ps, _, _ in eng.calls)
+    # generated tokens per round for one prompt: sum over its width of (3 + j)
+    assert res[0].round_tokens == [3 + 4 + 5 + 6, 3 + 4, 3]
+    assert res[1].prompt_tokens == [11, 11, 11]
+    # round 2's prompts carry round 1's conclusions (compacted, shuffled), not the traces
+    r2 = eng.calls[1][0][1].messages[-1]["content"]
+    assert r2.endswith("q1") and "<think>" not in r2
+    assert sorted(res[1].conclusions[0]) == ["100", "101", "102", "103"]
+    assert res[0].completion.text == "<think>r3</think>0"
+    # seeds differ per round, deterministically
+    seeds = [sp.seed for _, _, sp in eng.calls]
+    assert len(set(seeds)) == 3 and seeds == [5 * 1009, 5 * 1009 + 1, 5 * 1009 + 2]
+
+
+def test_majority_vote_picks_the_most_common_conclusion_and_never_an_empty_one():
+    assert majority_vote(["<think>a</think>3", "<think>b</think>4", "<think>c</think>4"]) == 1
+    assert majority_vote(["<think>x", "<think>y", "<think>z</think>9"]) == 2
+    assert majority_vote(["1", "2"]) == 0  # tie: the earliest
+
+
+def test_pacore_generate_on_a_real_model_with_an_image(micro_cfg, micro_data):
+    from PIL import Image
+
+    from step3vl.model.loading import new_model
+    from step3vl.model.processor import ImageProcessor
+    from step3vl.model.tokenizer import load_tokenizer
+    from step3vl.rl.rollout import TorchEngine
+
+    tok = load_tokenizer(micro_data.tokenizer_dir)
+    eng = TorchEngine(new_model(micro_cfg.model, tok, 0), tok, ImageProcessor(micro_cfg.model.vision))
+    p = [Prompt([{"role": "user", "content": "<image>\nHow many?"}], [Image.new("RGB", (64, 64), (9, 99, 9))]),
+         Prompt([{"role": "user", "content": "2 + 2 = ?"}])]
+    sp = SamplingParams(temperature=1.0, max_tokens=6, seed=0)
+    a = pacore_generate(eng, p, [3], sp, seed=0)
+    b = pacore_generate(eng, p, [3], sp, seed=0)
+    assert [x.completion.token_ids for x in a] == [x.completion.token_ids for x in b]
+    assert all(len(x.round_tokens) == 2 and len(x.conclusions) == 1 and len(x.conclusions[0]) == 3 for x in a)
+    assert a[0].prompt_tokens[1] > a[0].prompt_tokens[0]  # the controller prompt is longer than the problem
