@@ -234,3 +234,25 @@ def test_cluster_target_trainjob_executor_moves_gpus_to_the_trainjob(tmp_path):
         assert env[trainjob.EXECUTOR_ENV] == "trainjob" and int(env[trainjob.GPUS_ENV]) == 8, stage
         assert "accelerator" not in c["resources"], stage
     assert ex["exec-evaluate"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
+
+
+def test_stage_execute_dispatches_on_the_executor_env(monkeypatch, micro_cfg):
+    from step3vl.pipeline import runtime
+
+    st = runtime.Stage("rlvr", micro_cfg, "run-1", 0.0, config_yaml="{}")
+    seen = []
+
+    def fn(stage, cfg, data_dir):
+        seen.append((stage, cfg is micro_cfg, data_dir))
+        return "in-pod"
+
+    monkeypatch.delenv(trainjob.EXECUTOR_ENV, raising=False)
+    assert st.execute(fn, "rlvr", data_dir="/d", work_uri="/w") == "in-pod" and seen == [("rlvr", True, "/d")]
+    monkeypatch.setenv(trainjob.EXECUTOR_ENV, "trainjob")
+    monkeypatch.setattr(trainjob, "run_remote", lambda stage, f, args, kwargs, **kw: (
+        "remote", stage, args, kwargs["data_dir"], kwargs["cfg"] is micro_cfg, kw["work_uri"], kw["config_yaml"]))
+    assert st.execute(fn, "rlvr", data_dir="/d", work_uri="/w") == ("remote", "rlvr", ("rlvr",), "/d", True, "/w", "{}")
+    assert len(seen) == 1
+    # a model a TrainJob published in object storage: downstream stages load it from there
+    assert runtime.model_dir(SimpleNamespace(path="/s3/b/x", metadata={"model_uri": "s3://b/ck/model"})) == "s3://b/ck/model"
+    assert runtime.model_dir(SimpleNamespace(path="/p", metadata={"checkpoint": "model"})) == "/p/model"
