@@ -38,8 +38,8 @@ def test_shuffle_is_seeded_a_permutation_and_varies_with_prompt_and_round():
 def test_template_renders_the_problem_and_every_reference_in_order():
     text = render_controller("<image>\nWhat is 2 + 3?", ["5", "6", ""])
     assert text.endswith("<image>\nWhat is 2 + 3?")
-    assert "[1] 5\n[2] 6\n[3]" in text
-    assert text.index("[1] 5") < text.index("[2] 6")
+    assert "5, 6, \n" in text  # every reference, in the order given (the empty one too)
+    assert text.index("5") < text.index("6")
 
 
 def test_controller_prompt_replaces_only_the_last_user_turn_and_keeps_images():
@@ -48,7 +48,7 @@ def test_controller_prompt_replaces_only_the_last_user_turn_and_keeps_images():
                 {"role": "assistant", "content": "ok"}, {"role": "user", "content": "<image>\nsum?"}], [img])
     c = controller_prompt(p, ["3", "4"])
     assert [m["content"] for m in c.messages[:3]] == ["sys", "first", "ok"]
-    assert c.messages[3]["content"].endswith("<image>\nsum?") and "[2] 4" in c.messages[3]["content"]
+    assert c.messages[3]["content"].endswith("<image>\nsum?") and "3, 4" in c.messages[3]["content"]
     assert c.images == [img]
     assert p.messages[3]["content"] == "<image>\nsum?"  # the input prompt is not mutated
 
@@ -122,3 +122,19 @@ def test_pacore_generate_on_a_real_model_with_an_image(micro_cfg, micro_data):
     assert [x.completion.token_ids for x in a] == [x.completion.token_ids for x in b]
     assert all(len(x.round_tokens) == 2 and len(x.conclusions) == 1 and len(x.conclusions[0]) == 3 for x in a)
     assert a[0].prompt_tokens[1] > a[0].prompt_tokens[0]  # the controller prompt is longer than the problem
+
+
+def test_scaling_curve_shapes_and_hand_checked_values(tmp_path):
+    from step3vl.eval.scaling import plot_scaling, scaling_curve
+
+    recs = [{"id": f"r{i}", "task": "text_math", "reward": "math_numeric", "answer": a,
+             "messages": [{"role": "user", "content": f"q{i}"}]} for i, a in enumerate(["0", "101"])]
+    curves = scaling_curve(FakeEngine(), recs, tmp_path, [1, 2, 4], SamplingParams(seed=0))
+    c = curves["text_math"]
+    assert c["k"] == [1.0, 2.0, 4.0]
+    # the fake answers prompt i's sample j with i*100+j: record 0 (answer 0) is right at j=0, record 1
+    # (answer 101) only at j=1, so pass@K and voting (ties go to the earliest sample) differ by K
+    assert c["pass"] == [0.5, 1.0, 1.0]
+    assert c["majority"] == [0.5, 0.5, 0.5]
+    assert c["pacore"] == [0.5, 0.5, 0.5]  # the final round (width 1) answers i*100+0
+    assert plot_scaling(curves, tmp_path / "s.png").stat().st_size > 1000

@@ -253,6 +253,11 @@ class PaCoReConfig:
     warmup_steps: int = 5
     rl: RLConfig = field(default_factory=RLConfig)  # the RL part (its iterations come from each step)
     rounds: tuple[int, ...] = (16,)
+    # accuracy-vs-rollouts curve of the trained model on held-out reasoning records (0 = no curve)
+    scaling_ks: tuple[int, ...] = (1, 2, 4, 8, 16)
+    scaling_per_family: int = 0
+    scaling_families: tuple[str, ...] = ("text_math", "mm_math")
+    scaling_data: str = "eval"
 
 
 @dataclass(frozen=True)

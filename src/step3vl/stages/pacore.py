@@ -133,6 +133,25 @@ def _published(uri: str) -> bool:
         return False
 
 
+def _scaling(cfg: PipelineConfig, data_dir: Path, model_uri: str, out: Path, log_m: Any, progress: bool) -> Path:
+    """The trained model's accuracy-vs-rollouts curve (PaCoRe, majority, pass@K) as a plot + metrics."""
+    from step3vl.eval.scaling import plot_scaling, scaling_curve
+    from step3vl.eval.suite import EVAL_SAMPLING, load_records
+    from step3vl.model.loading import load_model
+    from step3vl.rl.rollout import TorchEngine
+
+    pc = cfg.pacore
+    ds = data_dir / "raw" / pc.scaling_data
+    recs = load_records(ds, per_family=pc.scaling_per_family, families=set(pc.scaling_families))
+    lm = load_model(model_uri)
+    curves = scaling_curve(TorchEngine(lm.model, lm.tokenizer, lm.processor), recs, ds, pc.scaling_ks,
+                           replace(EVAL_SAMPLING, seed=cfg.seed), seed=cfg.seed, progress=progress)
+    (out / "scaling.json").write_text(json.dumps(curves, indent=1, sort_keys=True))
+    log_m({f"scaling/{fam}/{kind}@{int(k)}": v for fam, c in curves.items() for kind in ("pacore", "majority", "pass")
+           for k, v in zip(c["k"], c[kind])})
+    return plot_scaling(curves, out / "scaling.png")
+
+
 def warmup_config(pc: PaCoReConfig, steps: int, sft: TrainConfig) -> TrainConfig:
     return TrainConfig(
         phases=(PhaseConfig(data=SYNTHESIS_SET, steps=steps, lr_start=pc.lr_start, lr_end=pc.lr_end),),
@@ -288,6 +307,10 @@ def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root:
         for k, d in enumerate(msg_dirs, 1):
             publish_dir(d, join_uri(out_uri, "messages", f"step-{k}"), overwrite=True)
     log_m({"seconds": time.perf_counter() - t_start})
+    if pc.scaling_per_family and not is_s3_uri(out_uri):
+        t3 = time.perf_counter()
+        out.plot = _scaling(cfg, data_dir, out.model_uri, Path(out_uri.removeprefix("file://")), log_m, progress)
+        log_m({"seconds_scaling": time.perf_counter() - t3})
     if not is_s3_uri(out_uri):
         Path(out_uri.removeprefix("file://"), "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
     return out
