@@ -38,7 +38,7 @@ STAGES = {"data_prep": data_prep, "pretrain": pretrain, "sft": sft, "rlvr": rlvr
           "evaluate": evaluate, "register": register, "deploy_serving": deploy_serving}
 # the number the run summary shows for each stage
 KEY_METRICS = {"data_prep": "records", "pretrain": "eval_loss_end", "sft": "eval_loss_end",
-               "rlvr": "reward_last", "rlhf": "rl/reward_last", "pacore": "step2/rl_reward_last",
+               "rlvr": "reward_last", "rlhf": "rl/reward_last", "pacore": "synthesis_loss",
                "evaluate": "pacore/greedy/mean_accuracy", "register": "version",
                "deploy_serving": "completion_tokens"}
 

@@ -260,7 +260,7 @@ def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root:
                             progress=progress,
                             stop_after_step=None)
                 log_m({f"step{k}/sft_loss_first": res.history[0]["loss"] if res.history else float("nan"),
-                       f"step{k}/sft_loss_last": res.final_loss})
+                       f"step{k}/sft_loss_last": res.final_loss, "synthesis_loss": res.final_loss})
                 save_checkpoint(sft_model, model_state=lm.model.state_dict(), config=ckpt_config,
                                 tokenizer_dir=tok_dir, extra_meta={"stage": "pacore", "step": k, "phase": "sft"},
                                 overwrite=True)
