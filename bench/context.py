@@ -5,7 +5,8 @@ The data is the micro test pipeline's (``tests/conf/micro.yaml``) run through th
 stage, restricted to two pre-training sets:
 
 - ``mixed``: the micro ``pretrain_broad`` mixture (captions, counting and math over images, text),
-- ``text``: text-only families, for FLOP accounting where only decoder FLOPs are counted.
+- ``text``: text-only families, for FLOP accounting where only decoder FLOPs are counted,
+- ``rl``: the micro RL prompt set (verifiable records), for rollout, RL and PaCoRe timings.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Context:
         sets = {
             "mixed": cfg.data.sets["pretrain_broad"],
             "text": DatasetSpec(purpose="pretrain", families={f: FamilySpec(n=n) for f, n in TEXT_FAMILIES.items()}),
+            "rl": cfg.data.sets["rl"],
         }
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sets=sets))
 
@@ -65,6 +67,16 @@ class Context:
         from step3vl.model.processor import ImageProcessor
 
         return ImageProcessor(self.pipeline.model.vision)
+
+    def prompts(self, n: int, *, families: set[str] | None = None) -> tuple[list[dict[str, Any]], list[Any]]:
+        """The first ``n`` verifiable records of the ``rl`` set (of ``families``) and their prompts."""
+        from step3vl.eval.suite import load_records, to_prompt
+
+        raw = self.data.raw("rl")
+        recs = load_records(raw, families=families)[:n]
+        if len(recs) < n:
+            raise ValueError(f"the rl set has {len(recs)} records of {families}, {n} wanted")
+        return recs, [to_prompt(r, raw) for r in recs]
 
     def packed(self, name: str, seq_len: int) -> Path:
         """``name`` packed with loss on every text token at ``seq_len`` (data prep's own packer)."""

@@ -86,3 +86,32 @@ class CpuSnapshot:
         others = (self.machine_busy - start.machine_busy) - (self.own - start.own)
         # /proc/stat and os.times tick at 10 ms: clamp the rounding
         return min(max(others / (wall * usable_cores()), 0.0), 1.0)
+
+
+@dataclass(frozen=True)
+class Timed:
+    """Wall seconds per call of a timed function, the CPU share other processes took meanwhile,
+    and the last call's return value."""
+
+    seconds: float
+    others: float
+    value: Any = None
+    calls: int = 1
+
+
+def timed(fn: Any, *, min_s: float = 0.0) -> Timed:
+    """Call ``fn()`` once, or repeatedly until ``min_s`` seconds have passed (short calls are too
+    noisy to time one by one); seconds are per call."""
+    start = CpuSnapshot.take()
+    k, value = 0, None
+    while True:
+        value = fn()
+        k += 1
+        end = CpuSnapshot.take()
+        if end.wall - start.wall >= min_s:
+            return Timed((end.wall - start.wall) / k, end.others_share_since(start), value, k)
+
+
+def quiet(res: dict[str, Timed]) -> bool:
+    """``stats.interleave``'s ``accept`` for arms returning :class:`Timed`: no arm was contended."""
+    return all(t.others < QUIET_SHARE for t in res.values())

@@ -26,6 +26,7 @@ class Result:
     ratios: dict[str, dict[str, Any]] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)  # sizes, formulas' inputs: constants, not timings
     notes: list[str] = field(default_factory=list)
+    tables: list[dict[str, Any]] = field(default_factory=list)  # computed, not measured (see ``table``)
 
     def figure(self, key: str, label: str, unit: str, samples: Sequence[float]) -> dict[str, Any]:
         samples = [float(x) for x in samples]
@@ -33,22 +34,28 @@ class Result:
         return self.figures[key]
 
     def ratio(self, key: str, label: str, num: Sequence[float], den: Sequence[float], *,
-              target: float | None = None, percent: bool = False, rejected: int = 0,
+              target: float | None = None, ceiling: bool = False, percent: bool = False, rejected: int = 0,
               contended: bool = False) -> dict[str, Any]:
-        """``num[i] / den[i]`` per round; ``target`` is a floor the value should reach (higher is better).
+        """``num[i] / den[i]`` per round; ``target`` is a floor the value should reach (higher is
+        better), or with ``ceiling`` a bound it should stay under (a cost ratio: lower is better).
 
         ``rejected``: rounds dropped because other processes took the CPU; ``contended``: too few
         clean rounds were left, so these pairs include contended ones (the report says so).
         """
         r = stats.paired_ratio([float(x) for x in num], [float(x) for x in den])
-        self.ratios[key] = {"label": label, **r, "target": target, "percent": percent,
-                            "met": None if target is None else r["value"] >= target,
-                            "rejected": rejected, "contended": contended}
+        met = None if target is None else (r["value"] <= target if ceiling else r["value"] >= target)
+        self.ratios[key] = {"label": label, **r, "target": target, "ceiling": ceiling, "percent": percent,
+                            "met": met, "rejected": rejected, "contended": contended}
         return self.ratios[key]
+
+    def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """A computed table (a plan on paper, not a measurement), rendered as is; cells are strings
+        or numbers."""
+        self.tables.append({"title": title, "columns": list(columns), "rows": [list(r) for r in rows]})
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "params": self.params, "figures": self.figures, "ratios": self.ratios,
-                "notes": self.notes}
+                "tables": self.tables, "notes": self.notes}
 
 
 @dataclass(frozen=True)

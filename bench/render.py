@@ -43,7 +43,8 @@ def _ratio(x: float, percent: bool) -> str:
 def _target(r: dict[str, Any]) -> tuple[str, str]:
     if r.get("target") is None:
         return "", ""
-    return "≥ " + _ratio(r["target"], r.get("percent", False)), "met" if r["met"] else "**missed**"
+    bound = "≤ " if r.get("ceiling") else "≥ "
+    return bound + _ratio(r["target"], r.get("percent", False)), "met" if r["met"] else "**missed**"
 
 
 def _rounds(r: dict[str, Any]) -> str:
@@ -72,6 +73,10 @@ def _param(v: Any) -> str:
     return str(v)
 
 
+def _cell(v: Any) -> str:
+    return num(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
 def render(res: dict[str, Any]) -> str:
     m = res["machine"]
     la0, la1 = res.get("load_average_start", []), res.get("load_average_end", [])
@@ -86,6 +91,14 @@ def render(res: dict[str, Any]) -> str:
         f"{la1[0] if la1 else '?'} at end · other processes took {_fig(res.get('others_cpu_share', 0), 'fraction')} "
         f"of the CPU meanwhile" + (" · **quick run (fewer repetitions)**" if res.get("quick") else ""),
         "",
+    ]
+    for u in res.get("updates", []):
+        lines += [f"Re-measured {u['at']} with `bench/run.py --only … --update`: "
+                  + ", ".join(f"`{n}`" for n in u["entries"]) + f" ({u['seconds']:.0f} s; 1-min load average "
+                  f"{u['load_average_start'][0]} at start, {u['load_average_end'][0]} at end; other processes took "
+                  f"{_fig(u['others_cpu_share'], 'fraction')} of the CPU). The other entries are from the run above.",
+                  ""]
+    lines += [
         "| machine | |",
         "|---|---|",
         f"| CPU | {m['cpu_model']} ({', '.join(m.get('cpu_features', [])) or 'no listed features'}) |",
@@ -111,7 +124,9 @@ def render(res: dict[str, Any]) -> str:
                          f"| {_rounds(r)} |")
         lines.append("")
     for name, e in res["entries"].items():
-        lines += [f"## {e['title']}", "", f"Entry `{name}`, {e['seconds']:.0f} s.", ""]
+        load = (f"; 1-min load average {e['load_average']} at its start, other processes took "
+                f"{_fig(e['others_cpu_share'], 'fraction')} of the CPU" if "load_average" in e else "")
+        lines += [f"## {e['title']}", "", f"Entry `{name}`, {e['seconds']:.0f} s{load}.", ""]
         if "error" in e:
             lines += ["**Failed:**", "", "```", e["error"].rstrip(), "```", ""]
             continue
@@ -133,6 +148,11 @@ def render(res: dict[str, Any]) -> str:
                 t, met = _target(r)
                 lines.append(f"| {r['label']} | {_ratio(r['value'], p)} | {_ratio(r['min'], p)} – "
                              f"{_ratio(r['max'], p)} | {_ratio(r['of_medians'], p)} | {t} | {met} | {_rounds(r)} |")
+            lines.append("")
+        for t in e.get("tables", []):
+            lines += [f"**{t['title']}**", "", "| " + " | ".join(t["columns"]) + " |",
+                      "|" + "---|" * len(t["columns"])]
+            lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in t["rows"]]
             lines.append("")
         if e.get("params"):
             lines += ["<details><summary>parameters</summary>", "", "| parameter | value |", "|---|---|"]

@@ -4,6 +4,12 @@ regenerate BENCHMARKS.md from it.
     python bench/run.py                 # everything (what `make bench` runs)
     python bench/run.py --only mfu      # one entry, printed, results.json untouched
     python bench/run.py --quick         # fewer repetitions, for developing an entry
+    python bench/run.py --only pacore --update   # re-measure entries into bench/results.json
+    python bench/run.py --merge a.json b.json    # entries of --only … --out runs into results.json
+
+``--update`` keeps every other entry of results.json as its run measured it, records when and under
+what load the re-measured ones ran, and regenerates BENCHMARKS.md; a full ``make bench`` on a quiet
+machine is still the reference.
 """
 
 from __future__ import annotations
@@ -36,7 +42,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None,
                    help="results file (default: bench/results.json for a full run, none otherwise)")
     p.add_argument("--list", action="store_true", help="list the registered entries and exit")
+    p.add_argument("--update", action="store_true",
+                   help="with --only: replace those entries in bench/results.json, keep the others")
+    p.add_argument("--merge", nargs="+", type=Path, default=[],
+                   help="merge the entries of these results files (--only … --out runs) into bench/results.json "
+                        "as --update would, without running anything")
     args = p.parse_args(argv)
+    if args.merge:
+        from bench import registry, render
+
+        order, merged = list(registry.discover()), json.loads(RESULTS.read_text())
+        for f in args.merge:
+            new = json.loads(f.read_text())
+            if new.get("quick"):
+                p.error(f"{f} is from a --quick run")
+            merged = _merged(merged, new, order)
+        RESULTS.write_text(json.dumps(merged, indent=1) + "\n")
+        render.write(RESULTS, render.MARKDOWN)
+        print(f"wrote {RESULTS} and {render.MARKDOWN}")
+        return 0
+    if args.update and (not args.only or args.quick or args.out):
+        p.error("--update needs --only and goes without --quick and --out")
 
     import torch
 
@@ -80,14 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data prep: {results['data_prep_seconds']} s", flush=True)
         for e in chosen:
             print(f"== {e.name}: {e.title}", flush=True)
-            t = time.perf_counter()
+            t, la, snap_e = time.perf_counter(), os.getloadavg()[0], CpuSnapshot.take()
             try:
                 res = e.fn(ctx).to_dict()
             except Exception:  # one broken entry must not hide the others' numbers
                 traceback.print_exc()
                 failed.append(e.name)
                 res = {"error": traceback.format_exc(limit=3)}
-            res.update(title=e.title, seconds=round(time.perf_counter() - t, 1))
+            res.update(title=e.title, seconds=round(time.perf_counter() - t, 1), load_average=round(la, 2),
+                       others_cpu_share=round(CpuSnapshot.take().others_share_since(snap_e), 3))
             results["entries"][e.name] = res
             for k, f in res.get("figures", {}).items():
                 print(f"   {k:32s} {f['median']:12.4g} {f['unit']}  (n={f['n']}, {f['min']:.4g}…{f['max']:.4g})")
@@ -98,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = round(time.perf_counter() - t_all, 1)
     results["others_cpu_share"] = round(CpuSnapshot.take().others_share_since(snap), 3)
     print(f"total {results['seconds']} s", flush=True)
+    if args.update:
+        results = _merged(json.loads(RESULTS.read_text()), results, list(entries))
+        out = RESULTS
     if out is not None:
         out.write_text(json.dumps(results, indent=1) + "\n")
         print(f"wrote {out}")
@@ -107,6 +137,17 @@ def main(argv: list[str] | None = None) -> int:
             render.write(RESULTS, render.MARKDOWN)
             print(f"wrote {render.MARKDOWN}")
     return 1 if failed else 0
+
+
+def _merged(old: dict[str, Any], new: dict[str, Any], order: list[str]) -> dict[str, Any]:
+    """``old`` with the entries of ``new`` replaced (registry order), and a note of the update."""
+    entries = {**old["entries"], **new["entries"]}
+    old["entries"] = {n: entries[n] for n in order if n in entries}
+    old.setdefault("updates", []).append({
+        "at": new["generated_at"], "entries": list(new["entries"]), "seconds": new["seconds"],
+        "load_average_start": new["load_average_start"], "load_average_end": new["load_average_end"],
+        "others_cpu_share": new["others_cpu_share"], "machine": new["machine"]})
+    return old
 
 
 if __name__ == "__main__":

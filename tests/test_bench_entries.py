@@ -1,0 +1,137 @@
+"""The pure parts of the benchmark entries: the 10B plan's arithmetic by hand, the naive PaCoRe
+baseline's generate calls, cost-ratio targets and computed tables in the report."""
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `bench` is a top-level folder of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench import render  # noqa: E402
+from bench.entries import model_plan  # noqa: E402
+from bench.entries.pacore import naive_pacore  # noqa: E402
+from bench.machine import timed  # noqa: E402
+from bench.registry import Result  # noqa: E402
+
+
+def test_train_days_by_hand():
+    # 1.2e12 tokens x 6e10 FLOPs = 7.2e22 FLOPs; 64 GPUs x 1e15 x 0.5 = 3.2e16 FLOP/s -> 2.25e6 s = 26.04 days
+    assert model_plan.train_days(1.2e12, 6e10, 64, 1e15, 0.5) == pytest.approx(2.25e6 / 86_400)
+    # H200 peak at 40% MFU on 8 GPUs: 8 x 989e12 x 0.4 = 3.1648e15 FLOP/s
+    assert model_plan.train_days(2.26e11, 1e11, 8, 989e12, 0.4) == pytest.approx(2.26e22 / 3.1648e15 / 86_400)
+    with pytest.raises(ValueError):
+        model_plan.train_days(1.0, 1.0, 0, 1.0, 0.5)
+    with pytest.raises(ValueError):
+        model_plan.train_days(1.0, 1.0, 1, 1.0, 0.0)
+
+
+def test_plan_rows_from_model_info_by_hand():
+    calls = []
+
+    def info(cfg, *, gpus, seq_len, micro_batch):
+        calls.append((cfg, gpus, seq_len, micro_batch))
+        p = 10e9
+        states = 16 * p / gpus / 1024**3  # ZeRO-3: 16 bytes per parameter over the GPUs
+        return SimpleNamespace(total_params=int(p), flops_per_token=6 * p + seq_len * 1e6,
+                               memory={"model_states_gib_per_gpu": states, "activations_gib_per_gpu": 4.0,
+                                       "gathered_params_gib_per_gpu": 0.5, "total_gib_per_gpu": states + 4.5})
+
+    phases = [model_plan.Phase("pretrain", 1.2e12, 4096, 1), model_plan.Phase("sft", 2.26e11, 32768, 1)]
+    rows = model_plan.plan("cfg", phases, gpus=(8, 64), peak_flops=1e15, mfu=0.5, info=info)
+    assert calls == [("cfg", 8, 4096, 1), ("cfg", 64, 4096, 1), ("cfg", 8, 32768, 1), ("cfg", 64, 32768, 1)]
+    assert [(r["phase"], r["gpus"]) for r in rows] == [("pretrain", 8), ("pretrain", 64), ("sft", 8), ("sft", 64)]
+    # 16 x 10e9 / 8 = 2e10 bytes = 18.63 GiB; over 64 GPUs 2.33 GiB
+    assert rows[0]["states_gib"] == pytest.approx(18.626, abs=1e-3)
+    assert rows[1]["states_gib"] == pytest.approx(2.328, abs=1e-3)
+    assert rows[0]["total_gib"] == pytest.approx(18.626 + 4.5, abs=1e-3)
+    # pre-training on 64 GPUs: 1.2e12 x (6e10 + 4.096e9) / (64 x 1e15 x 0.5) / 86400 = 2.4036e6 s = 27.819 days
+    assert rows[1]["flops_per_token"] == 6.4096e10
+    assert rows[1]["days"] == pytest.approx(1.2e12 * 6.4096e10 / 3.2e16 / 86_400)
+    assert rows[1]["days"] == pytest.approx(27.819, abs=1e-3)
+    assert rows[0]["days"] == pytest.approx(8 * rows[1]["days"])  # days scale as 1/GPUs
+
+
+def test_recipe_phases_sum_the_10b_budgets():
+    from step3vl import config
+    from step3vl.config import PipelineConfig
+
+    cfg = config.load(PipelineConfig, ROOT / "conf" / "pipeline" / "step3vl-10b.yaml")
+    pre, sft = model_plan.recipe_phases(cfg)
+    assert (pre.name, pre.tokens, pre.seq_len) == ("pretrain", 1.2e12, 4096)
+    assert (sft.name, sft.tokens, sft.seq_len) == ("sft", 2.26e11, 32768)
+
+
+class FakeEngine:
+    """Records every generate call; answers '<think>…</think>' + a per-call conclusion."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, n=1, params=None):
+        from step3vl.rl.rollout import Completion
+
+        self.calls.append((list(prompts), n, params))
+        k = len(self.calls)
+        return [[Completion(f"<think>x</think>answer {k}.{j}", [1, 2], [0.0, 0.0], "stop", 3) for j in range(n)]
+                for _ in prompts]
+
+
+def test_naive_pacore_makes_one_call_per_sample_and_per_synthesis():
+    from step3vl.rl.rollout import Prompt, SamplingParams
+
+    prompts = [Prompt([{"role": "user", "content": f"problem {i}"}]) for i in range(3)]
+    eng = FakeEngine()
+    out = naive_pacore(eng, prompts, 4, SamplingParams(max_tokens=8, seed=5), seed=0)
+    assert len(eng.calls) == 3 * (4 + 1)
+    assert all(len(p) == 1 and n == 1 for p, n, _ in eng.calls)
+    # per prompt: 4 samples of the prompt itself, then the synthesis over their conclusions
+    for i in range(3):
+        block = eng.calls[i * 5:(i + 1) * 5]
+        assert all(p[0] is prompts[i] for p, _, _ in block[:4])
+        synth = block[4][0][0].messages[-1]["content"]
+        assert f"problem {i}" in synth
+        assert all(f"answer {i * 5 + j + 1}.0" in synth for j in range(4))
+    assert [c.text for c in out] == [f"<think>x</think>answer {i * 5 + 5}.0" for i in range(3)]
+    assert len({p.seed for _, _, p in eng.calls}) == 15  # every call its own seed
+
+
+def test_ceiling_targets_and_tables_render():
+    r = Result()
+    r.ratio("cost", "PaCoRe / single", [3.0, 5.0, 3.5], [1.0, 1.0, 1.0], target=4.0, ceiling=True)
+    assert r.ratios["cost"]["value"] == 3.5 and r.ratios["cost"]["met"] is True
+    r.ratio("over", "over budget", [50.0], [30.0], target=1.0, ceiling=True)
+    assert r.ratios["over"]["met"] is False
+    r.table("plan", ["stage", "days"], [["pretrain", 231.07], ["sft", 85.5]])
+    res = {"generated_at": "t", "seconds": 1.0, "quiet_share": 0.1, "load_average_start": [1.0],
+           "load_average_end": [1.0],
+           "machine": {"cpu_model": "c", "cores_usable": 2, "cores_logical": 2, "torch_threads": 2, "python": "3",
+                       "torch": "t", "transformers": "t", "accelerate": "a", "step3vl": "s", "platform": "p"},
+           "entries": {"e": {"title": "E", "seconds": 1.0, **r.to_dict()}}}
+    md = render.render(res)
+    assert "| PaCoRe / single (`e`) | 3.50× | ≤ 4.00× | met |" in md
+    assert "| over budget (`e`) | 1.67× | ≤ 1.00× | **missed** |" in md
+    assert "**plan**\n\n| stage | days |\n|---|---|\n| pretrain | 231 |\n| sft | 85.5 |" in md
+
+
+def test_timed_repeats_short_calls_until_min_s():
+    calls = []
+    t = timed(lambda: calls.append(1) or len(calls), min_s=0.05)
+    assert t.calls == len(calls) >= 2 and t.value == len(calls)
+    assert t.seconds * t.calls >= 0.05 and 0.0 <= t.others <= 1.0
+    assert timed(lambda: 7).calls == 1
+
+
+def test_update_replaces_only_the_remeasured_entries_and_says_so():
+    from bench.run import _merged
+
+    old = {"generated_at": "t0", "entries": {"a": {"v": 1}, "b": {"v": 2}, "c": {"v": 3}}}
+    new = {"generated_at": "t1", "entries": {"c": {"v": 30}, "d": {"v": 4}}, "seconds": 9.0,
+           "load_average_start": [5.0], "load_average_end": [6.0], "others_cpu_share": 0.5, "machine": {}}
+    out = _merged(old, new, ["a", "b", "c", "d"])
+    assert out["entries"] == {"a": {"v": 1}, "b": {"v": 2}, "c": {"v": 30}, "d": {"v": 4}}
+    assert list(out["entries"]) == ["a", "b", "c", "d"] and out["generated_at"] == "t0"
+    assert out["updates"][0]["entries"] == ["c", "d"] and out["updates"][0]["load_average_start"] == [5.0]
