@@ -13,6 +13,7 @@ help:
 	@echo "make run        run the whole STEP3-VL recipe on the tiny config (embedded mode)"
 	@echo "make test       every test, real-server integration tests included"
 	@echo "make test-fast  unit tests only (no real servers, no slow tests)"
+	@echo "make reliability  the reliability and security suite, then RELIABILITY.md regenerated from it"
 	@echo "make manifests-check  kustomize, schema, policy and hadolint checks of manifests/ and images/"
 	@echo "make setup      create .venv (done automatically by run/test)"
 
@@ -53,3 +54,11 @@ clean:
 bench: $(STAMP)
 	$(PY) -m pip install -q -r bench/requirements.txt
 	$(PY) bench/run.py
+
+# The reliability and security suite: tests/reliability/ plus the tests elsewhere it catalogues
+# (tests/reliability/reliability_cases.py), then RELIABILITY.md rendered from what they measured,
+# failures included. `make test` runs the same tests (and checks RELIABILITY.md lists every case).
+.PHONY: reliability
+reliability: $(STAMP) test-servers
+	$(PY) -m pytest tests/reliability $$($(PY) scripts/reliability_report.py --node-ids | grep -v '^tests/reliability/'); \
+	rc=$$?; $(PY) scripts/reliability_report.py; exit $$rc

@@ -15,8 +15,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from step3vl.config import TrackingConfig, flatten, to_dict
+from step3vl.errors import Step3VLError
 
 SECRET_KEY_RE = re.compile(r"(secret|password|passwd|token|api[_-]?key|access[_-]?key|credential)", re.I)
 # env vars whose values must never appear in anything we log
@@ -74,6 +76,81 @@ def redact_dict(d: dict[str, Any]) -> dict[str, Any]:
     for k, v in d.items():
         out[k] = redact_dict(v) if isinstance(v, dict) else redact(v, k)
     return out
+
+
+class TrackingUnavailable(Step3VLError):
+    """The MLflow tracking store cannot be reached; the message names its URI (credentials masked)."""
+
+
+def _display_uri(uri: str) -> str:
+    """``uri`` with any ``user:password@`` part masked, for error messages."""
+    return re.sub(r"//[^/@]*@", "//***@", uri)
+
+
+def preflight(uri: str | None = None, timeout: float = 5.0) -> str:
+    """Fail fast, naming the URI, when the tracking store is unreachable; returns the URI checked.
+
+    MLflow's own client retries an unreachable server for minutes (7 retries, exponential backoff)
+    before a run can even start; this one request answers in ``timeout`` seconds at most. An HTTP
+    server counts as reachable if it answers at all, except 502/503/504 (a gateway speaking for a
+    server that is down): auth and routing are MLflow's business. A ``sqlite:``/``file:`` store needs
+    its directory to exist or be creatable; a SQLite store is created here, under a lock.
+    """
+    import urllib.error
+    import urllib.request
+
+    uri = uri or tracking_uri()
+    shown = _display_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        try:
+            bare = re.sub(r"//[^/@]*@", "//", uri)  # reachability only: credentials are MLflow's to send
+            with urllib.request.urlopen(bare.rstrip("/") + "/health", timeout=timeout):
+                pass
+        except urllib.error.HTTPError as e:
+            if e.code in (502, 503, 504):  # a gateway or proxy answering for a server that is down
+                raise TrackingUnavailable(f"MLflow tracking server {shown} is unreachable (HTTP {e.code} from "
+                                          f"a gateway); start it or point MLFLOW_TRACKING_URI / tracking.uri "
+                                          f"elsewhere") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise TrackingUnavailable(f"MLflow tracking server {shown} is unreachable ({reason}); start it or "
+                                      f"point MLFLOW_TRACKING_URI / tracking.uri elsewhere") from None
+    elif uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        if uri.startswith("sqlite:"):  # sqlite:///relative.db, sqlite:////absolute.db
+            where = Path(uri.removeprefix("sqlite:").removeprefix("///")).parent
+        else:
+            where = Path(urlsplit(uri).path if uri.startswith("file:") else uri)
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrackingUnavailable(f"MLflow tracking store {shown}: cannot create {where} ({e.strerror or e})"
+                                      ) from None
+        if not os.access(where, os.W_OK):
+            raise TrackingUnavailable(f"MLflow tracking store {shown}: {where} is not writable")
+        if uri.startswith("sqlite:"):
+            _create_sqlite_store(uri, where)
+    return uri
+
+
+def _create_sqlite_store(uri: str, where: Path) -> None:
+    """Create (or migrate) an embedded SQLite store under a file lock.
+
+    Two runs starting at once on a fresh store otherwise both run MLflow's schema migrations and one
+    fails ("duplicate column name", "Online migration expected to match one row"); once the schema
+    exists, opening it is a no-op.
+    """
+    import fcntl
+
+    import mlflow
+
+    with open(where / ".step3vl-mlflow-init.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+            client.search_experiments(max_results=1)
+            client.search_registered_models(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def setup(cfg: TrackingConfig) -> str:

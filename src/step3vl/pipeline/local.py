@@ -268,6 +268,7 @@ def run_local(cfg: PipelineConfig, *, run_name: str | None = None, from_stage: s
     run_name = run_name or f"{cfg.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     if bool(from_stage) != bool(resume_from):
         raise Step3VLError("--from-stage and --resume-from go together: start at a stage, reusing an earlier run")
+    tracking.preflight(tracking.tracking_uri(cfg.tracking))  # seconds, not MLflow's minutes of retries
     reuse: dict[str, ReusedStage] = {}
     previous_id = ""
     if from_stage and resume_from:
