@@ -171,6 +171,7 @@ with tracking.pipeline_run(TrackingConfig(experiment="race"), sys.argv[1]) as ru
 """
 
 
+@pytest.mark.slow
 def test_two_runs_starting_on_a_fresh_store_both_open_it(tmp_path, reliability):
     """Without the locked store creation in preflight, one of two simultaneous first runs dies in MLflow's
     schema migration ("duplicate column name" / "Online migration expected to match one row")."""
