@@ -65,12 +65,13 @@ def _step3vl_command() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "step3vl.cli"]
 
 
-def chat_once(base_url: str, model: str, *, timeout: float = 120.0) -> dict[str, Any]:
-    """One ``/v1/chat/completions`` request; the parsed response."""
+def chat_once(base_url: str, model: str, *, timeout: float = 120.0, api_key: str | None = None) -> dict[str, Any]:
+    """One ``/v1/chat/completions`` request (with the server's API key when it has one); the parsed response."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16,
                        "temperature": 0.0}).encode()
     req = urllib.request.Request(f"{base_url}/v1/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
     with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 (our own server)
         return json.loads(r.read())
 
@@ -99,7 +100,7 @@ def serve_locally(cfg: PipelineConfig, model_uri: str, *, startup_timeout_s: flo
             if time.monotonic() > deadline:
                 raise DeployError(f"step3vl serve did not listen within {startup_timeout_s:.0f}s")
         t1 = time.perf_counter()
-        resp = chat_once(base_url, cfg.tracking.registered_model)
+        resp = chat_once(base_url, cfg.tracking.registered_model, api_key=env.get("STEP3VL_API_KEY") or None)
         t2 = time.perf_counter()
     finally:
         proc.terminate()
