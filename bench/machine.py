@@ -61,7 +61,8 @@ def usable_cores() -> int:
 
 @dataclass(frozen=True)
 class CpuSnapshot:
-    """Wall clock, CPU-seconds the whole machine spent busy, CPU-seconds this process spent."""
+    """Wall clock, CPU-seconds the whole machine spent busy, CPU-seconds this process and its
+    finished child processes spent (a benchmarked subprocess is not "another process")."""
 
     wall: float
     machine_busy: float
@@ -76,7 +77,7 @@ class CpuSnapshot:
             busy = (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
         except (OSError, ValueError):
             busy = float("nan")  # not Linux: others' share is unknown, reported as NaN
-        return cls(time.perf_counter(), busy, t.user + t.system)
+        return cls(time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system)
 
     def others_share_since(self, start: CpuSnapshot) -> float:
         """Fraction of the machine's usable CPU that other processes used between two snapshots."""

@@ -74,7 +74,9 @@ def _param(v: Any) -> str:
 
 
 def _cell(v: Any) -> str:
-    return num(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    return f"{v:,}" if isinstance(v, int) else num(v)
 
 
 def render(res: dict[str, Any]) -> str:

@@ -135,3 +135,14 @@ def test_update_replaces_only_the_remeasured_entries_and_says_so():
     assert out["entries"] == {"a": {"v": 1}, "b": {"v": 2}, "c": {"v": 30}, "d": {"v": 4}}
     assert list(out["entries"]) == ["a", "b", "c", "d"] and out["generated_at"] == "t0"
     assert out["updates"][0]["entries"] == ["c", "d"] and out["updates"][0]["load_average_start"] == [5.0]
+
+
+def test_cpu_of_a_finished_subprocess_counts_as_our_own():
+    import subprocess
+
+    from bench.machine import CpuSnapshot
+
+    a = CpuSnapshot.take()
+    subprocess.run([sys.executable, "-c", "sum(i * i for i in range(3_000_000))"], check=True)
+    b = CpuSnapshot.take()
+    assert b.own - a.own >= 0.1  # the child's CPU seconds, reaped by subprocess.run
