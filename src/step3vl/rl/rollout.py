@@ -252,7 +252,8 @@ def make_engine(backend: str, model: Any, tokenizer: Any, processor: Any, **kwar
                 "install the step3vl[vllm] extra in its own environment (or use images/serve), or set "
                 "rollout.backend=torch"
             ) from None
-        from step3vl.rl.vllm_engine import VLLMEngine
-
-        return VLLMEngine(model, tokenizer, processor, **kwargs)
+        raise RolloutError(
+            "rollout backend 'vllm' is not available in this step3vl build yet (the trainer-to-vLLM weight "
+            "sync is unwritten); use rollout.backend=torch for RL, and `step3vl export` + `vllm serve` for serving"
+        )
     raise RolloutError(f"unknown rollout backend '{backend}' (torch, vllm)")
