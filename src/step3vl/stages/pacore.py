@@ -147,7 +147,7 @@ def _scaling(cfg: PipelineConfig, data_dir: Path, model_uri: str, out: Path, log
     curves = scaling_curve(TorchEngine(lm.model, lm.tokenizer, lm.processor), recs, ds, pc.scaling_ks,
                            replace(EVAL_SAMPLING, seed=cfg.seed), seed=cfg.seed, progress=progress)
     (out / "scaling.json").write_text(json.dumps(curves, indent=1, sort_keys=True))
-    log_m({f"scaling/{fam}/{kind}@{int(k)}": v for fam, c in curves.items() for kind in ("pacore", "majority", "pass")
+    log_m({f"scaling/{fam}/{kind}_at_{int(k)}": v for fam, c in curves.items() for kind in ("pacore", "majority", "pass")
            for k, v in zip(c["k"], c[kind])})
     return plot_scaling(curves, out / "scaling.png")
 
