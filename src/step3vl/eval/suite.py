@@ -93,8 +93,6 @@ def to_prompt(record: dict[str, Any], dataset_dir: str | Path) -> Prompt:
 def evaluate(engine: Any, records: list[dict[str, Any]], dataset_dir: str | Path, *,
              params: SamplingParams = EVAL_SAMPLING, batch_size: int = 128, progress: bool = False) -> EvalResult:
     """Score one sample per record (SeRe) with the record's verifier, per task family."""
-    from step3vl.rl.rewards import score
-
     t0 = time.perf_counter()
     res = EvalResult()
     it = range(0, len(records), batch_size)
@@ -106,14 +104,7 @@ def evaluate(engine: Any, records: list[dict[str, Any]], dataset_dir: str | Path
         chunk = records[i : i + batch_size]
         outs = engine.generate([to_prompt(r, dataset_dir) for r in chunk], 1, params)
         for r, group in zip(chunk, outs):
-            c = group[0]
-            reward = score(c.text, r)
-            fr = res.families.setdefault(r["task"], FamilyResult())
-            fr.n += 1
-            fr.correct += is_correct(r, reward)
-            fr.reward_sum += reward
-            fr.length_sum += len(c.token_ids)
-            fr.tokens += len(c.token_ids) + c.prompt_tokens
+            _score_into(res, r, group[0], len(group[0].token_ids) + group[0].prompt_tokens)
     res.families = dict(sorted(res.families.items()))
     res.seconds = time.perf_counter() - t0
     return res
