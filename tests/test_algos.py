@@ -358,3 +358,24 @@ def test_token_logprobs():
     close(lp32, [[math.log(0.75), math.log(0.5)]], atol=1e-2)
     exact = token_logprobs(torch.tensor([[[0.0, math.log(3.0)]]]), torch.tensor([[1]]))
     close(exact, [[math.log(0.75)]])
+
+
+def test_dynamic_sampling_keeps_the_groups_whose_rollouts_disagree_first():
+    from step3vl.rl.loop import _informative_groups, _keep_groups
+
+    # 4 prompts x 3 rollouts: all right, mixed, all wrong, mixed partial-credit
+    rewards = [1, 1, 1, 0, 1, 0, 0, 0, 0, 0.25, 0.25, 0.5]
+    assert _informative_groups(rewards, 3) == [False, True, False, True]
+    assert _keep_groups([False, True, False, True], 2) == [1, 3]
+    # fewer informative groups than wanted: topped up in sampling order, result in sampling order
+    assert _keep_groups([False, True, False, True], 3) == [0, 1, 3]
+    assert _keep_groups([False, False], 2) == [0, 1]
+
+
+def test_oversample_below_one_is_refused_naming_the_key(tmp_path):
+    from step3vl.config import ConfigError, PipelineConfig, from_dict
+
+    with pytest.raises(ConfigError, match="'rlvr.oversample' must be >= 1"):
+        from_dict(PipelineConfig, {"rlvr": {"oversample": 0.5}})
+    with pytest.raises(ConfigError, match="'tracking.flush_timeout_s' must be >= 0"):
+        from_dict(PipelineConfig, {"tracking": {"flush_timeout_s": -1}})

@@ -277,8 +277,6 @@ def save_checkpoint(
     The directory is built locally, then published: readers either see no checkpoint or a
     complete one whose manifest covers every file.
     """
-    from safetensors.torch import save_file
-
     dest_uri = str(dest_uri)
     store = open_store(dest_uri)
     if store.exists(MANIFEST_NAME) and not overwrite:
@@ -293,31 +291,66 @@ def save_checkpoint(
     else:
         build = Path(tempfile.mkdtemp(prefix="step3vl-ckpt-"))
     try:
-        tensors = _model_tensors(model_state)
-        order = json.dumps(list(tensors))
-        save_file(tensors, str(build / MODEL_FILE), metadata={"format": "pt", "step3vl.order": order})
-        try:
-            (build / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        except TypeError as e:
-            raise CheckpointError(f"config is not JSON-serialisable: {e}") from None
-        if tokenizer_dir is not None:
-            shutil.copytree(tokenizer_dir, build / TOKENIZER_DIR)
-        if train_state is not None:
-            document, state_tensors = encode_state(train_state)
-            save_file(state_tensors, str(build / TRAIN_STATE_TENSORS), metadata={"format": "pt"})
-            try:
-                text = json.dumps(document)
-            except (TypeError, ValueError) as e:
-                raise CheckpointError(f"train state is not serialisable: {e}") from None
-            (build / TRAIN_STATE_JSON).write_text(text + "\n")
-        _refuse_pickles([p.relative_to(build).as_posix() for p in build.rglob("*") if p.is_file()], store.uri)
-        meta: dict[str, Any] = {"kind": "checkpoint", "format": CHECKPOINT_FORMAT}
-        if isinstance(train_state, dict) and isinstance(train_state.get("step"), int):
-            meta["step"] = train_state["step"]
-        meta.update(extra_meta or {})
-        return publish_dir(build, dest_uri, meta, overwrite=overwrite, move=True)
+        return _build_and_publish(build, store, dest_uri, model_state=model_state, config=config,
+                                  tokenizer_dir=tokenizer_dir, train_state=train_state, extra_meta=extra_meta,
+                                  overwrite=overwrite)
     finally:
         shutil.rmtree(build, ignore_errors=True)
+
+
+def _io_error(action: str, where: str, e: BaseException) -> CheckpointError:
+    """A checkpoint I/O failure (disk full, permissions, a corrupt or foreign file) as one error type that
+    names the file and the cause; the original stays chained."""
+    cause = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return CheckpointError(f"{action} {where} failed: {cause}")
+
+
+def _build_and_publish(build: Path, store: Any, dest_uri: str, *, model_state: dict[str, torch.Tensor],
+                       config: dict[str, Any], tokenizer_dir: str | os.PathLike[str] | None,
+                       train_state: dict[str, Any] | None, extra_meta: dict[str, Any] | None,
+                       overwrite: bool) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    def write(name: str, fn: Any) -> None:
+        try:
+            fn()
+        except CheckpointError:
+            raise
+        except (OSError, SafetensorError) as e:
+            raise _io_error("writing", f"{name} of checkpoint {store.uri}", e) from e
+
+    tensors = _model_tensors(model_state)
+    order = json.dumps(list(tensors))
+    write(MODEL_FILE, lambda: save_file(tensors, str(build / MODEL_FILE),
+                                        metadata={"format": "pt", "step3vl.order": order}))
+    try:
+        config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    except TypeError as e:
+        raise CheckpointError(f"config is not JSON-serialisable: {e}") from None
+    write(CONFIG_FILE, lambda: (build / CONFIG_FILE).write_text(config_text))
+    if tokenizer_dir is not None:
+        write(TOKENIZER_DIR, lambda: shutil.copytree(tokenizer_dir, build / TOKENIZER_DIR))
+    if train_state is not None:
+        document, state_tensors = encode_state(train_state)
+        write(TRAIN_STATE_TENSORS, lambda: save_file(state_tensors, str(build / TRAIN_STATE_TENSORS),
+                                                     metadata={"format": "pt"}))
+        try:
+            text = json.dumps(document)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"train state is not serialisable: {e}") from None
+        write(TRAIN_STATE_JSON, lambda: (build / TRAIN_STATE_JSON).write_text(text + "\n"))
+    _refuse_pickles([p.relative_to(build).as_posix() for p in build.rglob("*") if p.is_file()], store.uri)
+    meta: dict[str, Any] = {"kind": "checkpoint", "format": CHECKPOINT_FORMAT}
+    if isinstance(train_state, dict) and isinstance(train_state.get("step"), int):
+        meta["step"] = train_state["step"]
+    meta.update(extra_meta or {})
+    try:
+        return publish_dir(build, dest_uri, meta, overwrite=overwrite, move=True)
+    except StorageError:
+        raise
+    except OSError as e:
+        raise _io_error("publishing", f"checkpoint {store.uri}", e) from e
 
 
 def load_checkpoint(uri: str | os.PathLike[str], local_dir: str | os.PathLike[str] | None = None) -> Checkpoint:
@@ -342,17 +375,26 @@ def load_checkpoint(uri: str | os.PathLike[str], local_dir: str | os.PathLike[st
         if required not in manifest["files"]:
             raise CheckpointError(f"{uri} is not a checkpoint: {required} is missing")
 
-    model_state = load_file(str(path / MODEL_FILE))
-    order = _safetensors_metadata(path / MODEL_FILE).get("step3vl.order")
+    from safetensors import SafetensorError
+
+    def read(name: str, fn: Any) -> Any:
+        try:
+            return fn()
+        except (OSError, SafetensorError, ValueError) as e:  # json's JSONDecodeError is a ValueError
+            raise _io_error("reading", f"{name} of checkpoint {uri}", e) from e
+
+    model_state = read(MODEL_FILE, lambda: load_file(str(path / MODEL_FILE)))
+    order = read(MODEL_FILE, lambda: _safetensors_metadata(path / MODEL_FILE).get("step3vl.order"))
     if order:
         model_state = {k: model_state[k] for k in json.loads(order)}
-    config = json.loads((path / CONFIG_FILE).read_text())
+    config = read(CONFIG_FILE, lambda: json.loads((path / CONFIG_FILE).read_text()))
     train_state = None
     if TRAIN_STATE_JSON in manifest["files"]:
         if TRAIN_STATE_TENSORS not in manifest["files"]:
             raise CheckpointError(f"{uri}: {TRAIN_STATE_TENSORS} is missing next to {TRAIN_STATE_JSON}")
-        document = json.loads((path / TRAIN_STATE_JSON).read_text())
-        train_state = decode_state(document, load_file(str(path / TRAIN_STATE_TENSORS)))
+        document = read(TRAIN_STATE_JSON, lambda: json.loads((path / TRAIN_STATE_JSON).read_text()))
+        tensors = read(TRAIN_STATE_TENSORS, lambda: load_file(str(path / TRAIN_STATE_TENSORS)))
+        train_state = decode_state(document, tensors)
     tokenizer = path / TOKENIZER_DIR
     return Checkpoint(
         path=path,

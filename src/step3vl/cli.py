@@ -170,6 +170,8 @@ def _train_stage(stage: str, config_path: Path, overrides, data: Path | None, ou
     out = out or _default_out(cfg, "runs") / stage
     if init is None and stage == "sft":
         init = str(_default_out(cfg, "runs") / "pretrain" / "model")
+    if tracking:  # seconds, not MLflow's minutes of retries; sends journals left by a lost server
+        trk.preflight(trk.tracking_uri(cfg.tracking))
     ctx = trk.stage_run(stage, cfg.tracking, config=cfg) if tracking else contextlib.nullcontext()
     with ctx:
         res = run_training(stage, cfg, data, str(out), init_uri=init)
@@ -215,6 +217,8 @@ def _rl_stage(stage: str, config_path: Path, overrides, data: Path | None, out: 
     out = out or _default_out(cfg, "runs") / stage
     previous = {"rlvr": "sft", "rlhf": "rlvr", "pacore": "rlhf"}[stage]
     init = init or str(_default_out(cfg, "runs") / previous / "model")
+    if tracking:  # seconds, not MLflow's minutes of retries; sends journals left by a lost server
+        trk.preflight(trk.tracking_uri(cfg.tracking))
     ctx = trk.stage_run(stage, cfg.tracking, config=cfg) if tracking else contextlib.nullcontext()
     with ctx:
         if stage == "rlvr":
@@ -425,6 +429,26 @@ def _tracking_and_policy(config_path: Path | None, overrides: list[str] | None):
         return None, PromotionConfig()
     cfg = _pipeline_config(config_path, overrides)
     return cfg.tracking, cfg.promotion
+
+
+tracking_app = typer.Typer(help="The MLflow tracking store: journals of stages that lost their server.",
+                           no_args_is_help=True)
+app.add_typer(tracking_app, name="tracking")
+
+
+@tracking_app.command("replay")
+def tracking_replay_cmd(config_path: OptConfigOpt = None) -> None:
+    """Send the metrics that stages journaled while the tracking server was gone; their runs end FAILED."""
+    from step3vl import tracking as trk
+
+    tcfg, _ = _tracking_and_policy(config_path, None)
+    uri = trk.preflight(trk.tracking_uri(tcfg), replay=False)
+    done = trk.replay_journals(uri)
+    for r in done:
+        console.print(f"run {r.run_id}: sent {r.sent} journaled records"
+                      + ("; marked FAILED" if r.marked_failed else ""), highlight=False)
+    if not done:
+        console.print(f"nothing to replay into {trk._display_uri(uri)}", highlight=False)
 
 
 @app.command("register")

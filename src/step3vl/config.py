@@ -209,6 +209,10 @@ class RLConfig:
     grad_clip: float = 1.0
     format_weight: float = 0.0  # shaping: weight of the <think>…</think> format reward
     checkpoint_every: int = 5
+    # dynamic sampling (DAPO): roll out prompts_per_iteration × oversample prompts and train on
+    # prompts_per_iteration of them, those whose rollouts disagree first (equal rewards teach nothing)
+    oversample: float = 1.0
+    filter_groups: bool = False
     # RLHF only: reward = genrm_weight * GenRM preference + behaviour regularisation terms
     genrm_weight: float = 1.0
     verifier_weight: float = 0.0  # keep verifiable accuracy in RLHF (0 = GenRM + regularisers only)
@@ -274,6 +278,9 @@ class TrackingConfig:
     uri: str = ""
     experiment: str = "step3vl"
     registered_model: str = "step3vl-tiny"
+    # how long a stage that lost its tracking server waits at the end for it to come back before failing
+    # (its metrics stay journaled either way; see tracking.MetricSink)
+    flush_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -445,6 +452,11 @@ def _validate(obj: Any, source: str, prefix: str) -> None:
             if ref and names and ref not in names:
                 raise ConfigError(f"{source}: '{prefix}{key}' names dataset '{ref}', not one of data.sets: "
                                   f"{', '.join(sorted(names))}")
+    if isinstance(obj, RLConfig) and obj.oversample < 1.0:
+        raise ConfigError(f"{source}: '{prefix}oversample' must be >= 1 (prompts rolled out per prompt trained), "
+                          f"got {obj.oversample}")
+    if isinstance(obj, TrackingConfig) and obj.flush_timeout_s < 0:
+        raise ConfigError(f"{source}: '{prefix}flush_timeout_s' must be >= 0, got {obj.flush_timeout_s}")
     if isinstance(obj, PaCoReConfig):
         for i, st in enumerate(obj.curriculum):
             if st.prompts < 1 or not 1 <= st.width <= 256 or st.sft_steps < 0 or st.rl_iterations < 0:

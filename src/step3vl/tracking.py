@@ -13,6 +13,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -84,17 +85,18 @@ class TrackingUnavailable(Step3VLError):
 
 def _display_uri(uri: str) -> str:
     """``uri`` with any ``user:password@`` part masked, for error messages."""
-    return re.sub(r"//[^/@]*@", "//***@", uri)
+    return re.sub(r"//[^/@\s]*@", "//***@", uri)
 
 
-def preflight(uri: str | None = None, timeout: float = 5.0) -> str:
+def preflight(uri: str | None = None, timeout: float = 5.0, *, replay: bool = True) -> str:
     """Fail fast, naming the URI, when the tracking store is unreachable; returns the URI checked.
 
     MLflow's own client retries an unreachable server for minutes (7 retries, exponential backoff)
     before a run can even start; this one request answers in ``timeout`` seconds at most. An HTTP
     server counts as reachable if it answers at all, except 502/503/504 (a gateway speaking for a
     server that is down): auth and routing are MLflow's business. A ``sqlite:``/``file:`` store needs
-    its directory to exist or be creatable; a SQLite store is created here, under a lock.
+    its directory to exist or be creatable; a SQLite store is created here, under a lock. With
+    ``replay``, journals left by stages that lost the server are then sent (:func:`replay_journals`).
     """
     import urllib.error
     import urllib.request
@@ -129,6 +131,8 @@ def preflight(uri: str | None = None, timeout: float = 5.0) -> str:
             raise TrackingUnavailable(f"MLflow tracking store {shown}: {where} is not writable")
         if uri.startswith("sqlite:"):
             _create_sqlite_store(uri, where)
+    if replay:
+        replay_journals(uri, strict=False)
     return uri
 
 
@@ -198,18 +202,345 @@ def pipeline_run(cfg: TrackingConfig, run_name: str, tags: dict[str, str] | None
         yield run
 
 
+class TrackingLost(TrackingUnavailable):
+    """The tracking server went away during a stage and did not come back in time; nothing is lost: the
+    unsent points are in the run's journal, sent (and the run marked failed) by the next command that
+    reaches the server (``step3vl tracking replay``, or any ``step3vl run``/``stage`` preflight)."""
+
+
+def journal_dir() -> Path:
+    return home() / "tracking-journal"
+
+
+class MetricSink:
+    """A stage's metrics and artifacts, sent to its MLflow run from a background thread.
+
+    Training never waits on the tracking server: :meth:`log_metrics` appends to a write-ahead journal
+    (``<home>/tracking-journal/<run_id>.jsonl``) and returns. The worker sends in batches and appends an
+    ``ack`` line after each. If the server goes away, training goes on; the worker warns once, probes
+    the server's ``/health`` with backoff, and sends the backlog when it answers. :meth:`close` waits
+    (``flush_timeout_s``) for the backlog; if the server is still gone it raises :class:`TrackingLost`
+    naming the server and the journal. The journal outlives the process (a SIGKILL included): it is
+    flock-ed while its writer lives, and :func:`replay_journals` sends what was never acknowledged and
+    marks a run still RUNNING as FAILED.
+    """
+
+    BATCH = 1000  # MLflow's per-request limit on metrics
+
+    def __init__(self, run_id: str, uri: str, stage: str, journal: Path | None = None) -> None:
+        import fcntl
+        import json
+        import threading
+
+        self.run_id, self.uri, self.stage = run_id, uri, stage
+        self.path = journal or journal_dir() / f"{run_id}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held for the sink's life)
+        fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._json = json
+        self._write({"kind": "header", "run_id": run_id, "tracking_uri": _display_uri(uri), "stage": stage,
+                     "pid": os.getpid()})
+        self._pending: list[dict[str, Any]] = []
+        self._acked = 0
+        self._cv = threading.Condition()
+        self._closing = False
+        self._abandoned = False  # close() gave up: the journal is the record now, the worker stops
+        self.lost_since: float | None = None
+        self.last_error = ""
+        self.sent_after_loss = 0
+        self._thread = threading.Thread(target=self._work, name=f"mlflow-sink-{stage}", daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------------- producer side (training thread)
+    def _write(self, obj: dict[str, Any]) -> None:
+        self._f.write(self._json.dumps(obj) + "\n")
+        self._f.flush()
+
+    def _put(self, item: dict[str, Any]) -> None:
+        with self._cv:
+            self._write(item)
+            self._pending.append(item)
+            self._cv.notify()
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        ts = int(time.time() * 1000)
+        for k, v in metrics.items():
+            self._put({"kind": "metric", "key": k, "value": float(v), "step": int(step or 0), "ts": ts})
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        self._put({"kind": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
+
+    @property
+    def backlog(self) -> int:
+        with self._cv:
+            return len(self._pending)
+
+    # ----------------------------------------------------------------- worker
+    def _work(self) -> None:
+        import time
+
+        delay = 1.0
+        while True:
+            with self._cv:
+                while not self._pending and not self._closing:
+                    self._cv.wait()
+                if not self._pending or self._abandoned:
+                    return
+                first = self._pending[0]
+                if first["kind"] == "artifact":
+                    batch = [first]
+                else:
+                    batch = []
+                    for it in self._pending[: self.BATCH]:
+                        if it["kind"] != "metric":
+                            break
+                        batch.append(it)
+            if self.lost_since is not None and not _reachable(self.uri):
+                time.sleep(delay)
+                delay = min(delay * 2, 15.0)
+                continue
+            try:
+                _send(self.uri, self.run_id, batch)
+            except Exception as e:  # noqa: BLE001 (any failure to reach the store: keep the points, retry)
+                if self.lost_since is None:
+                    self.lost_since = time.monotonic()
+                    self.last_error = redact(_display_uri(f"{type(e).__name__}: {str(e)[:200]}"))
+                    _log().warning("MLflow tracking server %s unreachable during %s (%s); training continues, "
+                                   "metrics are journaled in %s and sent when it answers again",
+                                   _display_uri(self.uri), self.stage, self.last_error, self.path)
+                time.sleep(delay)
+                delay = min(delay * 2, 15.0)
+                continue
+            delay = 1.0
+            with self._cv:
+                if self._abandoned:  # sent after close() gave up: a replay may send it again (rare duplicates)
+                    return
+                del self._pending[: len(batch)]
+                self._acked += len(batch)
+                self._write({"kind": "ack", "n": self._acked})
+                if self.lost_since is not None:
+                    self.sent_after_loss += len(batch)
+                    if not self._pending:
+                        _log().warning("MLflow tracking server %s answers again: sent %d journaled points of %s",
+                                       _display_uri(self.uri), self.sent_after_loss, self.stage)
+                        self.lost_since = None
+                self._cv.notify_all()
+
+    def close(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for every point to be sent; delete the journal when all were.
+
+        Raises :class:`TrackingLost` (the journal kept) when the server did not take them in time."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+            while self._pending and time.monotonic() < deadline:
+                self._cv.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            left = len(self._pending)
+            if left:
+                self._abandoned = True
+        if left == 0:
+            self._thread.join(timeout=5)
+            self._f.close()
+            self.path.unlink(missing_ok=True)
+            return
+        self._f.close()  # releases the lock: a later replay may now send the backlog
+        raise TrackingLost(
+            f"MLflow tracking server {_display_uri(self.uri)} went away during {self.stage} and did not come back "
+            f"within {timeout:.0f} s ({self.last_error or 'no answer'}); the stage's work is done and its "
+            f"checkpoints are kept, but {left} metric/artifact records of run {self.run_id} are not in MLflow yet: "
+            f"they are journaled in {self.path} and will be sent, and the run marked FAILED, by "
+            f"`step3vl tracking replay` (or the next `step3vl run`/`stage` preflight) once the server answers")
+
+
+def _log() -> Any:
+    import logging
+
+    return logging.getLogger("step3vl.tracking")
+
+
+def _reachable(uri: str) -> bool:
+    if not uri.startswith(("http://", "https://")):
+        return True  # a local store: just try again
+    try:
+        preflight(uri, timeout=2.0, replay=False)
+    except TrackingUnavailable:
+        return False
+    return True
+
+
+def _send(uri: str, run_id: str, batch: list[dict[str, Any]]) -> None:
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    if batch[0]["kind"] == "artifact":
+        client.log_artifact(run_id, batch[0]["path"], batch[0]["artifact_path"])
+        return
+    client.log_batch(run_id, metrics=[Metric(m["key"], m["value"], m["ts"], m["step"]) for m in batch],
+                     synchronous=True)
+
+
+_SINK: MetricSink | None = None
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log to the active stage run: through its journaled sink when there is one (training never waits on
+    the server), else straight to MLflow when a run is active, else nowhere."""
+    if _SINK is not None:
+        _SINK.log_metrics(metrics, step)
+        return
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics(metrics, step=step)
+
+
+def log_artifact(path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+    if _SINK is not None:
+        _SINK.log_artifact(path, artifact_path)
+        return
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_artifact(str(path), artifact_path)
+
+
+@dataclass(frozen=True)
+class Replayed:
+    journal: Path
+    run_id: str
+    sent: int
+    marked_failed: bool
+
+
+def replay_journals(uri: str | None = None, *, strict: bool = True) -> list[Replayed]:
+    """Send what dead writers journaled but never got acknowledged; mark their runs FAILED if still RUNNING.
+
+    A journal whose writer is alive (its flock held) is left alone; one for another tracking URI too.
+    If the server refuses a backlog the journal stays, and :class:`TrackingUnavailable` is raised
+    (``strict``) or a warning naming the journal is logged."""
+    import fcntl
+    import json
+
+    import mlflow
+
+    uri = uri or tracking_uri()
+    out: list[Replayed] = []
+    d = journal_dir()
+    if not d.is_dir():
+        return out
+    for path in sorted(d.glob("*.jsonl")):
+        with open(path, "a+", encoding="utf-8") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its writer is still running
+            f.seek(0)
+            items, acked, header = [], 0, None
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line torn by a kill mid-write
+                kind = rec.get("kind")
+                if kind == "header":
+                    header = rec
+                elif kind == "ack":
+                    acked = max(acked, int(rec["n"]))
+                elif kind in ("metric", "artifact"):
+                    items.append(rec)
+            if header is None or header.get("tracking_uri") != _display_uri(uri):
+                continue
+            todo = [it for it in items[acked:] if it["kind"] != "artifact" or Path(it["path"]).exists()]
+            run_id = header["run_id"]
+            try:
+                for i in range(0, len(todo), MetricSink.BATCH):
+                    chunk = todo[i : i + MetricSink.BATCH]
+                    for kind in ("metric", "artifact"):
+                        part = [it for it in chunk if it["kind"] == kind]
+                        if kind == "metric" and part:
+                            _send(uri, run_id, part)
+                        for it in part if kind == "artifact" else []:
+                            _send(uri, run_id, [it])
+                client = mlflow.MlflowClient(tracking_uri=uri)
+                run = client.get_run(run_id)
+                failed = run.info.status == "RUNNING"
+                client.set_tag(run_id, "step3vl.tracking.replayed",
+                               f"{len(todo)} journaled records sent after the server was lost during {header['stage']}")
+                if failed:
+                    client.set_terminated(run_id, "FAILED")
+            except Exception as e:  # noqa: BLE001
+                msg = redact(_display_uri(f"replaying {path} into {uri} failed: {type(e).__name__}: {str(e)[:300]}"))
+                if strict:
+                    raise TrackingUnavailable(msg) from e
+                _log().warning("%s; the journal is kept", msg)
+                continue
+        path.unlink()
+        _log().warning("replayed %d journaled records into run %s (%s)%s", len(todo), run_id, header["stage"],
+                       "; marked it FAILED" if failed else "")
+        out.append(Replayed(path, run_id, len(todo), failed))
+    return out
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str, cfg: TrackingConfig, *, parent_run_id: str | None = None, config: Any = None
 ) -> Iterator[Any]:
-    """A child run for one stage (nested under ``parent_run_id`` when given); logs ``config``."""
+    """A child run for one stage (nested under ``parent_run_id`` when given); logs ``config``.
+
+    Inside it, :func:`log_metrics`/:func:`log_artifact` go through a journaled :class:`MetricSink`, so
+    the tracking server going away does not stop the stage (see the class)."""
     import mlflow
 
+    global _SINK
     setup(cfg)
     tags = {"step3vl.stage": stage}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    with mlflow.start_run(run_name=stage, tags=tags, nested=mlflow.active_run() is not None) as run:
+    run = mlflow.start_run(run_name=stage, tags=tags, nested=mlflow.active_run() is not None)
+    sink: MetricSink | None = None
+    status = "FAILED"
+    try:
         if config is not None:
             log_config(config)
+        sink = _SINK = MetricSink(run.info.run_id, tracking_uri(cfg), stage)
         yield run
+        status = "FINISHED"
+    finally:
+        _SINK = None
+        lost: TrackingLost | None = None
+        if sink is not None:
+            try:
+                sink.close(cfg.flush_timeout_s)
+            except TrackingLost as e:
+                lost = e
+        if lost is None:
+            mlflow.end_run(status)
+        else:
+            _end_run_without_server()
+            if status == "FINISHED":  # the stage's own error, if any, wins
+                raise lost
+
+
+def _end_run_without_server() -> None:
+    """Leave the active run without MLflow's minutes of retries against a server that is gone: one quick
+    attempt at marking it FAILED; a replay marks it later otherwise."""
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="3")
+    try:
+        mlflow.end_run("FAILED")  # pops the active run first, then tries the server once
+    except Exception:  # noqa: BLE001, S110 (the server is gone: that is the point)
+        pass
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -82,11 +82,14 @@ CASES: tuple[Case, ...] = (
          (R + "test_reliability_mlflow.py::test_preflight_fails_fast_naming_the_uri",
           R + "test_reliability_mlflow.py::test_run_refuses_to_start_without_tracking")),
     Case("mlflow-lost-mid-stage", "tracking", "MLflow tracking server dies mid-stage",
-         "`mlflow server` (SQLite backend) killed after the first checkpoint of `step3vl stage pretrain`, "
-         "restarted on the same port afterwards",
-         "never a silent loss: the stage either finishes with its metrics, or stops loudly naming the server; "
-         "every published checkpoint stays valid and the stage resumes from it",
-         (R + "test_reliability_mlflow.py::test_tracking_server_lost_mid_stage",)),
+         "`mlflow server` (SQLite backend) killed after the first checkpoint of `step3vl stage pretrain`: "
+         "(a) restarted on the same port two checkpoints later, (b) kept down until the stage ends",
+         "training continues and checkpoints are kept; (a) the journaled metrics are sent when the server "
+         "returns and the run ends FINISHED; (b) the stage fails naming the server and its journal, and a "
+         "replay sends every point and marks the run FAILED: never a silent loss",
+         (R + "test_reliability_mlflow.py::test_tracking_server_lost_mid_stage",
+          "tests/test_tracking_sink.py::test_server_lost_then_back_mid_stage_loses_nothing_and_never_blocks",
+          "tests/test_tracking_sink.py::test_replay_sends_only_what_was_never_acknowledged_and_marks_the_run_failed")),
     # ------------------------------------------------------------------ data
     Case("bad-data-gate", "data", "Bad records: every failure class of the data gate",
          "missing/undecodable images, tag count mismatch, duplicate ids, empty turns, missing answers, "

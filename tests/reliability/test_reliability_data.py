@@ -61,7 +61,7 @@ def test_bad_user_dataset_stops_data_prep_before_anything_is_packed(tmp_path, re
 def test_pickle_disguised_as_safetensors_never_runs(tmp_path, monkeypatch, reliability):
     import torch
 
-    from step3vl.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+    from step3vl.checkpoint import CheckpointError, latest_valid_checkpoint, load_checkpoint, save_checkpoint
     from step3vl.storage import MANIFEST_NAME, build_manifest
 
     marker = tmp_path / "PWNED"
@@ -85,10 +85,11 @@ def test_pickle_disguised_as_safetensors_never_runs(tmp_path, monkeypatch, relia
     monkeypatch.setattr(pickle, "load", never)
     monkeypatch.setattr(pickle, "loads", never)
     assert latest_valid_checkpoint(root) == str(evil)  # its manifest matches: only loading can tell
-    with pytest.raises(Exception) as err:  # noqa: PT011 (safetensors' own error)
+    with pytest.raises(CheckpointError, match="model.safetensors of checkpoint .*step-000002") as err:
         load_checkpoint(evil)
     assert not marker.exists(), "the pickle payload ran"
     assert "header" in str(err.value).lower() or "deserializ" in str(err.value).lower(), err.value
     reliability.record("pickle-checkpoint", outcome=f"a pickle named model.safetensors with a matching manifest: "
-                       f"load refused ({type(err.value).__name__}: {str(err.value)[:60]}), nothing unpickled, payload "
+                       f"load refused (CheckpointError: reading model.safetensors … failed: "
+                       f"{str(err.value).rsplit('failed: ', 1)[-1][:60]}), nothing unpickled, payload "
                        "never ran", data_lost="n/a (refused input)")

@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from step3vl.checkpoint import checkpoint_uri, latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from step3vl.checkpoint import (
+    CheckpointError,
+    checkpoint_uri,
+    latest_valid_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -78,15 +84,18 @@ def test_disk_full_during_checkpoint_keeps_previous_valid(tmp_path, reliability)
         save_checkpoint(first, **state)
         for where, leave in levels.items():
             filler = _fill(fs, leave)
-            with pytest.raises(Exception) as err:  # noqa: PT011 (safetensors, json and the publish raise their own)
+            with pytest.raises(CheckpointError) as err:  # one error type, whichever writer ran out of space
                 save_checkpoint(checkpoint_uri(root, 2), **state)
             text = f"{type(err.value).__name__}: {err.value}"
-            assert getattr(err.value, "errno", None) == errno.ENOSPC or "No space left" in text, text
+            cause = err.value.__cause__
+            assert getattr(cause, "errno", None) == errno.ENOSPC or "No space left" in text, text
+            assert str(root / "step-000002") in text, text  # names the checkpoint being written
             assert latest_valid_checkpoint(root) == first, where
             assert sorted(os.listdir(root)) == ["step-000001"], f"leftovers {where}: {os.listdir(root)}"
             ck = load_checkpoint(first)
             assert all(torch.equal(ck.model_state[k], v) for k, v in state["model_state"].items())
-            seen.append(f"{where} ({type(err.value).__name__})")
+            seen.append(f"{where} (CheckpointError: {' '.join(str(err.value).split()[:2])} … failed: "
+                        f"{str(err.value).rsplit("failed: ", 1)[-1][:70]})")
             filler.unlink()
         save_checkpoint(checkpoint_uri(root, 2), **state)  # space freed: the same step saves
         assert latest_valid_checkpoint(root) == checkpoint_uri(root, 2)

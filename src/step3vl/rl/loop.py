@@ -222,7 +222,8 @@ def rl_train(
     timing = {"rollout": 0.0, "reward": 0.0, "update": 0.0}
     t_start = time.perf_counter()
     while it < cfg.iterations:
-        idx = sampler.take(cfg.prompts_per_iteration)
+        n_sampled = max(cfg.prompts_per_iteration, round(cfg.prompts_per_iteration * cfg.oversample))
+        idx = sampler.take(n_sampled)
         recs = [records[i] for i in idx]
         prompts = [to_prompt(r) for r in recs]
         t0 = time.perf_counter()
@@ -234,6 +235,13 @@ def rl_train(
         flat_recs = [r for r in recs for _ in range(cfg.rollouts)]
         rewards, extras = reward_fn(flat_recs, flat)
         t2 = time.perf_counter()
+        informative = _informative_groups(rewards, cfg.rollouts)
+        if cfg.filter_groups:
+            keep = _keep_groups(informative, cfg.prompts_per_iteration)
+            recs, prompts, completions = [recs[g] for g in keep], [prompts[g] for g in keep], [completions[g] for g in keep]
+            rows = [g * cfg.rollouts + j for g in keep for j in range(cfg.rollouts)]
+            flat, flat_recs, rewards = [flat[i] for i in rows], [flat_recs[i] for i in rows], [rewards[i] for i in rows]
+            extras = {k: [v[i] for i in rows] for k, v in extras.items()}
 
         enc = [encode_prompt(p, tokenizer, processor) for p in prompts]
         batch = build_batch(enc, completions, pad_id, eos_id, processor.vision)
@@ -284,7 +292,8 @@ def rl_train(
         timing["update"] += t3 - t2
         it += 1
         row = _iteration_metrics(flat_recs, flat, rewards, extras, stats)
-        row.update(iteration=float(it), rollout_s=t1 - t0, reward_s=t2 - t1, update_s=t3 - t2)
+        row.update(iteration=float(it), rollout_s=t1 - t0, reward_s=t2 - t1, update_s=t3 - t2,
+                   informative_groups=float(np.mean(informative)), prompts_trained=float(len(recs)))
         history.append(row)
         if on_metrics:
             on_metrics(row, it)
@@ -299,6 +308,21 @@ def rl_train(
         bar.close()
     return RLResult(iteration=it, history=history, resumed_from=resumed_from,
                     seconds=time.perf_counter() - t_start, timing=timing)
+
+
+def _informative_groups(rewards: Sequence[float], rollouts: int) -> list[bool]:
+    """Per prompt: do its rollouts' rewards differ? A group whose rewards are all equal has zero
+    group-normalised advantage and teaches nothing (DAPO's dynamic-sampling criterion)."""
+    r = np.asarray(rewards, dtype=np.float64).reshape(-1, rollouts)
+    return (r.max(axis=1) - r.min(axis=1) > 1e-9).tolist()
+
+
+def _keep_groups(informative: Sequence[bool], k: int) -> list[int]:
+    """The first ``k`` informative groups in sampling order; topped up with uninformative ones (also in
+    order) when fewer than ``k`` are informative, so every iteration trains on ``k`` prompts."""
+    good = [g for g, ok in enumerate(informative) if ok]
+    rest = [g for g, ok in enumerate(informative) if not ok]
+    return sorted((good + rest)[:k])
 
 
 def _iteration_metrics(recs: Sequence[dict[str, Any]], comps: Sequence[Completion], rewards: list[float],

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from step3vl import tracking
 from step3vl.config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -111,10 +112,10 @@ def evaluate_models(cfg: PipelineConfig, data_dir: str | Path, models: dict[str,
     html_path = out / "report.html"
     html_path.write_text(report_html(md, plot))
     if mlflow.active_run() is not None:
-        mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items()})
+        tracking.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items()})
         for p in (report, html_path, plot):
             if p is not None:
-                mlflow.log_artifact(str(p))
+                tracking.log_artifact(str(p))
     return EvalOutputs(metrics, report, results, html_path, plot, cont, per_model)
 
 

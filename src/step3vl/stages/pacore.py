@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from step3vl import tracking
 from step3vl.config import PaCoReConfig, PhaseConfig, PipelineConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -201,8 +202,7 @@ def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root:
 
     def log_m(values: dict[str, float], step: int | None = None) -> None:
         metrics.update(values)
-        if mlflow.active_run() is not None:
-            mlflow.log_metrics({f"pacore/{k}": v for k, v in values.items()}, step=step)
+        tracking.log_metrics({f"pacore/{k}": v for k, v in values.items()}, step=step)
 
     for k, st in enumerate(pc.curriculum, 1):
         step_root = join_uri(root, f"step-{k}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from step3vl import tracking
 from step3vl.config import PipelineConfig, RLConfig
 from step3vl.rl.rollout import Completion
 
@@ -78,8 +79,7 @@ def run_rl(
     ckpt_config = checkpoint_config(lm.cfg, lm.tokenizer, stage=stage)
 
     def on_metrics(m: dict[str, float], it: int) -> None:
-        if mlflow.active_run() is not None:
-            mlflow.log_metrics({f"{stage}/{k}": v for k, v in m.items()}, step=it)
+        tracking.log_metrics({f"{stage}/{k}": v for k, v in m.items()}, step=it)
 
     res = rl_train(
         model, engine, lm.tokenizer, lm.processor, rl, records,
@@ -106,9 +106,9 @@ def run_rl(
     if not out_uri.startswith("s3://"):
         out.plot = plot_rl(res.history, Path(out_uri) / "rl_curves.png", stage)
     if mlflow.active_run() is not None:
-        mlflow.log_metrics({f"{stage}/{k}": v for k, v in out.metrics.items()})
+        tracking.log_metrics({f"{stage}/{k}": v for k, v in out.metrics.items()})
         if out.plot:
-            mlflow.log_artifact(str(out.plot))
+            tracking.log_artifact(str(out.plot))
     return out
 
 

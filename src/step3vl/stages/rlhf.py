@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from step3vl import tracking
 from step3vl.config import PhaseConfig, PipelineConfig, TrainConfig
 from step3vl.rl.genrm import GenRMSettings
 
@@ -152,8 +153,7 @@ def train_genrm(cfg: PipelineConfig, data_dir: Path, init_uri: str, genrm_uri: s
     ckpt_config = checkpoint_config(lm.cfg, lm.tokenizer, stage="genrm")
 
     def on_metrics(m: dict[str, float], step: int) -> None:
-        if mlflow.active_run() is not None:
-            mlflow.log_metrics({f"genrm/{k}": v for k, v in m.items()}, step=step)
+        tracking.log_metrics({f"genrm/{k}": v for k, v in m.items()}, step=step)
 
     res = train(lm.model, tcfg, [PackedDataset(packed, lm.processor)], ckpt_root=join_uri(genrm_uri, "checkpoints"),
                 seed=cfg.seed, save_extra=lambda: {"config": ckpt_config, "tokenizer_dir": tok_dir},
@@ -269,7 +269,7 @@ def run(
     if local:
         Path(out_uri.removeprefix("file://"), "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
     if mlflow.active_run() is not None:
-        mlflow.log_metrics({f"rlhf/{k}": v for k, v in metrics.items()})
+        tracking.log_metrics({f"rlhf/{k}": v for k, v in metrics.items()})
     return out
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from step3vl import tracking
 from step3vl.config import PipelineConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,7 @@ def run_training(
     ckpt_config = checkpoint_config(cfg.model, tok, stage=stage)
 
     def on_metrics(m: dict[str, float], step: int) -> None:
-        if mlflow.active_run() is not None:
-            mlflow.log_metrics({f"{stage}/{k}": v for k, v in m.items()}, step=step)
+        tracking.log_metrics({f"{stage}/{k}": v for k, v in m.items()}, step=step)
 
     result = train(
         model, tcfg, datasets,
@@ -107,9 +107,9 @@ def run_training(
         out.metrics.update(eval_loss_start=ev[0], eval_loss_end=ev[-1])
     out.plot = plot_loss(result, Path(_local(out_uri)) / "loss_curve.png" if _is_local(out_uri) else None, stage)
     if mlflow.active_run() is not None:
-        mlflow.log_metrics({f"{stage}/{k}": v for k, v in out.metrics.items()})
+        tracking.log_metrics({f"{stage}/{k}": v for k, v in out.metrics.items()})
         if out.plot:
-            mlflow.log_artifact(str(out.plot))
+            tracking.log_artifact(str(out.plot))
     if register:
         from step3vl.config import config_hash
         from step3vl.registry import register_checkpoint

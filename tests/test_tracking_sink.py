@@ -1,0 +1,174 @@
+"""The journaled metrics sink: training never waits on the tracking server, nothing logged is lost."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import mlflow
+import pytest
+
+from step3vl import tracking
+from step3vl.config import TrackingConfig
+
+
+class FlakyServer:
+    """Stands in for ``tracking._send``/``_reachable``: down while ``up`` is clear; records what arrives."""
+
+    def __init__(self, up: bool = True) -> None:
+        self.up = threading.Event()
+        if up:
+            self.up.set()
+        self.received: list[tuple[str, int, float]] = []
+        self.calls = 0
+
+    def send(self, uri, run_id, batch):
+        self.calls += 1
+        if not self.up.is_set():
+            raise ConnectionError(f"connection refused by {uri}")
+        self.received += [(m["key"], m["step"], m["value"]) for m in batch if m["kind"] == "metric"]
+
+    def reachable(self, uri):
+        return self.up.is_set()
+
+
+@pytest.fixture
+def flaky(monkeypatch, tmp_path):
+    monkeypatch.setenv("STEP3VL_HOME", str(tmp_path / "home"))
+    server = FlakyServer()
+    monkeypatch.setattr(tracking, "_send", server.send)
+    monkeypatch.setattr(tracking, "_reachable", server.reachable)
+    return server
+
+
+def _journal_items(path):
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    acked = max([x["n"] for x in lines if x["kind"] == "ack"], default=0)
+    items = [x for x in lines if x["kind"] == "metric"]
+    return items, acked
+
+
+def test_points_flow_through_and_the_journal_is_removed(flaky):
+    sink = tracking.MetricSink("run1", "http://mlflow.example:5000", "pretrain")
+    for step in range(1, 51):
+        sink.log_metrics({"pretrain/loss": 1.0 / step, "pretrain/lr": 0.1}, step=step)
+    sink.close(timeout=10)
+    assert [r for r in flaky.received if r[0] == "pretrain/loss"] == [("pretrain/loss", s, 1.0 / s) for s in range(1, 51)]
+    assert len(flaky.received) == 100
+    assert not sink.path.exists(), "a fully sent journal is deleted"
+
+
+def test_server_lost_then_back_mid_stage_loses_nothing_and_never_blocks(flaky):
+    flaky.up.clear()
+    sink = tracking.MetricSink("run2", "http://mlflow.example:5000", "sft")
+    t0 = time.monotonic()
+    for step in range(1, 201):
+        sink.log_metrics({"sft/loss": float(step)}, step=step)
+    assert time.monotonic() - t0 < 1.0, "logging waited on a dead server"
+    deadline = time.monotonic() + 10
+    while sink.lost_since is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sink.lost_since is not None and "connection refused" in sink.last_error
+    items, acked = _journal_items(sink.path)
+    assert len(items) == 200 and acked == 0  # every point is on disk while the server is gone
+    flaky.up.set()
+    sink.close(timeout=30)
+    assert [s for _, s, _ in flaky.received] == list(range(1, 201))
+    assert sink.lost_since is None and sink.sent_after_loss == 200
+    assert not sink.path.exists()
+
+
+def test_server_gone_for_good_raises_naming_it_and_keeps_the_journal(flaky):
+    flaky.up.clear()
+    sink = tracking.MetricSink("run3", "http://alice:pw@mlflow.example:5000", "rlvr")
+    sink.log_metrics({"rlvr/reward": 0.5}, step=1)
+    with pytest.raises(tracking.TrackingLost) as err:
+        sink.close(timeout=0.5)
+    msg = str(err.value)
+    assert "http://***@mlflow.example:5000" in msg and "alice:pw" not in msg
+    assert str(sink.path) in msg and "rlvr" in msg and "step3vl tracking replay" in msg
+    items, acked = _journal_items(sink.path)
+    assert [(i["key"], i["step"]) for i in items] == [("rlvr/reward", 1)] and acked == 0
+
+
+def test_replay_sends_only_what_was_never_acknowledged_and_marks_the_run_failed(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEP3VL_HOME", str(tmp_path / "home"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.preflight(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("e")
+    run = client.create_run(exp)
+    # a stage sent steps 1-3, then its server went away and the process died (journal unlocked, run RUNNING)
+    real_send = tracking._send
+    sent = {"n": 0}
+
+    def send_three_then_die(u, run_id, batch):
+        if sent["n"] >= 3:
+            raise ConnectionError("gone")
+        real_send(u, run_id, batch)
+        sent["n"] += len(batch)
+
+    monkeypatch.setattr(tracking, "_send", send_three_then_die)
+    monkeypatch.setattr(tracking, "_reachable", lambda u: sent["n"] < 3)
+    sink = tracking.MetricSink(run.info.run_id, uri, "pretrain")
+    for step in (1, 2, 3):
+        sink.log_metrics({"pretrain/loss": float(step)}, step=step)
+        while sink.backlog:
+            time.sleep(0.01)
+    for step in (4, 5, 6):
+        sink.log_metrics({"pretrain/loss": float(step)}, step=step)
+    with pytest.raises(tracking.TrackingLost):
+        sink.close(timeout=0.3)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "pretrain/loss")] == [1, 2, 3]
+    monkeypatch.setattr(tracking, "_send", real_send)
+    done = tracking.replay_journals(uri)
+    assert [(r.run_id, r.sent, r.marked_failed) for r in done] == [(run.info.run_id, 3, True)]
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "pretrain/loss"))
+    assert steps == [1, 2, 3, 4, 5, 6], "duplicates or losses"
+    got = client.get_run(run.info.run_id)
+    assert got.info.status == "FAILED" and "pretrain" in got.data.tags["step3vl.tracking.replayed"]
+    assert not sink.path.exists() and tracking.replay_journals(uri) == []
+
+
+def test_replay_leaves_a_live_writers_journal_alone(flaky, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    flaky.up.clear()
+    sink = tracking.MetricSink("live", uri, "sft")
+    sink.log_metrics({"sft/loss": 1.0}, step=1)
+    assert tracking.replay_journals(uri) == []  # its writer holds the lock
+    assert sink.path.exists()
+    flaky.up.set()
+    sink.close(timeout=10)
+
+
+def test_stage_run_routes_metrics_through_the_sink_and_ends_finished(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEP3VL_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = TrackingConfig(experiment="sink")
+    with tracking.stage_run("pretrain", cfg) as run:
+        assert tracking._SINK is not None
+        for step in range(1, 6):
+            tracking.log_metrics({"pretrain/loss": float(step)}, step=step)
+    assert tracking._SINK is None
+    client = mlflow.MlflowClient()
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "pretrain/loss")] == [1, 2, 3, 4, 5]
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert not list((tmp_path / "home" / "tracking-journal").glob("*.jsonl"))
+
+
+def test_stage_run_that_loses_the_server_fails_loudly_without_minutes_of_retries(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEP3VL_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    server = FlakyServer()
+    monkeypatch.setattr(tracking, "_send", server.send)
+    monkeypatch.setattr(tracking, "_reachable", server.reachable)
+    cfg = TrackingConfig(experiment="sink", flush_timeout_s=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(tracking.TrackingLost, match="went away during pretrain"):
+        with tracking.stage_run("pretrain", cfg):
+            server.up.clear()
+            tracking.log_metrics({"pretrain/loss": 1.0}, step=1)
+    assert time.monotonic() - t0 < 10
+    assert mlflow.active_run() is None
+    assert len(list((tmp_path / "home" / "tracking-journal").glob("*.jsonl"))) == 1
