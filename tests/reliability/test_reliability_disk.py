@@ -95,7 +95,7 @@ def test_disk_full_during_checkpoint_keeps_previous_valid(tmp_path, reliability)
             ck = load_checkpoint(first)
             assert all(torch.equal(ck.model_state[k], v) for k, v in state["model_state"].items())
             seen.append(f"{where} (CheckpointError: {' '.join(str(err.value).split()[:2])} … failed: "
-                        f"{str(err.value).rsplit("failed: ", 1)[-1][:70]})")
+                        f"{str(err.value).rsplit('failed: ', 1)[-1][:70]})")
             filler.unlink()
         save_checkpoint(checkpoint_uri(root, 2), **state)  # space freed: the same step saves
         assert latest_valid_checkpoint(root) == checkpoint_uri(root, 2)
