@@ -62,7 +62,9 @@ def _done(ck: Path) -> int:
 
 @pytest.mark.slow
 def test_rlvr_sigkill_and_resume_is_bit_identical(micro_data, init_model, tmp_path):
-    extra = ("--set", "rlvr.iterations=5", "--set", "rlvr.checkpoint_every=1")
+    # the tiny config's RLVR path: dynamic sampling (2x prompts rolled out) and a KL term to a frozen reference
+    extra = ("--set", "rlvr.iterations=5", "--set", "rlvr.checkpoint_every=1", "--set", "rlvr.filter_groups=true",
+             "--set", "rlvr.oversample=2", "--set", "rlvr.kl_coef=0.1")
     ref = tmp_path / "ref"
     subprocess.run(_cmd("rlvr", micro_data.out_dir, init_model, ref, *extra), check=True, env=ENV, capture_output=True)
     want = _digest(ref / "model")
