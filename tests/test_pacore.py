@@ -138,3 +138,25 @@ def test_scaling_curve_shapes_and_hand_checked_values(tmp_path):
     assert c["majority"] == [0.5, 0.5, 0.5]
     assert c["pacore"] == [0.5, 0.5, 0.5]  # the final round (width 1) answers i*100+0
     assert plot_scaling(curves, tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_warmup_solver_problems_come_from_the_configured_pool(micro_data):
+    """``pacore.solver_data``: the warm-up's plain problems are a seeded draw from another set (every family),
+    not only the PaCoRe set's own math problems; with no pool they are the step's problems."""
+    from step3vl.eval.suite import load_records
+    from step3vl.stages.pacore import _solver_records
+
+    rl_dir = micro_data.out_dir / "raw" / "rl"
+    pool = load_records(rl_dir)
+    own = [r for r in pool if r["task"] == "text_math"][:4]
+    drawn = _solver_records(own, rl_dir, 2.0, seed=0, step=1, pool=pool)
+    assert len(drawn) == 8 and len({r["id"] for r in drawn}) == 8
+    assert {r["id"].split("-", 3)[3] for r in drawn} <= {r["id"] for r in pool}
+    assert len({r["task"] for r in drawn}) > 1, "the pool's other families were never drawn"
+    assert drawn == _solver_records(own, rl_dir, 2.0, seed=0, step=1, pool=pool)  # seeded
+    assert drawn != _solver_records(own, rl_dir, 2.0, seed=0, step=2, pool=pool)  # fresh per curriculum step
+    for r, src in ((r, next(p for p in pool if p["id"] == r["id"].split("-", 3)[3])) for r in drawn):
+        assert len(r["images"]) == len(src.get("images", []))  # images loaded for the warm-up dataset
+        assert all(hasattr(im, "size") for im in r["images"])
+    plain = _solver_records(own, rl_dir, 1.0, seed=0, step=1)
+    assert {r["id"].split("-", 3)[3] for r in plain} == {r["id"] for r in own}

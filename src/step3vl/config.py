@@ -251,6 +251,9 @@ class PaCoReConfig:
     top_p: float = 1.0
     seq_len: int = 256  # SFT context: the controller prompt carries every reference's conclusion
     solver_mix: float = 1.0  # plain problems per synthesis record in the warm-up (keeps the solver itself)
+    # where those plain problems come from: "" = the PaCoRe set's own problems; another verifiable set
+    # (e.g. the RL set, every family) keeps the skills a math-only warm-up would otherwise wear away
+    solver_data: str = ""
     batch_size: int = 32
     lr_start: float = 3.0e-4
     lr_end: float = 1.0e-4
@@ -448,6 +451,7 @@ def _validate(obj: Any, source: str, prefix: str) -> None:
                 for i, ph in enumerate(getattr(obj, st).phases)]
         refs += [(f"{st}.eval_data", getattr(obj, st).eval_data) for st in ("pretrain", "sft")]
         refs += [(f"{st}.data", getattr(obj, st).data) for st in ("rlvr", "rlhf", "pacore")]
+        refs += [("pacore.solver_data", obj.pacore.solver_data)]
         for key, ref in refs:
             if ref and names and ref not in names:
                 raise ConfigError(f"{source}: '{prefix}{key}' names dataset '{ref}', not one of data.sets: "

@@ -96,14 +96,18 @@ def _take(records: list[dict[str, Any]], n: int, seed: int, step: int) -> list[d
 
 
 def _solver_records(problems: list[dict[str, Any]], src_dir: Path, mix: float, seed: int,
-                    step: int) -> list[dict[str, Any]]:
-    """``mix`` x len(problems) plain problems (their own conversations, images loaded) for the warm-up."""
+                    step: int, pool: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """``mix`` x len(problems) plain problems (their own conversations, images loaded) for the warm-up:
+    the step's own problems, or a seeded draw from ``pool`` (records of ``src_dir``) when given."""
     from step3vl.data.io import resolve_image
 
     n = int(round(mix * len(problems)))
+    if pool:
+        order = np.random.default_rng([seed, 0x501, step]).permutation(len(pool)).tolist()
+        problems = [pool[order[i % len(order)]] for i in range(n)]
     out = []
     for i in range(n):
-        r = problems[(i * 7 + step) % len(problems)]
+        r = problems[(i * 7 + step) % len(problems)] if not pool else problems[i]
         imgs = [resolve_image(src_dir, ref, record_id=r["id"]) for ref in r.get("images", [])]
         out.append({**r, "id": f"solver-s{step}-{i}-{r['id']}", "images": imgs})
     return out
@@ -233,8 +237,13 @@ def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root:
             chosen = _take(problems, st.prompts, cfg.seed, k)
             recs, stats = synthesis_records(engine, chosen, src_dir, st.width, pc, cfg.seed, k, progress)
             _publish_dataset(msg_dir, recs, cfg.data.shard_size, stats)
-            _publish_dataset(warm_dir, recs + _solver_records(chosen, src_dir, pc.solver_mix, cfg.seed, k),
-                             cfg.data.shard_size)
+            if pc.solver_data:
+                solver_dir = data_dir / "raw" / pc.solver_data
+                solvers = _solver_records(chosen, solver_dir, pc.solver_mix, cfg.seed, k,
+                                          pool=load_records(solver_dir))
+            else:
+                solvers = _solver_records(chosen, src_dir, pc.solver_mix, cfg.seed, k)
+            _publish_dataset(warm_dir, recs + solvers, cfg.data.shard_size)
         log_m({f"step{k}/{n}": v for n, v in stats.items()} | {f"step{k}/seconds_messages": time.perf_counter() - t0})
         if stop_after == (k, "messages"):
             return PaCoReOutputs(join_uri(out_uri, "model"), join_uri(out_uri, "messages"), metrics)
