@@ -63,18 +63,20 @@ class Entry:
     name: str
     title: str
     fn: Callable[[Any], Result]
+    opt_in: bool = False  # too long for `make bench`: run with `--only NAME`; a full run keeps its last result
 
 
 ENTRIES: dict[str, Entry] = {}
 
 
-def benchmark(name: str, title: str) -> Callable[[Callable[[Any], Result]], Callable[[Any], Result]]:
-    """Register ``fn(ctx) -> Result`` under ``name`` (the key in results.json)."""
+def benchmark(name: str, title: str, *, opt_in: bool = False) -> Callable[[Callable[[Any], Result]], Callable[[Any], Result]]:
+    """Register ``fn(ctx) -> Result`` under ``name`` (the key in results.json); ``opt_in`` entries run
+    only when named with ``--only``."""
 
     def deco(fn: Callable[[Any], Result]) -> Callable[[Any], Result]:
         if name in ENTRIES and ENTRIES[name].fn is not fn:
             raise ValueError(f"benchmark '{name}' registered twice ({ENTRIES[name].fn.__module__}, {fn.__module__})")
-        ENTRIES[name] = Entry(name, title, fn)
+        ENTRIES[name] = Entry(name, title, fn, opt_in)
         return fn
 
     return deco

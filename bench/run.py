@@ -73,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     entries = registry.discover()
     if args.list:
         for e in entries.values():
-            print(f"{e.name:20s} {e.title}")
+            print(f"{e.name:24s} {e.title}{'  (opt-in)' if e.opt_in else ''}")
         return 0
     unknown = [n for n in args.only if n not in entries]
     if unknown:
         p.error(f"unknown entr{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} (have: {', '.join(entries)})")
-    chosen = [e for e in entries.values() if not args.only or e.name in args.only]
+    chosen = [e for e in entries.values() if e.name in args.only or (not args.only and not e.opt_in)]
     full = not args.only and not args.quick
     out = args.out or (RESULTS if full else None)
 
@@ -128,6 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.update:
         results = _merged(json.loads(RESULTS.read_text()), results, list(entries))
         out = RESULTS
+    elif out == RESULTS and RESULTS.is_file():
+        # a full run does not run the opt-in entries: keep their last results, with when they were measured
+        previous = json.loads(RESULTS.read_text())
+        kept = {n: previous["entries"][n] for n, e in entries.items() if e.opt_in and n in previous.get("entries", {})}
+        if kept:
+            carried = {**kept, **results["entries"]}
+            results["entries"] = {n: carried[n] for n in entries if n in carried}
+            results["carried_over"] = {n: next((u["at"] for u in reversed(previous.get("updates", []))
+                                                if n in u["entries"]), previous.get("generated_at"))
+                                       for n in kept}
     if out is not None:
         out.write_text(json.dumps(results, indent=1) + "\n")
         print(f"wrote {out}")
