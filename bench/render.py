@@ -100,6 +100,9 @@ def render(res: dict[str, Any]) -> str:
                   f"{u['load_average_start'][0]} at start, {u['load_average_end'][0]} at end; other processes took "
                   f"{_fig(u['others_cpu_share'], 'fraction')} of the CPU). The other entries are from the run above.",
                   ""]
+    for name, at in res.get("carried_over", {}).items():
+        lines += [f"`{name}` is opt-in (not part of `make bench`; `bench/run.py --only {name} --update` measures it): "
+                  f"its result is carried over from {at}.", ""]
     lines += [
         "| machine | |",
         "|---|---|",
