@@ -270,15 +270,15 @@ def rl_train(
                 if value_head is not None:
                     vl, _ = value_loss(v, old_v[sel], returns[sel], m, clip_eps=cfg.clip_eps)
                     loss = loss + cfg.value_coef * vl
-                    stats.setdefault("value_loss", []).append(float(vl))
+                    stats.setdefault("value_loss", []).append(float(vl.detach()))
                 if ref_lp is not None:
                     kl = masked_mean(kl_penalty(lp, ref_lp[sel], kind="k3"), m)
                     loss = loss + cfg.kl_coef * kl
-                    stats.setdefault("kl", []).append(float(kl))
+                    stats.setdefault("kl", []).append(float(kl.detach()))
                 if ent is not None:
                     e = masked_mean(ent, m)
                     loss = loss - cfg.entropy_coef * e
-                    stats.setdefault("entropy", []).append(float(e))
+                    stats.setdefault("entropy", []).append(float(e.detach()))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
