@@ -442,3 +442,36 @@ def test_run_killed_resumes_then_reruns_all_cached_then_from_stage(tmp_path, mon
     # rlvr started from the first run's SFT model: it resumed nothing and its checkpoints sit at the same place
     assert third["rlvr"]["metrics"]["resumed_from_iteration"] == 2  # the first run's finished rlvr checkpoints
     assert len(client.search_model_versions("name = 'step3vl-micro'")) == 2
+
+
+def test_one_writer_per_checkpoint_root(tmp_path):
+    """Two executions of the same stage on the same inputs share a checkpoint root; run at once, the second
+    waits for the first (then resumes from what it published) instead of writing into the same directories."""
+    import threading
+    import time
+
+    from step3vl.pipeline.runtime import _exclusive
+
+    root = str(tmp_path / "checkpoints" / "pacore-abc")
+    events: list[str] = []
+    inside = threading.Event()
+
+    def first() -> None:
+        with _exclusive(root):
+            events.append("a in")
+            inside.set()
+            time.sleep(0.5)
+            events.append("a out")
+
+    t = threading.Thread(target=first)
+    t.start()
+    inside.wait(5)
+    with _exclusive(root):
+        events.append("b in")
+    t.join()
+    assert events == ["a in", "a out", "b in"]
+    with _exclusive(str(tmp_path / "checkpoints" / "other")):  # another root does not wait
+        events.append("c in")
+    with _exclusive("s3://bucket/checkpoints/pacore-abc"):  # object storage: TrainJobs, no local lock
+        events.append("d in")
+    assert events[-2:] == ["c in", "d in"]

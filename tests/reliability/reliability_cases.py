@@ -152,9 +152,11 @@ CASES: tuple[Case, ...] = (
     Case("concurrent-pipelines", "concurrency", "Two pipeline runs at once on the same MLflow and storage",
          "two `step3vl run` (micro, shrunk) started together with the same STEP3VL_HOME (SQLite MLflow, "
          "artifact store, KFP root, cache)",
-         "both train and evaluate; at most one loses the race for the champion alias and fails loudly "
-         "(PromotionConflict) instead of overwriting it; each parent run keeps its own outputs record; every "
-         "model output and registered version verifies; each alias names one of the two versions",
+         "both train and evaluate (a training stage holds a lock on its checkpoint root, so the second run waits "
+         "and resumes from the first's checkpoints, and may take later stages from the cache); at most one loses "
+         "the race for the champion alias and fails loudly (PromotionConflict) instead of overwriting it; each "
+         "parent run keeps its own outputs record; every model output and registered version verifies; each "
+         "alias names a registered version",
          (R + "test_reliability_pipeline.py::test_concurrent_runs_and_planted_secrets",
           R + "test_reliability_mlflow.py::test_two_runs_starting_on_a_fresh_store_both_open_it",
           "tests/test_registry.py::test_racing_promotions_end_with_one_champion_and_the_loser_told_why")),

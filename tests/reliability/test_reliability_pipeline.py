@@ -105,7 +105,13 @@ def test_concurrent_runs_and_planted_secrets(tmp_path, reliability):
         client = mlflow.MlflowClient()
         versions = client.search_model_versions("name = 'step3vl-micro'")
         parents = {v.tags.get("step3vl.mlflow_parent_run_id") for v in versions}
-        assert parents == {r["mlflow_run_id"] for r in res.values()}, "one version per run, each with its lineage"
+        # a run whose register task started after the other's finished is a KFP cache hit: it reuses that
+        # version (the stages that train hold a lock per checkpoint root, so the second run trails the first)
+        registering = {r["mlflow_run_id"] for r in res.values() if r["stages"]["register"]["status"] == "done"}
+        assert parents == registering and len(versions) == len(registering) >= 1, \
+            (f"one version per registering run, each with its lineage: {parents} vs {registering}",
+             {n: {s: v["status"] for s, v in r["stages"].items()} for n, r in res.items()})
+        cached = [n for n, r in res.items() if r["stages"]["register"]["status"] == "cached"]
         for v in versions:
             verify_dir(v.source)
         aliases = dict(client.get_registered_model("step3vl-micro").aliases)
@@ -115,9 +121,12 @@ def test_concurrent_runs_and_planted_secrets(tmp_path, reliability):
     statuses = {n: sorted({s["status"] for s in r["stages"].values()}) for n, r in res.items()}
     race = (f"run {losers[0]}'s register stage lost the champion race and failed loudly (PromotionConflict, "
             "alias untouched)" if losers else "both runs succeeded")
+    if cached:
+        race += (f"; run {cached[0]} waited on the other's checkpoint-root locks, resumed from its checkpoints and "
+                 "took its later stages from the cache")
     reliability.record("concurrent-pipelines", outcome=f"{race} after {wall:.0f} s (stage statuses {statuses}); each "
                        f"parent run's pipeline_outputs.json intact; every model output verifies; {len(versions)} "
-                       f"registered versions, one per run with its own lineage; aliases {aliases}",
+                       f"registered version(s), one per registering run with its own lineage; aliases {aliases}",
                        data_lost="none", seconds=round(wall))
 
     # 2. no secret anywhere: MLflow store (params, tags, metrics), artifacts, KFP outputs and logs, stdout/stderr

@@ -115,7 +115,8 @@ class Stage:
         from step3vl.pipeline import trainjob
 
         if os.environ.get(trainjob.EXECUTOR_ENV, "pod") != "trainjob":
-            return fn(*args, cfg=self.cfg, **kwargs)
+            with _exclusive(work_uri):
+                return fn(*args, cfg=self.cfg, **kwargs)
         return trainjob.run_remote(self.name, fn, args, {"cfg": self.cfg, **kwargs}, config_yaml=self.config_yaml,
                                    work_uri=work_uri)
 
@@ -206,6 +207,33 @@ def stage(name: str, config_yaml: str, mlflow_parent_run_id: str = "", pipeline_
         mlflow.set_tags({"step3vl.pipeline_run_name": pipeline_run_name, "step3vl.config_hash": config_hash(cfg)})
         log.info("%s: config %s, MLflow run %s", name, config_hash(cfg), run.info.run_id)
         yield Stage(name, cfg, run.info.run_id, t0, config_yaml, mlflow_parent_run_id)
+
+
+@contextlib.contextmanager
+def _exclusive(work_uri: str) -> Iterator[None]:
+    """One writer per checkpoint root. Two runs of the same stage on the same inputs share a root (that is
+    how a retried task resumes); run concurrently, they would publish into the same directories at once.
+    The second waits here, then resumes from what the first finished. A local root only: object storage
+    roots belong to TrainJobs, which Kubernetes names uniquely."""
+    import fcntl
+
+    from step3vl.storage import is_s3_uri
+
+    if is_s3_uri(work_uri):
+        yield
+        return
+    root = Path(work_uri.removeprefix("file://"))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another run is using %s; waiting for it, then resuming from what it published", root)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------- artifact helpers

@@ -119,13 +119,15 @@ def _publish_dataset(dest: Path, records: list[dict[str, Any]], shard_size: int,
     from step3vl.data.io import write_dataset
     from step3vl.storage import publish_dir
 
-    staging = dest.with_name(f".{dest.name}-staging")
-    if staging.exists():
-        shutil.rmtree(staging)
-    write_dataset(staging, records, shard_size=shard_size)
-    if stats is not None:
-        (staging / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))
-    publish_dir(staging, str(dest), overwrite=True, move=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-staging-", dir=dest.parent)) / "set"  # never shared
+    try:
+        write_dataset(staging, records, shard_size=shard_size)
+        if stats is not None:
+            (staging / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True))
+        publish_dir(staging, str(dest), overwrite=True, move=True)
+    finally:
+        shutil.rmtree(staging.parent, ignore_errors=True)
 
 
 def _published(uri: str) -> bool:
