@@ -23,10 +23,10 @@ class FlakyServer:
         self.received: list[tuple[str, int, float]] = []
         self.calls = 0
 
-    def send(self, uri, run_id, batch):
+    def send(self, client, run_id, batch):
         self.calls += 1
         if not self.up.is_set():
-            raise ConnectionError(f"connection refused by {uri}")
+            raise ConnectionError(f"connection refused by {client._tracking_client.tracking_uri}")
         self.received += [(m["key"], m["step"], m["value"]) for m in batch if m["kind"] == "metric"]
 
     def reachable(self, uri):
@@ -103,10 +103,10 @@ def test_replay_sends_only_what_was_never_acknowledged_and_marks_the_run_failed(
     real_send = tracking._send
     sent = {"n": 0}
 
-    def send_three_then_die(u, run_id, batch):
+    def send_three_then_die(client, run_id, batch):
         if sent["n"] >= 3:
             raise ConnectionError("gone")
-        real_send(u, run_id, batch)
+        real_send(client, run_id, batch)
         sent["n"] += len(batch)
 
     monkeypatch.setattr(tracking, "_send", send_three_then_die)

@@ -248,6 +248,7 @@ class MetricSink:
         self.lost_since: float | None = None
         self.last_error = ""
         self.sent_after_loss = 0
+        self._client = _client(uri)
         self._thread = threading.Thread(target=self._work, name=f"mlflow-sink-{stage}", daemon=True)
         self._thread.start()
 
@@ -302,7 +303,7 @@ class MetricSink:
                 delay = min(delay * 2, 15.0)
                 continue
             try:
-                _send(self.uri, self.run_id, batch)
+                _send(self._client, self.run_id, batch)
             except Exception as e:  # noqa: BLE001 (any failure to reach the store: keep the points, retry)
                 if self.lost_since is None:
                     self.lost_since = time.monotonic()
@@ -373,11 +374,16 @@ def _reachable(uri: str) -> bool:
     return True
 
 
-def _send(uri: str, run_id: str, batch: list[dict[str, Any]]) -> None:
+def _client(uri: str) -> Any:
     import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def _send(client: Any, run_id: str, batch: list[dict[str, Any]]) -> None:
+    """One journal batch to the run: a single artifact, or up to :attr:`MetricSink.BATCH` metric points."""
     from mlflow.entities import Metric
 
-    client = mlflow.MlflowClient(tracking_uri=uri)
     if batch[0]["kind"] == "artifact":
         client.log_artifact(run_id, batch[0]["path"], batch[0]["artifact_path"])
         return
@@ -427,8 +433,6 @@ def replay_journals(uri: str | None = None, *, strict: bool = True) -> list[Repl
     import fcntl
     import json
 
-    import mlflow
-
     uri = uri or tracking_uri()
     out: list[Replayed] = []
     d = journal_dir()
@@ -458,16 +462,14 @@ def replay_journals(uri: str | None = None, *, strict: bool = True) -> list[Repl
                 continue
             todo = [it for it in items[acked:] if it["kind"] != "artifact" or Path(it["path"]).exists()]
             run_id = header["run_id"]
+            points = [it for it in todo if it["kind"] == "metric"]
             try:
-                for i in range(0, len(todo), MetricSink.BATCH):
-                    chunk = todo[i : i + MetricSink.BATCH]
-                    for kind in ("metric", "artifact"):
-                        part = [it for it in chunk if it["kind"] == kind]
-                        if kind == "metric" and part:
-                            _send(uri, run_id, part)
-                        for it in part if kind == "artifact" else []:
-                            _send(uri, run_id, [it])
-                client = mlflow.MlflowClient(tracking_uri=uri)
+                client = _client(uri)
+                for i in range(0, len(points), MetricSink.BATCH):
+                    _send(client, run_id, points[i : i + MetricSink.BATCH])
+                for it in todo:
+                    if it["kind"] == "artifact":
+                        _send(client, run_id, [it])
                 run = client.get_run(run_id)
                 failed = run.info.status == "RUNNING"
                 client.set_tag(run_id, "step3vl.tracking.replayed",

@@ -58,8 +58,6 @@ def evaluate_models(cfg: PipelineConfig, data_dir: str | Path, models: dict[str,
 
     ``modes`` and ``per_family`` default to ``cfg.eval``; a single model's metrics carry no label prefix.
     """
-    import mlflow
-
     from step3vl.eval import contamination
     from step3vl.eval.modes import check_mode, run_mode
     from step3vl.eval.suite import load_records
@@ -111,11 +109,10 @@ def evaluate_models(cfg: PipelineConfig, data_dir: str | Path, models: dict[str,
     report.write_text(md)
     html_path = out / "report.html"
     html_path.write_text(report_html(md, plot))
-    if mlflow.active_run() is not None:
-        tracking.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items()})
-        for p in (report, html_path, plot):
-            if p is not None:
-                tracking.log_artifact(str(p))
+    tracking.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items()})
+    for p in (report, html_path, plot):
+        if p is not None:
+            tracking.log_artifact(str(p))
     return EvalOutputs(metrics, report, results, html_path, plot, cont, per_model)
 
 

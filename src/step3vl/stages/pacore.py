@@ -104,10 +104,11 @@ def _solver_records(problems: list[dict[str, Any]], src_dir: Path, mix: float, s
     n = int(round(mix * len(problems)))
     if pool:
         order = np.random.default_rng([seed, 0x501, step]).permutation(len(pool)).tolist()
-        problems = [pool[order[i % len(order)]] for i in range(n)]
+        picked = [pool[order[i % len(order)]] for i in range(n)]
+    else:
+        picked = [problems[(i * 7 + step) % len(problems)] for i in range(n)]
     out = []
-    for i in range(n):
-        r = problems[(i * 7 + step) % len(problems)] if not pool else problems[i]
+    for i, r in enumerate(picked):
         imgs = [resolve_image(src_dir, ref, record_id=r["id"]) for ref in r.get("images", [])]
         out.append({**r, "id": f"solver-s{step}-{i}-{r['id']}", "images": imgs})
     return out
@@ -182,8 +183,6 @@ def run(cfg: PipelineConfig, data_dir: str | Path, init_uri: str, out_uri: str, 
 
 def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root: str, work: Path, progress: bool,
          stop_after: tuple[int, str] | None) -> PaCoReOutputs:
-    import mlflow
-
     from step3vl.checkpoint import save_checkpoint
     from step3vl.data.pack import PackedDataset, pack_dataset
     from step3vl.eval.suite import load_records

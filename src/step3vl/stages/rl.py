@@ -55,8 +55,6 @@ def run_rl(
     stop_after_iteration: int | None = None,
 ) -> RLStageOutputs:
     """Run an RL stage from ``init_uri`` on the prompt set named by its config (or ``records``)."""
-    import mlflow
-
     from step3vl.checkpoint import save_checkpoint
     from step3vl.eval.suite import load_records, to_prompt
     from step3vl.model.loading import checkpoint_config, load_model
@@ -105,10 +103,9 @@ def run_rl(
         out.metrics.update(reward_first=res.history[0]["reward_mean"], reward_last=res.history[-1]["reward_mean"])
     if not out_uri.startswith("s3://"):
         out.plot = plot_rl(res.history, Path(out_uri) / "rl_curves.png", stage)
-    if mlflow.active_run() is not None:
-        tracking.log_metrics({f"{stage}/{k}": v for k, v in out.metrics.items()})
-        if out.plot:
-            tracking.log_artifact(str(out.plot))
+    tracking.log_metrics({f"{stage}/{k}": v for k, v in out.metrics.items()})
+    if out.plot:
+        tracking.log_artifact(str(out.plot))
     return out
 
 

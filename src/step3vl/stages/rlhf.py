@@ -127,8 +127,6 @@ def train_genrm(cfg: PipelineConfig, data_dir: Path, init_uri: str, genrm_uri: s
     Its dataset is built under ``work`` (kept, and reused on resume) or, if None, in a temporary
     directory removed afterwards (remote output URIs: the packed shards must be local files).
     """
-    import mlflow
-
     from step3vl.checkpoint import save_checkpoint
     from step3vl.data.pack import PackedDataset
     from step3vl.model.loading import checkpoint_config, load_model
@@ -202,8 +200,6 @@ def run(
     final judge) lives under ``<ckpt_uri>/genrm`` and the policy's checkpoints under
     ``<ckpt_uri>/policy``, so a killed stage neither retrains a finished judge nor restarts RL.
     """
-    import mlflow
-
     from step3vl.eval.suite import EVAL_SAMPLING, GREEDY, evaluate, load_records, to_prompt
     from step3vl.model.loading import load_model
     from step3vl.rl.genrm import GenRM, ReferenceAnswers, RLHFReward, pairwise_accuracy
@@ -268,8 +264,7 @@ def run(
                    seconds_compare=t4 - t3, seconds=t4 - t0)
     if local:
         Path(out_uri.removeprefix("file://"), "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
-    if mlflow.active_run() is not None:
-        tracking.log_metrics({f"rlhf/{k}": v for k, v in metrics.items()})
+    tracking.log_metrics({f"rlhf/{k}": v for k, v in metrics.items()})
     return out
 
 

@@ -106,10 +106,9 @@ def run_training(
     if ev:
         out.metrics.update(eval_loss_start=ev[0], eval_loss_end=ev[-1])
     out.plot = plot_loss(result, Path(_local(out_uri)) / "loss_curve.png" if _is_local(out_uri) else None, stage)
-    if mlflow.active_run() is not None:
-        tracking.log_metrics({f"{stage}/{k}": v for k, v in out.metrics.items()})
-        if out.plot:
-            tracking.log_artifact(str(out.plot))
+    tracking.log_metrics({f"{stage}/{k}": v for k, v in out.metrics.items()})
+    if out.plot:
+        tracking.log_artifact(str(out.plot))
     if register:
         from step3vl.config import config_hash
         from step3vl.registry import register_checkpoint
