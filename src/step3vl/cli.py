@@ -170,8 +170,6 @@ def _train_stage(stage: str, config_path: Path, overrides, data: Path | None, ou
     out = out or _default_out(cfg, "runs") / stage
     if init is None and stage == "sft":
         init = str(_default_out(cfg, "runs") / "pretrain" / "model")
-    if tracking:  # seconds, not MLflow's minutes of retries; sends journals left by a lost server
-        trk.preflight(trk.tracking_uri(cfg.tracking))
     ctx = trk.stage_run(stage, cfg.tracking, config=cfg) if tracking else contextlib.nullcontext()
     with ctx:
         res = run_training(stage, cfg, data, str(out), init_uri=init)
@@ -217,8 +215,6 @@ def _rl_stage(stage: str, config_path: Path, overrides, data: Path | None, out: 
     out = out or _default_out(cfg, "runs") / stage
     previous = {"rlvr": "sft", "rlhf": "rlvr", "pacore": "rlhf"}[stage]
     init = init or str(_default_out(cfg, "runs") / previous / "model")
-    if tracking:  # seconds, not MLflow's minutes of retries; sends journals left by a lost server
-        trk.preflight(trk.tracking_uri(cfg.tracking))
     ctx = trk.stage_run(stage, cfg.tracking, config=cfg) if tracking else contextlib.nullcontext()
     with ctx:
         if stage == "rlvr":
@@ -448,7 +444,7 @@ def tracking_replay_cmd(config_path: OptConfigOpt = None) -> None:
         console.print(f"run {r.run_id}: sent {r.sent} journaled records"
                       + ("; marked FAILED" if r.marked_failed else ""), highlight=False)
     if not done:
-        console.print(f"nothing to replay into {trk._display_uri(uri)}", highlight=False)
+        console.print(f"nothing to replay into {trk.display_uri(uri)}", highlight=False)
 
 
 @app.command("register")

@@ -83,7 +83,7 @@ class TrackingUnavailable(Step3VLError):
     """The MLflow tracking store cannot be reached; the message names its URI (credentials masked)."""
 
 
-def _display_uri(uri: str) -> str:
+def display_uri(uri: str) -> str:
     """``uri`` with any ``user:password@`` part masked, for error messages."""
     return re.sub(r"//[^/@\s]*@", "//***@", uri)
 
@@ -102,7 +102,7 @@ def preflight(uri: str | None = None, timeout: float = 5.0, *, replay: bool = Tr
     import urllib.request
 
     uri = uri or tracking_uri()
-    shown = _display_uri(uri)
+    shown = display_uri(uri)
     if uri.startswith(("http://", "https://")):
         try:
             bare = re.sub(r"//[^/@]*@", "//", uri)  # reachability only: credentials are MLflow's to send
@@ -238,7 +238,7 @@ class MetricSink:
         self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held for the sink's life)
         fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._json = json
-        self._write({"kind": "header", "run_id": run_id, "tracking_uri": _display_uri(uri), "stage": stage,
+        self._write({"kind": "header", "run_id": run_id, "tracking_uri": display_uri(uri), "stage": stage,
                      "pid": os.getpid()})
         self._pending: list[dict[str, Any]] = []
         self._acked = 0
@@ -307,10 +307,10 @@ class MetricSink:
             except Exception as e:  # noqa: BLE001 (any failure to reach the store: keep the points, retry)
                 if self.lost_since is None:
                     self.lost_since = time.monotonic()
-                    self.last_error = redact(_display_uri(f"{type(e).__name__}: {str(e)[:200]}"))
+                    self.last_error = redact(display_uri(f"{type(e).__name__}: {str(e)[:200]}"))
                     _log().warning("MLflow tracking server %s unreachable during %s (%s); training continues, "
                                    "metrics are journaled in %s and sent when it answers again",
-                                   _display_uri(self.uri), self.stage, self.last_error, self.path)
+                                   display_uri(self.uri), self.stage, self.last_error, self.path)
                 time.sleep(delay)
                 delay = min(delay * 2, 15.0)
                 continue
@@ -325,7 +325,7 @@ class MetricSink:
                     self.sent_after_loss += len(batch)
                     if not self._pending:
                         _log().warning("MLflow tracking server %s answers again: sent %d journaled points of %s",
-                                       _display_uri(self.uri), self.sent_after_loss, self.stage)
+                                       display_uri(self.uri), self.sent_after_loss, self.stage)
                         self.lost_since = None
                 self._cv.notify_all()
 
@@ -351,7 +351,7 @@ class MetricSink:
             return
         self._f.close()  # releases the lock: a later replay may now send the backlog
         raise TrackingLost(
-            f"MLflow tracking server {_display_uri(self.uri)} went away during {self.stage} and did not come back "
+            f"MLflow tracking server {display_uri(self.uri)} went away during {self.stage} and did not come back "
             f"within {timeout:.0f} s ({self.last_error or 'no answer'}); the stage's work is done and its "
             f"checkpoints are kept, but {left} metric/artifact records of run {self.run_id} are not in MLflow yet: "
             f"they are journaled in {self.path} and will be sent, and the run marked FAILED, by "
@@ -458,7 +458,7 @@ def replay_journals(uri: str | None = None, *, strict: bool = True) -> list[Repl
                     acked = max(acked, int(rec["n"]))
                 elif kind in ("metric", "artifact"):
                     items.append(rec)
-            if header is None or header.get("tracking_uri") != _display_uri(uri):
+            if header is None or header.get("tracking_uri") != display_uri(uri):
                 continue
             todo = [it for it in items[acked:] if it["kind"] != "artifact" or Path(it["path"]).exists()]
             run_id = header["run_id"]
@@ -477,7 +477,7 @@ def replay_journals(uri: str | None = None, *, strict: bool = True) -> list[Repl
                 if failed:
                     client.set_terminated(run_id, "FAILED")
             except Exception as e:  # noqa: BLE001
-                msg = redact(_display_uri(f"replaying {path} into {uri} failed: {type(e).__name__}: {str(e)[:300]}"))
+                msg = redact(display_uri(f"replaying {path} into {uri} failed: {type(e).__name__}: {str(e)[:300]}"))
                 if strict:
                     raise TrackingUnavailable(msg) from e
                 _log().warning("%s; the journal is kept", msg)
@@ -500,6 +500,7 @@ def stage_run(
     import mlflow
 
     global _SINK
+    preflight(tracking_uri(cfg))  # seconds, not MLflow's minutes of retries; sends journals a lost server left
     setup(cfg)
     tags = {"step3vl.stage": stage}
     if parent_run_id:
