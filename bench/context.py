@@ -31,7 +31,7 @@ class Context:
     def __init__(self, workdir: Path, *, quick: bool = False) -> None:
         self.workdir = Path(workdir)
         self.quick = quick
-        self._packed: dict[tuple[str, int], Path] = {}
+        self._packed: dict[tuple[str, int, int], Path] = {}
 
     def rounds(self, full: int, quick: int) -> int:
         return quick if self.quick else full
@@ -78,17 +78,19 @@ class Context:
             raise ValueError(f"the rl set has {len(recs)} records of {families}, {n} wanted")
         return recs, [to_prompt(r, raw) for r in recs]
 
-    def packed(self, name: str, seq_len: int) -> Path:
-        """``name`` packed with loss on every text token at ``seq_len`` (data prep's own packer)."""
-        if seq_len == self.pipeline.pretrain.seq_len:
+    def packed(self, name: str, seq_len: int, open_rows: int | None = None) -> Path:
+        """``name`` packed with loss on every text token at ``seq_len`` (data prep's own packer, with
+        ``open_rows`` rows open for best-fit; default: the pipeline's ``data.pack_open_rows``)."""
+        rows = self.pipeline.data.pack_open_rows if open_rows is None else open_rows
+        if seq_len == self.pipeline.pretrain.seq_len and rows == self.pipeline.data.pack_open_rows:
             return self.data.packed(name)
-        key = (name, seq_len)
+        key = (name, seq_len, rows)
         if key not in self._packed:
             from step3vl.data.pack import pack_dataset
 
-            out = self.workdir / "packed" / f"{name}-{seq_len}"
+            out = self.workdir / "packed" / f"{name}-{seq_len}-open{rows}"
             pack_dataset(self.data.raw(name), str(out), tokenizer=self.tokenizer, processor=self.processor,
-                         seq_len=seq_len, loss_on="all", seed=0, progress=False)
+                         seq_len=seq_len, loss_on="all", seed=0, open_rows=rows, progress=False)
             self._packed[key] = out
         return self._packed[key]
 

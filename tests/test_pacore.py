@@ -160,3 +160,48 @@ def test_warmup_solver_problems_come_from_the_configured_pool(micro_data):
         assert all(hasattr(im, "size") for im in r["images"])
     plain = _solver_records(own, rl_dir, 1.0, seed=0, step=1)
     assert {r["id"].split("-", 3)[3] for r in plain} == {r["id"] for r in own}
+
+
+def test_synthesis_filter_keeps_solved_or_disagreeing_message_sets():
+    """``pacore.synthesis_filter``: a set no reference solves teaches the synthesis to ignore its
+    references ("solved" drops it); a unanimous one teaches only copying ("informative" drops it too)."""
+    from step3vl.stages.pacore import _filtered
+
+    recs = [{"id": str(k), "meta": {"references_correct": k, "width": 4}} for k in range(5)]
+    assert [r["id"] for r in _filtered(recs, "all")] == ["0", "1", "2", "3", "4"]
+    assert [r["id"] for r in _filtered(recs, "solved")] == ["1", "2", "3", "4"]
+    assert [r["id"] for r in _filtered(recs, "informative")] == ["1", "2", "3"]
+
+
+class _FixedEngine:
+    """Every prompt's ``n`` responses: the given texts, in order (no model)."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+
+    def generate(self, prompts, n, params):  # type: ignore[no-untyped-def]
+        return [[Completion(text=self.texts[j % len(self.texts)], token_ids=[1], logprobs=[0.0], finish_reason="stop",
+                            prompt_tokens=1)
+                 for j in range(n)] for _ in prompts]
+
+
+@pytest.mark.parametrize("target", ["trace", "answer"])
+def test_synthesis_records_target_and_reference_statistics(tmp_path, target):
+    """The controller prompt carries the references' conclusions; the assistant turn is the reference
+    trace ("trace") or only its answer after an empty think ("answer"); the statistics count right ones."""
+    from step3vl.config import PaCoReConfig
+    from step3vl.stages.pacore import synthesis_records
+
+    rec = {"id": "p0", "task": "text_math", "split": "train", "reward": "math_numeric", "answer": "7",
+           "messages": [{"role": "user", "content": "What is 3 + 4?"},
+                        {"role": "assistant", "content": "<think>3 + 4 = 7</think>7"}]}
+    eng = _FixedEngine(["<think>x</think>7", "<think>y</think>8", "<think>z</think>8", "<think>w</think>9"])
+    out, stats = synthesis_records(eng, [rec], tmp_path, 4, PaCoReConfig(synthesis_target=target), seed=0, step=1)
+    (r,) = out
+    assert r["meta"]["references_correct"] == 1 and r["meta"]["width"] == 4
+    assert stats["references_accuracy"] == 0.25 and stats["references_pass"] == 1.0
+    assert stats["references_majority"] == 0.0  # "8" wins the vote
+    prompt = r["messages"][-2]["content"]
+    assert "What is 3 + 4?" in prompt and all(a in prompt for a in ("7", "8", "9")) and "<think>" not in prompt
+    want = "<think>3 + 4 = 7</think>7" if target == "trace" else "<think></think>7"
+    assert r["messages"][-1] == {"role": "assistant", "content": want}

@@ -12,8 +12,12 @@ A packed dataset is a published directory (``MANIFEST.json`` last) with ``index.
   row i, in ``<im_patch>`` order: ``view_kind[o[i]:o[i+1]]`` (0 global, 1 crop) and
   ``view_index[o[i]:o[i+1]]`` with ``o = row_view_offsets`` (N+1,).
 
-Samples are packed first-fit in a seeded shuffled stream (window = one input shard), so memory is
-bounded by the shard size, not the dataset size.
+Samples come in a seeded shuffled stream (window = one input shard) and are packed best-fit into a
+bounded set of open rows (``open_rows``, ``data.pack_open_rows``): each sample goes to the open row it
+fills most tightly; when none has room, the fullest row is closed (if ``open_rows`` are open) and a new
+one starts. Memory stays bounded by the shard size and the open rows, not the dataset size. With one
+open row (the default) this is next-fit packing, which leaves about a sixth of tiny's rows empty;
+32 open rows leave about 4.5%.
 """
 
 from __future__ import annotations
@@ -174,10 +178,13 @@ def pack_dataset(
     loss_on: LossOn,
     seed: int = 0,
     rows_per_shard: int = 1024,
+    open_rows: int = 1,
     progress: bool = True,
     extra_meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Tokenise and pack a (gated) dataset into shards at ``out_uri``; returns the index."""
+    if open_rows < 1:
+        raise ValueError(f"open_rows must be >= 1, got {open_rows}")
     from step3vl.storage import publish_dir
 
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -187,14 +194,12 @@ def pack_dataset(
     with tempfile.TemporaryDirectory(prefix="step3vl-pack-") as tmp:
         shards: list[dict[str, Any]] = []
         builder = _ShardBuilder(seq_len, pad_id)
-        row = _Row()
+        open_: list[_Row] = []  # rows still taking samples, in the order they were opened
 
-        def flush_row() -> None:
-            nonlocal row
-            if row.samples:
-                builder.add_row(row)
-                stats["rows"] += 1
-            row = _Row()
+        def close_row(row: _Row) -> None:
+            del open_[next(i for i, r in enumerate(open_) if r is row)]  # by identity: rows can be equal
+            builder.add_row(row)
+            stats["rows"] += 1
             if len(builder.rows) >= rows_per_shard:
                 flush_shard()
 
@@ -218,8 +223,14 @@ def pack_dataset(
                 if len(too_long_examples) < 5:
                     too_long_examples.append(f"{sample.record_id} ({n} tokens)")
                 continue
-            if len(row.ids) + n > seq_len:
-                flush_row()
+            fits = [r for r in open_ if len(r.ids) + n <= seq_len]
+            if fits:  # best fit: the row this sample leaves with the least room (the oldest on a tie)
+                row = max(fits, key=lambda r: len(r.ids))
+            else:
+                if len(open_) >= open_rows:
+                    close_row(max(open_, key=lambda r: len(r.ids)))
+                row = _Row()
+                open_.append(row)
             seg = row.samples + 1
             row.ids += sample.input_ids
             row.mask += sample.loss_mask
@@ -227,11 +238,14 @@ def pack_dataset(
             row.pos += list(range(n))
             row.views += sample.views
             row.samples += 1
+            if len(row.ids) == seq_len:
+                close_row(row)
             stats["samples"] += 1
             stats["tokens"] += n
             stats["loss_tokens"] += sum(sample.loss_mask)
             stats["per_task"][sample.task] = stats["per_task"].get(sample.task, 0) + 1
-        flush_row()
+        for row in list(open_):
+            close_row(row)
         flush_shard()
         if stats["dropped_too_long"]:
             log.warning("%s: %d samples longer than seq_len=%d were not packed, e.g. %s", dataset_dir,
@@ -240,6 +254,7 @@ def pack_dataset(
             raise DataError(f"{dataset_dir}: nothing to pack (every sample longer than seq_len={seq_len}?)")
         index = {
             "format": PACK_FORMAT, "seq_len": seq_len, "loss_on": loss_on, "seed": seed, "shards": shards,
+            "open_rows": open_rows,
             "padding_fraction": 1 - stats["tokens"] / (stats["rows"] * seq_len),
             "too_long_examples": too_long_examples,
             "vision": {"image_size": processor.vision.image_size, "crop_size": processor.vision.crop_size},

@@ -245,8 +245,8 @@ def run(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True, log_
         if dest.exists():
             shutil.rmtree(dest)
         index = pack_dataset(raw[dataset], str(dest), tokenizer=tok, processor=processor, seq_len=seq_len,
-                             loss_on=loss_on, seed=set_seed(cfg.data, packed), progress=progress,
-                             extra_meta={"source": dataset})
+                             loss_on=loss_on, seed=set_seed(cfg.data, packed), open_rows=cfg.data.pack_open_rows,
+                             progress=progress, extra_meta={"source": dataset})
         manifest["sets"][dataset].setdefault("packed", {})[packed] = {
             k: index[k] for k in ("rows", "samples", "tokens", "loss_tokens", "padding_fraction", "dropped_too_long")
         }

@@ -7,7 +7,10 @@ A curriculum of steps (``cfg.pacore.curriculum``; the recipe's smaller set, then
    compacted to their conclusions, shuffled with a seeded RNG and rendered into the controller prompt
    (:mod:`step3vl.pacore.inference`). They are written as a dataset (the problem's images included,
    its reference answer as the assistant turn), reused on rerun and copied to ``<out>/messages/``.
-2. **Warm-up** (``sft_steps``): SFT on those conversations on the one training loop (assistant tokens).
+2. **Warm-up** (``sft_steps``): SFT on those conversations on the one training loop (assistant tokens):
+   the message sets ``pacore.synthesis_filter`` keeps (all; those a reference solves; those whose
+   references disagree), with the reference's trace or only its answer as the target
+   (``pacore.synthesis_target``), plus ``solver_mix`` plain problems.
 3. **RL** (``rl_iterations``): the RL loop on the synthesis prompts with the records' verifiers.
 
 Layout under ``ckpt_uri`` (defaults to ``out_uri``): ``step-<k>/{messages,packed}`` (local work),
@@ -52,6 +55,7 @@ def synthesis_records(engine: Any, records: list[dict[str, Any]], src_dir: Path,
     Returns the synthesis records (the record's reference answer as the assistant turn) and statistics
     of the cached responses: how often they are right, and what voting or any-of-them would score.
     """
+    from step3vl.data.families import final_answer, think
     from step3vl.eval.suite import is_correct, to_prompt
     from step3vl.pacore.inference import compact, controller_prompt, majority_vote, shuffled
     from step3vl.rl.rewards import score
@@ -78,6 +82,8 @@ def synthesis_records(engine: Any, records: list[dict[str, Any]], src_dir: Path,
         concl = shuffled([compact(c.text) for c in group], seed, idx, step)
         cp = controller_prompt(p, concl)
         target = next(m["content"] for m in reversed(rec["messages"]) if m["role"] == "assistant")
+        if pc.synthesis_target == "answer":
+            target = think("", final_answer(target))
         out.append({
             "id": f"pacore-s{step}-{rec['id']}", "task": rec["task"], "split": "train",
             "reward": rec["reward"], "answer": rec["answer"], "images": list(p.images),
@@ -87,6 +93,18 @@ def synthesis_records(engine: Any, records: list[dict[str, Any]], src_dir: Path,
     stats = {"references_accuracy": float(np.mean(ref_acc)), "references_majority": float(np.mean(maj)),
              "references_pass": float(np.mean(any_ok)), "problems": float(len(records))}
     return out, stats
+
+
+def _filtered(recs: list[dict[str, Any]], how: str) -> list[dict[str, Any]]:
+    """The message sets the warm-up trains on (``PaCoReConfig.synthesis_filter``)."""
+    if how == "all":
+        return recs
+    out = []
+    for r in recs:
+        right, width = r["meta"]["references_correct"], r["meta"]["width"]
+        if right > 0 and (how == "solved" or right < width):
+            out.append(r)
+    return out
 
 
 def _take(records: list[dict[str, Any]], n: int, seed: int, step: int) -> list[dict[str, Any]]:
@@ -237,6 +255,8 @@ def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root:
             engine = TorchEngine(lm.model, lm.tokenizer, lm.processor)
             chosen = _take(problems, st.prompts, cfg.seed, k)
             recs, stats = synthesis_records(engine, chosen, src_dir, st.width, pc, cfg.seed, k, progress)
+            train_recs = _filtered(recs, pc.synthesis_filter)
+            stats["synthesis_records"] = float(len(train_recs))
             _publish_dataset(msg_dir, recs, cfg.data.shard_size, stats)
             if pc.solver_data:
                 solver_dir = data_dir / "raw" / pc.solver_data
@@ -244,7 +264,7 @@ def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root:
                                           pool=load_records(solver_dir))
             else:
                 solvers = _solver_records(chosen, src_dir, pc.solver_mix, cfg.seed, k)
-            _publish_dataset(warm_dir, recs + solvers, cfg.data.shard_size)
+            _publish_dataset(warm_dir, train_recs + solvers, cfg.data.shard_size)
         log_m({f"step{k}/{n}": v for n, v in stats.items()} | {f"step{k}/seconds_messages": time.perf_counter() - t0})
         if stop_after == (k, "messages"):
             return PaCoReOutputs(join_uri(out_uri, "model"), join_uri(out_uri, "messages"), metrics)
@@ -261,7 +281,7 @@ def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root:
                         shutil.rmtree(packed)
                     pack_dataset(warm_dir, str(packed), tokenizer=lm.tokenizer, processor=lm.processor,
                                  seq_len=pc.seq_len, loss_on="assistant", seed=set_seed(cfg.data, SYNTHESIS_SET) + k,
-                                 progress=progress, extra_meta={"source": SYNTHESIS_SET, "step": k})
+                                 open_rows=cfg.data.pack_open_rows, progress=progress, extra_meta={"source": SYNTHESIS_SET, "step": k})
                 seed_everything(cfg.seed)
                 lm.model.train()
                 res = train(lm.model, warmup_config(pc, st.sft_steps, cfg.sft), [PackedDataset(packed, lm.processor)],

@@ -2,8 +2,8 @@
 
 Level 1: two single digits side by side, asked for their sum; the digits are in one near-black ink
 (``render.INKS``) on a light paper (``render.PAPERS``), each shifted at random within its column
-(up to 4 px up or down, and 0 or 2 px away from the other digit). Level 2: two two-digit numbers
-one above the other, asked for the sum or the difference (larger minus smaller). Level 3: either
+(up to 4 px up or down, and 0 or 2 px away from the other digit). Level 2: the same image, two
+steps: a two-digit number given in the question plus, or minus, the digits' sum. Level 3: either
 three digits, "multiply the first two and add the third", or a digit above a group of shapes, "the
 number times the number of shapes". Verifier ``math_numeric``.
 """
@@ -50,40 +50,31 @@ def _columns(
             ImageDraw.Draw(img).rectangle((m + i * w - 1, 2 * m, m + i * w, size - 2 * m), fill=DIVIDER)
 
 
-def _rows(img: Image.Image, texts: list[str], colours: list[str], size: int) -> None:
-    m = render.px(2, size)
-    h = (size - 2 * m) // len(texts)
-    for i, (t, c) in enumerate(zip(texts, colours, strict=True)):
-        region = (m, m + i * h + m, size - m, m + (i + 1) * h - m)
-        render.draw_centered_text(img, [t], render.PALETTE[c], region=region)
-
-
 @register_family("mm_math", kind="verifiable", modality="image", reward="math_numeric")
 def make(rng: random.Random, difficulty: int, size: int) -> Sample:
     """Do arithmetic on numbers (and at level 3 a shape count) shown in the image."""
     meta: dict = {}
-    if difficulty == 1:
+    if difficulty in (1, 2):
         paper, ink = rng.choice(list(render.PAPERS)), rng.choice(list(render.INKS))
         img = Image.new("RGB", (size, size), render.PAPERS[paper])
         a, b = rng.randint(1, 9), rng.randint(1, 9)
         _columns(img, [str(a), str(b)], [render.INKS[ink]] * 2, size, rng)
-        q = "What is the sum of the two numbers in the image?"
-        trace, ans = f"{a} + {b} = {a + b}", a + b
         meta.update(numbers=[a, b], ink=ink, background=paper)
-        return Sample(prompt=[user(q, 1)], target=think(trace, str(ans)), images=[img], answer=str(ans), meta=meta)
-    img = Image.new("RGB", (size, size), render.BACKGROUNDS["white"])
-    if difficulty == 2:
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        _rows(img, [str(a), str(b)], rng.sample(render.TEXT_COLOURS, 2), size)
-        meta["numbers"] = [a, b]
-        if rng.random() < 0.5:
+        if difficulty == 1:
             q = "What is the sum of the two numbers in the image?"
             trace, ans = f"{a} + {b} = {a + b}", a + b
         else:
-            q = "What is the larger number minus the smaller one?"
-            hi, lo = max(a, b), min(a, b)
-            trace, ans = f"{hi} - {lo} = {hi - lo}", hi - lo
-    elif rng.random() < 0.5:
+            n = rng.randint(20, 99)
+            meta["operand"] = n
+            if rng.random() < 0.5:
+                q = f"What is {n} plus the sum of the two numbers in the image?"
+                trace, ans = f"{a} + {b} = {a + b}, {n} + {a + b} = {n + a + b}", n + a + b
+            else:
+                q = f"What is {n} minus the sum of the two numbers in the image?"
+                trace, ans = f"{a} + {b} = {a + b}, {n} - {a + b} = {n - a - b}", n - a - b
+        return Sample(prompt=[user(q, 1)], target=think(trace, str(ans)), images=[img], answer=str(ans), meta=meta)
+    img = Image.new("RGB", (size, size), render.BACKGROUNDS["white"])
+    if rng.random() < 0.5:
         a, b, c = (rng.randint(1, 9) for _ in range(3))
         inks = [render.PALETTE[col] for col in rng.sample(render.TEXT_COLOURS, 3)]
         _columns(img, [str(a), str(b), str(c)], inks, size)

@@ -1,0 +1,74 @@
+"""Packing: every sample lands whole in exactly one row, best-fit beats next-fit on padding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from step3vl.data.pack import pack_dataset
+from step3vl.model.processor import ImageProcessor
+from step3vl.model.tokenizer import load_tokenizer
+
+
+def _pack(micro_cfg, micro_data, tmp_path: Path, open_rows: int) -> tuple[dict, list[dict[str, np.ndarray]]]:
+    out = tmp_path / f"packed-{open_rows}"
+    index = pack_dataset(micro_data.out_dir / "raw" / "pretrain_broad", str(out),
+                         tokenizer=load_tokenizer(micro_data.tokenizer_dir),
+                         processor=ImageProcessor(micro_cfg.model.vision), seq_len=micro_cfg.pretrain.seq_len,
+                         loss_on="all", seed=3, open_rows=open_rows, progress=False)
+    assert json.loads((out / "index.json").read_text())["open_rows"] == open_rows
+    return index, [load_file(str(out / s["file"])) for s in index["shards"]]
+
+
+def _segments(shards: list[dict[str, np.ndarray]]) -> list[tuple[int, ...]]:
+    """Every packed sample's token ids, checking each row's layout on the way."""
+    out = []
+    for sh in shards:
+        for ids, seg, pos in zip(sh["input_ids"], sh["segment_ids"], sh["position_ids"], strict=True):
+            used = int((seg > 0).sum())
+            assert (seg[:used] > 0).all() and (seg[used:] == 0).all()  # padding only at the end
+            assert (np.diff(seg[:used]) >= 0).all() and seg[0] == 1  # segments 1, 2, ... in order
+            for s in range(1, int(seg.max()) + 1):
+                where = np.flatnonzero(seg == s)
+                assert (pos[where] == np.arange(len(where))).all()  # positions restart per sample
+                out.append(tuple(ids[where].tolist()))
+    return out
+
+
+def test_best_fit_keeps_every_sample_and_pads_less(micro_cfg, micro_data, tmp_path):
+    nf_index, nf = _pack(micro_cfg, micro_data, tmp_path, open_rows=1)
+    bf_index, bf = _pack(micro_cfg, micro_data, tmp_path, open_rows=32)
+    assert sorted(_segments(bf)) == sorted(_segments(nf))  # the same samples, each whole, once
+    assert bf_index["samples"] == nf_index["samples"] and bf_index["tokens"] == nf_index["tokens"]
+    assert bf_index["rows"] < nf_index["rows"]
+    assert bf_index["padding_fraction"] < 0.5 * nf_index["padding_fraction"], (bf_index["padding_fraction"],
+                                                                              nf_index["padding_fraction"])
+    views = sum(len(sh["view_kind"]) for sh in bf)
+    assert views == sum(len(sh["view_kind"]) for sh in nf)  # every image view travels with its sample
+
+
+def test_open_rows_must_be_positive(micro_cfg, micro_data, tmp_path):
+    with pytest.raises(ValueError, match="open_rows must be >= 1"):
+        _pack(micro_cfg, micro_data, tmp_path, open_rows=0)
+
+
+def test_pack_open_rows_is_validated_in_the_config_naming_the_key():
+    from step3vl.config import ConfigError, PipelineConfig, from_dict
+
+    with pytest.raises(ConfigError, match="'data.pack_open_rows' must be >= 1"):
+        from_dict(PipelineConfig, {"data": {"pack_open_rows": 0}})
+    assert from_dict(PipelineConfig, {"data": {"pack_open_rows": 32}}).data.pack_open_rows == 32
+
+
+def test_default_packing_is_next_fit(micro_cfg, micro_data):
+    """The data stage packs with ``data.pack_open_rows`` (1 in every shipped config): a row closes as
+    soon as the next sample does not fit, so each row's samples are consecutive in the shuffled stream."""
+    from step3vl.data.pack import PackedDataset
+
+    assert micro_cfg.data.pack_open_rows == 1
+    ds = PackedDataset(micro_data.packed("pretrain_broad"), ImageProcessor(micro_cfg.model.vision))
+    assert ds.index["open_rows"] == 1
