@@ -98,6 +98,13 @@ def test_rounds_run_as_one_batch_each_and_count_tokens_per_round():
     assert len(set(seeds)) == 3 and seeds == [5 * 1009, 5 * 1009 + 1, 5 * 1009 + 2]
 
 
+def test_round_seeds_stay_in_a_generators_range_for_the_largest_seed():
+    eng = FakeEngine()
+    pacore_generate(eng, [Prompt([{"role": "user", "content": "q"}])], [4, 2], SamplingParams(seed=2**63 - 1), seed=1)
+    seeds = [sp.seed for _, _, sp in eng.calls]
+    assert len(set(seeds)) == 3 and all(0 <= s < 2**63 for s in seeds)
+
+
 def test_majority_vote_picks_the_most_common_conclusion_and_never_an_empty_one():
     assert majority_vote(["<think>a</think>3", "<think>b</think>4", "<think>c</think>4"]) == 1
     assert majority_vote(["<think>x", "<think>y", "<think>z</think>9"]) == 2

@@ -33,6 +33,15 @@ def test_seeded_sampling_is_reproducible(engine):
     assert all(len(c.logprobs) == len(c.token_ids) for g in a for c in g)
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-45])
+def test_a_vanishing_temperature_samples_its_greedy_limit(engine, temperature):
+    """A temperature that is 0 in float32, or whose division overflows, is a valid request (the Python
+    API takes any temperature > 0): it samples the argmax (its limit), not a softmax over inf/nan."""
+    tiny = engine.generate(_prompts(), 2, SamplingParams(temperature=temperature, max_tokens=6, seed=3))
+    greedy = engine.generate(_prompts(), 1, SamplingParams(temperature=0.0, max_tokens=6))
+    assert [[c.token_ids for c in g] for g in tiny] == [[x[0].token_ids] * 2 for x in greedy]
+
+
 def test_greedy_follows_the_argmax_and_batching_does_not_change_it(engine):
     g = SamplingParams(temperature=0.0, max_tokens=6)
     both = engine.generate(_prompts(), 1, g)

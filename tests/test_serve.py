@@ -248,6 +248,23 @@ def test_a_full_queue_is_429(served):
         srv.stop()
 
 
+def test_vanishing_temperature_is_answered_like_greedy(client, served):
+    """temperature=1e-300 is inside the API's range [0, 2]; it must be served (its limit is greedy)."""
+    tiny = client.chat.completions.create(model=served.name, messages=_ask(), max_tokens=8, temperature=1e-300)
+    greedy = client.chat.completions.create(model=served.name, messages=_ask(), max_tokens=8, temperature=0)
+    assert tiny.choices[0].message.content == greedy.choices[0].message.content
+
+
+@pytest.mark.parametrize("seed", [2**54, 2**63 - 1])
+def test_pacore_with_the_largest_seeds_is_served(client, served, seed):
+    """The spec allows any seed up to 2**63 - 1; PaCoRe derives one seed per round from it, which must stay
+    a seed a generator takes: a 500 found by reading the code after a schemathesis run failed once with a
+    5xx whose example was lost. Same seed, same answer."""
+    got = [client.chat.completions.create(model=served.name, messages=_ask(), max_tokens=4, seed=seed,
+                                          extra_body={"pacore": {"rounds": [2]}}) for _ in range(2)]
+    assert got[0].choices[0].message.content == got[1].choices[0].message.content
+
+
 def test_openapi_spec_property_based_run_finds_no_5xx(server, served):
     """Schemathesis generates requests from the server's own spec (valid and invalid); none may be 5xx."""
     import schemathesis

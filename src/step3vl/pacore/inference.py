@@ -107,7 +107,8 @@ def pacore_generate(engine: Any, prompts: Sequence[Prompt], rounds: Sequence[int
     results = [PaCoReResult(completion=Completion("", [], [], "length", 0)) for _ in prompts]
     current = list(prompts)
     for r, width in enumerate(widths):
-        sp = replace(params, seed=None if params.seed is None else params.seed * 1009 + r)
+        # per-round seeds stay in the 64-bit range a generator takes (the API allows seeds up to 2**63 - 1)
+        sp = replace(params, seed=None if params.seed is None else (params.seed * 1009 + r) % 2**63)
         groups = engine.generate(current, width, sp)
         for i, (res, group) in enumerate(zip(results, groups)):
             res.round_tokens.append(sum(len(c.token_ids) for c in group))

@@ -107,6 +107,16 @@ def encode_prompt(p: Prompt, tokenizer: Any, processor: Any) -> tuple[list[int],
     return ids, (processor(used) if used else None)
 
 
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature``. A temperature so small that the division overflows, or that is 0 in
+    float32 (1e-300 is a valid request), is taken at its limit: each row's largest logits share all the
+    mass (greedy, ties shared), instead of a softmax over inf/nan."""
+    out = logits / temperature
+    if not torch.isfinite(out.amax(-1)).all():
+        out = torch.where(logits == logits.amax(-1, keepdim=True), 0.0, float("-inf"))
+    return out
+
+
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -148,7 +158,7 @@ class TorchEngine:
             raise ValueError(f"n must be >= 1, got {n}")
         out: list[list[Completion]] = []
         per_chunk = max(1, self.max_batch // n)
-        gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed() % 2**63)
+        gen = torch.Generator().manual_seed(params.seed % 2**64 if params.seed is not None else torch.seed() % 2**63)
         for i in range(0, len(prompts), per_chunk):
             out.extend(self._generate_chunk(list(prompts[i : i + per_chunk]), n, params, gen))
         return out
@@ -196,7 +206,7 @@ class TorchEngine:
             if params.temperature <= 0:
                 nxt = last.argmax(-1)
             else:
-                probs = _filter_logits(last / params.temperature, params.top_k, params.top_p).softmax(-1)
+                probs = _filter_logits(_tempered(last, params.temperature), params.top_k, params.top_p).softmax(-1)
                 nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
             chosen_lp = logp.gather(-1, nxt[:, None]).squeeze(-1)
             for b in range(B):
