@@ -364,9 +364,8 @@ def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI
             raise APIError(400, f"this model's context is {served.context_len} tokens; the prompt has {prompt_len} "
                                 f"and max_tokens asks for {max_tokens} more", code="context_length_exceeded",
                            param="messages")
-        # T -> 0 is the argmax; below 1e-6, logits / T overflows float32 and sampling would divide inf by inf
-        temperature = req.temperature if req.temperature >= 1e-6 else 0.0
-        params = SamplingParams(temperature=temperature, top_p=req.top_p, max_tokens=max_tokens,
+        # a vanishing temperature is the engine's to take at its limit (argmax), like any other caller's
+        params = SamplingParams(temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens,
                                 stop=tuple(stop), seed=req.seed)
         return params, Job(prompt, req.n, params, pacore_rounds=rounds)
 

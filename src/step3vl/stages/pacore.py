@@ -281,7 +281,8 @@ def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root:
                         shutil.rmtree(packed)
                     pack_dataset(warm_dir, str(packed), tokenizer=lm.tokenizer, processor=lm.processor,
                                  seq_len=pc.seq_len, loss_on="assistant", seed=set_seed(cfg.data, SYNTHESIS_SET) + k,
-                                 open_rows=cfg.data.pack_open_rows, progress=progress, extra_meta={"source": SYNTHESIS_SET, "step": k})
+                                 open_rows=cfg.data.pack_open_rows, progress=progress,
+                                 extra_meta={"source": SYNTHESIS_SET, "step": k})
                 seed_everything(cfg.seed)
                 lm.model.train()
                 res = train(lm.model, warmup_config(pc, st.sft_steps, cfg.sft), [PackedDataset(packed, lm.processor)],

@@ -116,8 +116,7 @@ def build_genrm_data(cfg: PipelineConfig, data_dir: Path, work: Path, tokenizer:
                   shard_size=cfg.data.shard_size)
     index = pack_dataset(raw, str(packed), tokenizer=tokenizer, processor=processor, seq_len=2 * cfg.sft.seq_len,
                          loss_on="assistant", seed=set_seed(cfg.data, GENRM_SET), open_rows=cfg.data.pack_open_rows,
-                         progress=progress,
-                         extra_meta={"source": GENRM_SET})
+                         progress=progress, extra_meta={"source": GENRM_SET})
     return packed, index
 
 
