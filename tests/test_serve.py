@@ -265,6 +265,15 @@ def test_pacore_with_the_largest_seeds_is_served(client, served, seed):
     assert got[0].choices[0].message.content == got[1].choices[0].message.content
 
 
+def test_pacore_without_a_user_turn_is_a_400_naming_messages(client, served):
+    """PaCoRe's controller prompt replaces the last user turn: none is a bad request, not a 500
+    (the schemathesis run found this one with a lone empty system message)."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=served.name, messages=[{"role": "system", "content": ""}],
+                                       max_tokens=4, extra_body={"pacore": {"rounds": [2]}})
+    assert "user turn" in str(e.value) and e.value.body["param"] == "messages"
+
+
 def test_openapi_spec_property_based_run_finds_no_5xx(server, served):
     """Schemathesis generates requests from the server's own spec (valid and invalid); none may be 5xx."""
     import schemathesis

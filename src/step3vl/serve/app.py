@@ -356,6 +356,8 @@ def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI
                 raise APIError(400, "pacore is not available on this server (step3vl.pacore is not installed)",
                                param="pacore")
             rounds = tuple(req.pacore.rounds)
+            if not any(m.role == "user" for m in req.messages):  # its controller prompt replaces the last one
+                raise APIError(400, "pacore needs a user turn in messages", param="messages")
             if sum(rounds) * req.n > cfg.max_pacore_samples:
                 raise APIError(400, f"pacore: sum(rounds) x n = {sum(rounds) * req.n} exceeds the limit of "
                                     f"{cfg.max_pacore_samples}", param="pacore.rounds")
