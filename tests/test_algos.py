@@ -379,3 +379,20 @@ def test_oversample_below_one_is_refused_naming_the_key(tmp_path):
         from_dict(PipelineConfig, {"rlvr": {"oversample": 0.5}})
     with pytest.raises(ConfigError, match="'tracking.flush_timeout_s' must be >= 0"):
         from_dict(PipelineConfig, {"tracking": {"flush_timeout_s": -1}})
+
+
+def test_iteration_metrics_report_the_share_of_responses_cut_at_the_token_limit():
+    """``clip_ratio``: responses that hit ``max_response_tokens`` (finish_reason "length"), overall and per
+    family; a cut response's answer is invisible to the verifier, so this is what to look at first when a
+    family's reward never moves."""
+    from step3vl.rl.loop import _iteration_metrics
+    from step3vl.rl.rollout import Completion
+
+    def comp(reason: str) -> Completion:
+        return Completion(text="x", token_ids=[1, 2], logprobs=[0.0, 0.0], finish_reason=reason, prompt_tokens=1)
+
+    recs = [{"task": "text_math"}] * 4 + [{"task": "ocr"}] * 2
+    comps = [comp("length"), comp("length"), comp("length"), comp("stop"), comp("stop"), comp("stop")]
+    row = _iteration_metrics(recs, comps, [0.0] * 6, {}, {})
+    assert row["clip_ratio"] == 0.5
+    assert row["text_math/clip_ratio"] == 0.75 and row["ocr/clip_ratio"] == 0.0

@@ -181,15 +181,36 @@ def test_synthesis_filter_keeps_solved_or_disagreeing_message_sets():
 
 
 class _FixedEngine:
-    """Every prompt's ``n`` responses: the given texts, in order (no model)."""
+    """Every prompt's ``n`` responses: the given texts, in order (no model); a text without a final
+    answer after ``</think>`` is reported as cut at the token limit."""
 
     def __init__(self, texts: list[str]) -> None:
         self.texts = texts
 
     def generate(self, prompts, n, params):  # type: ignore[no-untyped-def]
-        return [[Completion(text=self.texts[j % len(self.texts)], token_ids=[1], logprobs=[0.0], finish_reason="stop",
-                            prompt_tokens=1)
-                 for j in range(n)] for _ in prompts]
+        out = []
+        for _ in prompts:
+            row = []
+            for j in range(n):
+                t = self.texts[j % len(self.texts)]
+                row.append(Completion(text=t, token_ids=[1], logprobs=[0.0], prompt_tokens=1,
+                                      finish_reason="stop" if t.partition("</think>")[2] else "length"))
+            out.append(row)
+        return out
+
+
+def test_synthesis_records_count_references_cut_at_the_token_limit(tmp_path):
+    """A reference cut at ``max_response_tokens`` shows no conclusion to the synthesis: the message
+    set's statistics say how many were cut (what hid session 4's level-2 references)."""
+    from step3vl.config import PaCoReConfig
+    from step3vl.stages.pacore import synthesis_records
+
+    rec = {"id": "p0", "task": "text_math", "split": "train", "reward": "math_numeric", "answer": "135",
+           "messages": [{"role": "user", "content": "What is 85 + 46 + 4?"},
+                        {"role": "assistant", "content": "<think>85 + 46 = 131, 131 + 4 = 135</think>135"}]}
+    eng = _FixedEngine(["<think>85 + 46 = 131, 131 + 4 = 135</think>135", "<think>85 + 46 = 131, 131 +"])
+    _, stats = synthesis_records(eng, [rec, rec], tmp_path, 4, PaCoReConfig(), seed=0, step=1)
+    assert stats["references_clip_ratio"] == 0.5 and stats["references_accuracy"] == 0.5
 
 
 @pytest.mark.parametrize("target", ["trace", "answer"])
@@ -208,6 +229,7 @@ def test_synthesis_records_target_and_reference_statistics(tmp_path, target):
     assert r["meta"]["references_correct"] == 1 and r["meta"]["width"] == 4
     assert stats["references_accuracy"] == 0.25 and stats["references_pass"] == 1.0
     assert stats["references_majority"] == 0.0  # "8" wins the vote
+    assert stats["references_clip_ratio"] == 0.0
     prompt = r["messages"][-2]["content"]
     assert "What is 3 + 4?" in prompt and all(a in prompt for a in ("7", "8", "9")) and "<think>" not in prompt
     want = "<think>3 + 4 = 7</think>7" if target == "trace" else "<think></think>7"

@@ -327,11 +327,13 @@ def _keep_groups(informative: Sequence[bool], k: int) -> list[int]:
 
 def _iteration_metrics(recs: Sequence[dict[str, Any]], comps: Sequence[Completion], rewards: list[float],
                        extras: dict[str, list[float]], stats: dict[str, list[float]]) -> dict[str, float]:
-    """Reward mean/std, accuracy and response length per task family, plus the update's statistics."""
+    """Reward mean/std, accuracy, response length and clip ratio (the share of responses cut at
+    ``max_response_tokens``, whose answers a verifier cannot see) per task family, plus the update's statistics."""
     from step3vl.eval.suite import is_correct
 
     row: dict[str, float] = {"reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
-                             "response_length": float(np.mean([len(c.token_ids) for c in comps]))}
+                             "response_length": float(np.mean([len(c.token_ids) for c in comps])),
+                             "clip_ratio": float(np.mean([c.finish_reason == "length" for c in comps]))}
     fams: dict[str, list[int]] = {}
     for i, r in enumerate(recs):
         fams.setdefault(r["task"], []).append(i)
@@ -340,6 +342,7 @@ def _iteration_metrics(recs: Sequence[dict[str, Any]], comps: Sequence[Completio
         row[f"{fam}/reward_mean"] = float(np.mean(rw))
         row[f"{fam}/reward_std"] = float(np.std(rw))
         row[f"{fam}/response_length"] = float(np.mean([len(comps[i].token_ids) for i in ids]))
+        row[f"{fam}/clip_ratio"] = float(np.mean([comps[i].finish_reason == "length" for i in ids]))
         if "verifier" in extras:
             row[f"{fam}/accuracy"] = float(np.mean([is_correct(recs[i], extras["verifier"][i]) for i in ids]))
     for k, v in extras.items():

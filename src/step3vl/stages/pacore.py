@@ -53,7 +53,8 @@ def synthesis_records(engine: Any, records: list[dict[str, Any]], src_dir: Path,
     """One message set: ``width`` responses per record, compacted, shuffled and put in the controller prompt.
 
     Returns the synthesis records (the record's reference answer as the assistant turn) and statistics
-    of the cached responses: how often they are right, and what voting or any-of-them would score.
+    of the cached responses: how often they are right, what voting or any-of-them would score, and how
+    many were cut at ``max_response_tokens`` (``references_clip_ratio``).
     """
     from step3vl.data.families import final_answer, think
     from step3vl.eval.suite import is_correct, to_prompt
@@ -73,9 +74,10 @@ def synthesis_records(engine: Any, records: list[dict[str, Any]], src_dir: Path,
         rng = track(rng, desc=f"pacore messages (step {step})", unit="chunk")
     for i in rng:
         groups.extend(engine.generate(prompts[i : i + chunk], width, replace(sp, seed=sp.seed * 1000 + i)))
-    out, ref_acc, maj, any_ok = [], [], [], []
+    out, ref_acc, maj, any_ok, clipped = [], [], [], [], []
     for idx, (rec, p, group) in enumerate(zip(records, prompts, groups)):
         ok = [is_correct(rec, score(c.text, rec)) for c in group]
+        clipped.extend(c.finish_reason == "length" for c in group)
         ref_acc.append(float(np.mean(ok)))
         maj.append(float(ok[majority_vote([c.text for c in group])]))
         any_ok.append(float(any(ok)))
@@ -91,7 +93,9 @@ def synthesis_records(engine: Any, records: list[dict[str, Any]], src_dir: Path,
             "meta": {"source": rec["id"], "width": width, "references_correct": int(sum(ok))},
         })
     stats = {"references_accuracy": float(np.mean(ref_acc)), "references_majority": float(np.mean(maj)),
-             "references_pass": float(np.mean(any_ok)), "problems": float(len(records))}
+             "references_pass": float(np.mean(any_ok)), "problems": float(len(records)),
+             # responses cut at pacore.max_response_tokens: no conclusion reaches the controller prompt
+             "references_clip_ratio": float(np.mean(clipped))}
     return out, stats
 
 
