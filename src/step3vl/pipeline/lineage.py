@@ -17,6 +17,7 @@ killed by a bug resumes after the fix.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -59,22 +60,16 @@ def _imported(tree: ast.AST, module: str, is_package: bool, top: str) -> set[str
     return out
 
 
-# (module, is_package, top, source) → what it imports, and whether it imports by name. Parsing and
-# walking the ASTs is most of the cost of the nine stages' code digests (each stage's closure re-reads
-# the shared modules: ~1.8 s of `step3vl run` start-up, cached reruns included); keyed by the source
-# text itself, so an edited file is parsed again.
-_IMPORTS_MEMO: dict[tuple[str, bool, str, str], tuple[tuple[str, ...], bool]] = {}
-
-
+# Parsing and walking the ASTs is most of the cost of the nine stages' code digests (each stage's
+# closure re-reads the shared modules: ~1.8 s of `step3vl run` start-up, cached reruns included), so
+# it is cached per process, keyed by the source text itself: an edited file is parsed again.
+@functools.lru_cache(maxsize=1024)
 def _module_imports(name: str, is_package: bool, top: str, source: str) -> tuple[tuple[str, ...], bool]:
-    key = (name, is_package, top, source)
-    hit = _IMPORTS_MEMO.get(key)
-    if hit is None:
-        tree = ast.parse(source)
-        by_name = any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "import_module"
-                      for n in ast.walk(tree))
-        hit = _IMPORTS_MEMO[key] = (tuple(sorted(_imported(tree, name, is_package, top))), by_name)
-    return hit
+    """What module ``name`` imports, and whether it imports by name (``importlib.import_module``)."""
+    tree = ast.parse(source)
+    by_name = any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "import_module"
+                  for n in ast.walk(tree))
+    return tuple(sorted(_imported(tree, name, is_package, top))), by_name
 
 
 def import_closure(roots: set[str], package_dir: Path = PACKAGE_DIR) -> list[Path]:
