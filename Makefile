@@ -34,8 +34,9 @@ run: $(STAMP)
 test-servers:
 	bash scripts/install-test-servers.sh
 
+# --durations: the slowest tests, so the ~20-minute budget is watched where CI prints it
 test: $(STAMP) test-servers manifests-check
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=20
 
 # Offline: every overlay built (kubectl kustomize), each object validated strictly (kubernetes-validate;
 # CRs against the CRDs vendored in manifests/crds), the security policy, hadolint on images/*/Dockerfile.

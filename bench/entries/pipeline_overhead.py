@@ -2,14 +2,15 @@
 time of a fully cached rerun. ``pipeline_overhead`` (in ``make bench``) runs the nano config;
 ``pipeline_overhead_tiny`` (opt-in, about 15 minutes) the tiny config, as ``make run`` does.
 
-Both arms run the nano pipeline (``bench/conf/nano.yaml``: ``tests/conf/micro.yaml`` shrunk to about a
+The arms run the nano pipeline (``bench/conf/nano.yaml``: ``tests/conf/micro.yaml`` shrunk to about a
 minute: the tiny model, a couple of hundred records, a few steps per stage) from nothing, in fresh
 directories. The pipeline arm is the real CLI
 in a subprocess: the KFP local runner starts a Python process per task, each stage opens MLflow
 child runs and publishes its artifacts, and every output is hashed for caching. The direct arm calls
 the same ``step3vl.stages`` functions one after another in this process, with no MLflow run open
 (so stages log nothing) but the same model registry and serving smoke test. The difference is what
-the orchestration costs.
+the orchestration costs. The cold arm splits it: the same calls, each stage in a fresh Python process
+(``bench.direct_stages``), is what one process per task costs before KFP and MLflow add anything.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.context import ROOT, Context
+from bench.direct_stages import STAGES, run_stage, with_root
 from bench.machine import QUIET_SHARE, Timed, timed
 from bench.registry import Result, benchmark
 from bench.stats import interleave
@@ -51,32 +53,32 @@ def _home(path: Path) -> Iterator[None]:
 
 
 def direct(cfg: Any, work: Path) -> dict[str, float]:
-    """The nine stages as plain function calls, in pipeline order; wall seconds per stage."""
-    from step3vl.stages import data, deploy, evaluate, pacore, release, rlhf
-    from step3vl.stages.rl import run_rl
-    from step3vl.stages.train import run_training
-
-    cfg = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, root=str(work / "artifacts")))
+    """The nine stages as plain function calls in this process, in pipeline order; wall seconds per stage."""
+    cfg = with_root(cfg, work)
     secs: dict[str, float] = {}
-
-    def step(name: str, fn: Any, *a: Any, **kw: Any) -> Any:
-        t0 = time.perf_counter()
-        out = fn(*a, **kw)
-        secs[name] = time.perf_counter() - t0
-        return out
-
+    state: dict[str, Any] = {}
     with _home(work / ".step3vl"):
-        d = step("data_prep", data.run, cfg, work / "data", progress=False).out_dir
-        pre = step("pretrain", run_training, "pretrain", cfg, d, str(work / "pretrain"), progress=False)
-        sft = step("sft", run_training, "sft", cfg, d, str(work / "sft"), init_uri=pre.model_uri, progress=False)
-        rv = step("rlvr", run_rl, "rlvr", cfg, d, sft.model_uri, str(work / "rlvr"), progress=False)
-        rh = step("rlhf", rlhf.run, cfg, d, rv.model_uri, str(work / "rlhf"), progress=False)
-        pc = step("pacore", pacore.run, cfg, d, rh.model_uri, str(work / "pacore"), progress=False)
-        models = {"base": pre.model_uri, "sft": sft.model_uri, "rlvr": rv.model_uri, "rlhf": rh.model_uri,
-                  "pacore": pc.model_uri}
-        step("evaluate", evaluate.evaluate_models, cfg, d, models, work / "eval", progress=False)
-        rel = step("register", release.run, cfg, d, pc.model_uri, work / "eval", stage="pacore")
-        step("deploy_serving", deploy.run, cfg, f"models:/{rel.name}/{rel.version}")
+        for name in STAGES:
+            t0 = time.perf_counter()
+            run_stage(name, cfg, work, state)
+            secs[name] = time.perf_counter() - t0
+    return secs
+
+
+def cold(config: Path, work: Path) -> dict[str, float]:
+    """Each stage function in a fresh Python process (``python -m bench.direct_stages``): no KFP, no
+    MLflow, but every process imports its libraries and warms up anew, as one process per task does.
+    Wall seconds per stage, interpreter start to exit."""
+    env = {**os.environ, "STEP3VL_HOME": str(work / ".step3vl")}
+    work.mkdir(parents=True, exist_ok=True)
+    secs: dict[str, float] = {}
+    for name in STAGES:
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "bench.direct_stages", "--config", str(config), "--work", str(work),
+                            "--stage", name], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+        secs[name] = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise RuntimeError(f"{name} in a fresh process failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return secs
 
 
@@ -124,12 +126,15 @@ def _overhead(ctx: Context, config_path: Path) -> Result:
     def fns() -> Timed:
         return timed(lambda: direct(cfg, ctx.workdir / f"direct-{next(n)}"))
 
+    def colds() -> Timed:
+        return timed(lambda: cold(config_path, ctx.workdir / f"cold-{next(n)}"))
+
     # one round of each (a full nano pipeline twice, plus once directly): re-running a contended
     # round would cost minutes, so a busy machine is reported, not retried
-    rounds = interleave({"direct": fns, "pipeline": pipe}, rounds=1, warmup=0,
-                        accept=lambda res: res["direct"].others < QUIET_SHARE
+    rounds = interleave({"direct": fns, "cold": colds, "pipeline": pipe}, rounds=1, warmup=0,
+                        accept=lambda res: res["direct"].others < QUIET_SHARE and res["cold"].others < QUIET_SHARE
                         and all(t.others < QUIET_SHARE for t in res["pipeline"].value), extra_s=0)
-    dt, pt = rounds.all["direct"][0], rounds.all["pipeline"][0]
+    dt, ct, pt = rounds.all["direct"][0], rounds.all["cold"][0], rounds.all["pipeline"][0]
     first, again = pt.value
     first_json, again_json = next(iter(runs.values()))
     statuses = {s: v["status"] for s, v in again_json["stages"].items()}
@@ -137,23 +142,31 @@ def _overhead(ctx: Context, config_path: Path) -> Result:
         raise RuntimeError(f"the rerun was not fully cached: {statuses}")
     r = Result()
     r.figure("direct_s", "stage functions called directly, one process", "s", [dt.seconds])
+    r.figure("cold_s", "stage functions, each in a fresh Python process (no KFP, no MLflow)", "s", [ct.seconds])
     r.figure("pipeline_s", "`step3vl run` (KFP local runner + MLflow), fresh", "s", [first.seconds])
     r.figure("cached_s", "`step3vl run` again, nothing changed (all stages cached)", "s", [again.seconds])
-    r.figure("others_cpu", "CPU share other processes took (direct, pipeline, rerun)", "fraction",
-             [dt.others, first.others, again.others])
+    r.figure("others_cpu", "CPU share other processes took (direct, cold, pipeline, rerun)", "fraction",
+             [dt.others, ct.others, first.others, again.others])
     common = {"rejected": rounds.rejected, "contended": not rounds.clean}
     r.ratio("pipeline_over_direct", "`step3vl run` / direct stage calls (wall time)", [first.seconds], [dt.seconds],
             target=OVERHEAD_TARGET, ceiling=True, **common)
+    r.ratio("cold_over_direct", "a fresh process per stage / direct stage calls (informational: the part of the "
+            "overhead that any one-process-per-task runner pays)", [ct.seconds], [dt.seconds], ceiling=True, **common)
+    r.ratio("pipeline_over_cold", "`step3vl run` / a fresh process per stage (informational: what KFP, MLflow, "
+            "publishing and caching add on top)", [first.seconds], [ct.seconds], ceiling=True, **common)
     r.ratio("cached_over_budget", f"cached rerun / {CACHED_BUDGET_S:.0f} s budget", [again.seconds],
             [CACHED_BUDGET_S], target=1.0, ceiling=True, **common)
-    stage_s = dt.value
+    stage_s, cold_s = dt.value, ct.value
     rows = []
-    for s, v in first_json["stages"].items():
-        ps = v.get("seconds") or 0.0
-        rows.append([s, round(stage_s.get(s, 0.0), 1), round(ps, 1), round(ps - stage_s.get(s, 0.0), 1)])
-    rows.append(["**whole run**", round(dt.seconds, 1), round(first.seconds, 1), round(first.seconds - dt.seconds, 1)])
-    r.table("Seconds per stage (one run of each; the runner's stage time includes the task process start-up, "
-            "the MLflow child run and artifact publishing)", ["stage", "direct", "`step3vl run`", "difference"], rows)
+    for s in sorted(first_json["stages"], key=lambda x: STAGES.index(x) if x in STAGES else len(STAGES)):
+        ps = first_json["stages"][s].get("seconds") or 0.0
+        d, c = stage_s.get(s, 0.0), cold_s.get(s, 0.0)
+        rows.append([s, round(d, 1), round(c, 1), round(ps, 1), round(c - d, 1), round(ps - c, 1)])
+    rows.append(["**whole run**", round(dt.seconds, 1), round(ct.seconds, 1), round(first.seconds, 1),
+                 round(ct.seconds - dt.seconds, 1), round(first.seconds - ct.seconds, 1)])
+    r.table("Seconds per stage (one run of each; the cold and runner times include the process start-up and "
+            "imports; the runner's also the MLflow child run and artifact publishing)",
+            ["stage", "direct", "cold", "`step3vl run`", "cold − direct", "run − cold"], rows)
     r.params = {"config": rel, "model": cfg.model.name, "stages": len(stage_s),
                 "runner": "kfp.local.SubprocessRunner(use_venv=False)",
                 "tracking": "MLflow, sqlite under $STEP3VL_HOME"}
@@ -166,11 +179,14 @@ def _overhead(ctx: Context, config_path: Path) -> Result:
         f"Config: **`{rel}`** ({what.format(records=records)}). **Direct**: "
         "`step3vl.stages` functions (`data.run`, `train.run_training` ×2, "
         "`rl.run_rl`, `rlhf.run`, `pacore.run`, `evaluate.evaluate_models`, `release.run`, `deploy.run`) called "
-        "in order in the benchmark process, in a fresh directory, no MLflow run open. **Pipeline**: "
+        "in order in the benchmark process, in a fresh directory, no MLflow run open. **Cold**: the same calls, "
+        "each stage in a fresh Python process (`python -m bench.direct_stages --stage NAME`), timed from "
+        "interpreter start to exit: what a runner with one process per task pays before KFP and MLflow add "
+        "anything (imports, first-call warm-up). **Pipeline**: "
         f"`step3vl run --config {rel} --json` in a subprocess with a fresh `$STEP3VL_HOME` "
         "(KFP local subprocess runner, one Python process per task, MLflow parent and child runs, artifact "
         "publishing, cache keys). **Cached rerun**: the same command again in the same home, nothing changed "
-        "(every stage a cache hit; checked). One run of each (minutes per run); the direct arm runs first. "
+        "(every stage a cache hit; checked). One run of each (minutes per run), in the order direct, cold, pipeline. "
         f"Targets: pipeline ≤ {OVERHEAD_TARGET:.2f}× direct (overhead ≤ 10% of the run); cached rerun ≤ "
         f"{CACHED_BUDGET_S:.0f} s."
     )
