@@ -146,3 +146,14 @@ def test_cpu_of_a_finished_subprocess_counts_as_our_own():
     subprocess.run([sys.executable, "-c", "sum(i * i for i in range(3_000_000))"], check=True)
     b = CpuSnapshot.take()
     assert b.own - a.own >= 0.1  # the child's CPU seconds, reaped by subprocess.run
+
+
+def test_direct_stages_follow_the_pipeline_and_reject_unknown_names(tmp_path):
+    """The overhead benchmark's direct and cold arms run the DAG's nine stages, in its order; a stage the
+    DAG gains without the benchmark learning it is a failure here, not a silently shorter direct arm."""
+    from bench import direct_stages
+    from step3vl.pipeline.dag import pipeline_module
+
+    assert list(direct_stages.STAGES) == list(pipeline_module().STAGES)
+    with pytest.raises(ValueError, match="unknown stage 'nope'"):
+        direct_stages.run_stage("nope", None, tmp_path, {"data": str(tmp_path)})
