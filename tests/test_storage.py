@@ -332,3 +332,45 @@ def test_retry_policy_worst_case_fits_budget(budget: float) -> None:
     assert worst <= budget
     if budget >= storage.DEFAULT_RETRY_SECONDS:
         assert retry.total >= 4, "the default budget allows several retries"
+
+
+_HOLD = ("import sys, time\nfrom step3vl.storage import file_lock\nwith file_lock(sys.argv[1]):\n"
+         "    print('held', flush=True)\n    time.sleep(float(sys.argv[2]))\n")
+
+
+def _holder(lock: Path, seconds: float):
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", _HOLD, str(lock), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_file_lock_waits_for_its_holder_and_says_so_once(tmp_path):
+    lock = tmp_path / "not-yet" / ".root.lock"  # the folder is created
+    holder = _holder(lock, 1.0)
+    waited: list[float] = []
+    t0 = time.monotonic()
+    with storage.file_lock(lock, on_wait=lambda: waited.append(time.monotonic())):
+        entered = time.monotonic()
+        assert holder.poll() is not None or holder.wait(timeout=5) == 0  # the holder let go first
+    assert len(waited) == 1 and waited[0] - t0 < 0.5 and entered - t0 >= 0.5
+    free: list[float] = []
+    with storage.file_lock(lock, on_wait=lambda: free.append(1.0)):
+        pass
+    assert free == []  # nobody held it: no waiting, no message
+
+
+def test_file_lock_of_a_killed_holder_is_free(tmp_path):
+    import signal
+
+    lock = tmp_path / ".root.lock"
+    holder = _holder(lock, 60.0)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=10)
+    waited: list[int] = []
+    t0 = time.monotonic()
+    with storage.file_lock(lock, on_wait=lambda: waited.append(1)):
+        pass
+    assert waited == [] and time.monotonic() - t0 < 5

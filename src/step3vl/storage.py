@@ -654,6 +654,27 @@ def verify_published(uri: str | os.PathLike[str], *, deep: bool = True) -> dict[
 # --------------------------------------------------------------------------- publish / fetch
 
 
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike[str], *, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block; released on exit, and by
+    the kernel when the process dies, so a killed holder never leaves it stuck. ``on_wait`` is called once
+    when another process holds it, before blocking until it is free."""
+    import fcntl
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a directory entry change (create/rename) durable."""
     fd = os.open(path, os.O_RDONLY)

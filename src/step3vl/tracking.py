@@ -143,18 +143,14 @@ def _create_sqlite_store(uri: str, where: Path) -> None:
     fails ("duplicate column name", "Online migration expected to match one row"); once the schema
     exists, opening it is a no-op.
     """
-    import fcntl
-
     import mlflow
 
-    with open(where / ".step3vl-mlflow-init.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-            client.search_experiments(max_results=1)
-            client.search_registered_models(max_results=1)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    from step3vl.storage import file_lock
+
+    with file_lock(where / ".step3vl-mlflow-init.lock"):
+        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
 
 
 def setup(cfg: TrackingConfig) -> str:

@@ -215,25 +215,15 @@ def _exclusive(work_uri: str) -> Iterator[None]:
     how a retried task resumes); run concurrently, they would publish into the same directories at once.
     The second waits here, then resumes from what the first finished. A local root only: object storage
     roots belong to TrainJobs, which Kubernetes names uniquely."""
-    import fcntl
-
-    from step3vl.storage import is_s3_uri
+    from step3vl.storage import file_lock, is_s3_uri
 
     if is_s3_uri(work_uri):
         yield
         return
     root = Path(work_uri.removeprefix("file://"))
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("another run is using %s; waiting for it, then resuming from what it published", root)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(root.parent / f".{root.name}.lock", on_wait=lambda: log.warning(
+            "another run is using %s; waiting for it, then resuming from what it published", root)):
+        yield
 
 
 # --------------------------------------------------------------------------- artifact helpers
