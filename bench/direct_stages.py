@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = with_root(config.load(PipelineConfig, a.config), a.work)
     path = a.work / STATE_FILE
     state = json.loads(path.read_text()) if path.is_file() else {}
-    t0 = time.perf_counter()
     run_stage(a.stage, cfg, a.work, state)
-    state.setdefault("function_s", {})[a.stage] = time.perf_counter() - t0
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=1) + "\n")
     tmp.replace(path)

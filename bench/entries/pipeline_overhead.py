@@ -158,7 +158,7 @@ def _overhead(ctx: Context, config_path: Path) -> Result:
             [CACHED_BUDGET_S], target=1.0, ceiling=True, **common)
     stage_s, cold_s = dt.value, ct.value
     rows = []
-    for s in sorted(first_json["stages"], key=lambda x: STAGES.index(x) if x in STAGES else len(STAGES)):
+    for s in STAGES:  # the DAG's stages, in its order (tests/test_bench_entries.py)
         ps = first_json["stages"][s].get("seconds") or 0.0
         d, c = stage_s.get(s, 0.0), cold_s.get(s, 0.0)
         rows.append([s, round(d, 1), round(c, 1), round(ps, 1), round(c - d, 1), round(ps - c, 1)])

@@ -331,9 +331,10 @@ def _iteration_metrics(recs: Sequence[dict[str, Any]], comps: Sequence[Completio
     ``max_response_tokens``, whose answers a verifier cannot see) per task family, plus the update's statistics."""
     from step3vl.eval.suite import is_correct
 
+    lengths = np.array([len(c.token_ids) for c in comps])
+    cut = np.array([c.finish_reason == "length" for c in comps])
     row: dict[str, float] = {"reward_mean": float(np.mean(rewards)), "reward_std": float(np.std(rewards)),
-                             "response_length": float(np.mean([len(c.token_ids) for c in comps])),
-                             "clip_ratio": float(np.mean([c.finish_reason == "length" for c in comps]))}
+                             "response_length": float(lengths.mean()), "clip_ratio": float(cut.mean())}
     fams: dict[str, list[int]] = {}
     for i, r in enumerate(recs):
         fams.setdefault(r["task"], []).append(i)
@@ -341,8 +342,8 @@ def _iteration_metrics(recs: Sequence[dict[str, Any]], comps: Sequence[Completio
         rw = [rewards[i] for i in ids]
         row[f"{fam}/reward_mean"] = float(np.mean(rw))
         row[f"{fam}/reward_std"] = float(np.std(rw))
-        row[f"{fam}/response_length"] = float(np.mean([len(comps[i].token_ids) for i in ids]))
-        row[f"{fam}/clip_ratio"] = float(np.mean([comps[i].finish_reason == "length" for i in ids]))
+        row[f"{fam}/response_length"] = float(lengths[ids].mean())
+        row[f"{fam}/clip_ratio"] = float(cut[ids].mean())
         if "verifier" in extras:
             row[f"{fam}/accuracy"] = float(np.mean([is_correct(recs[i], extras["verifier"][i]) for i in ids]))
     for k, v in extras.items():
