@@ -15,6 +15,9 @@ from typing import Any
 
 from bench import stats
 
+# a ratio measured while the machine's own speed changed by more than this decides no target
+DRIFT_LIMIT = 0.10
+
 
 @dataclass
 class Result:
@@ -35,17 +38,21 @@ class Result:
 
     def ratio(self, key: str, label: str, num: Sequence[float], den: Sequence[float], *,
               target: float | None = None, ceiling: bool = False, percent: bool = False, rejected: int = 0,
-              contended: bool = False) -> dict[str, Any]:
+              contended: bool = False, drift: float = 0.0) -> dict[str, Any]:
         """``num[i] / den[i]`` per round; ``target`` is a floor the value should reach (higher is
         better), or with ``ceiling`` a bound it should stay under (a cost ratio: lower is better).
 
         ``rejected``: rounds dropped because other processes took the CPU; ``contended``: too few
-        clean rounds were left, so these pairs include contended ones (the report says so).
+        clean rounds were left, so these pairs include contended ones (the report says so). ``drift``: how
+        much the machine's own speed (a fixed GEMM, measured between the arms) changed while the pairs ran,
+        as max/min − 1; past :data:`DRIFT_LIMIT` a target is reported as not decided by this measurement.
         """
         r = stats.paired_ratio([float(x) for x in num], [float(x) for x in den])
         met = None if target is None else (r["value"] <= target if ceiling else r["value"] >= target)
+        undecided = target is not None and drift > DRIFT_LIMIT
         self.ratios[key] = {"label": label, **r, "target": target, "ceiling": ceiling, "percent": percent,
-                            "met": met, "rejected": rejected, "contended": contended}
+                            "met": None if undecided else met, "rejected": rejected, "contended": contended,
+                            "drift": round(drift, 4), "undecided": undecided}
         return self.ratios[key]
 
     def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -44,7 +44,11 @@ def _target(r: dict[str, Any]) -> tuple[str, str]:
     if r.get("target") is None:
         return "", ""
     bound = "≤ " if r.get("ceiling") else "≥ "
-    return bound + _ratio(r["target"], r.get("percent", False)), "met" if r["met"] else "**missed**"
+    if r.get("undecided"):
+        verdict = f"**not decided**: the machine's speed changed {r['drift']:.0%} during the arms"
+    else:
+        verdict = "met" if r["met"] else "**missed**"
+    return bound + _ratio(r["target"], r.get("percent", False)), verdict
 
 
 def _rounds(r: dict[str, Any]) -> str:

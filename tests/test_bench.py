@@ -126,3 +126,17 @@ def test_result_ratio_records_target():
     r.ratio("y", "y", [1.0], [2.0], target=0.6, percent=True, rejected=2, contended=True)
     assert r.ratios["y"]["met"] is False and r.ratios["y"]["contended"] and r.ratios["y"]["rejected"] == 2
     assert r.figure("f", "f", "s", [3, 1, 2])["median"] == 2.0
+
+
+def test_a_ratio_measured_while_the_machine_drifted_decides_no_target():
+    from bench.entries.pipeline_overhead import drift
+    from bench.registry import DRIFT_LIMIT
+
+    r = Result()
+    assert drift([300.0, 330.0, 310.0]) == pytest.approx(0.10)
+    r.ratio("steady", "s", [1.05], [1.0], target=1.1, ceiling=True, drift=DRIFT_LIMIT / 2)
+    r.ratio("moved", "m", [0.83], [1.0], target=1.1, ceiling=True, drift=drift([250.0, 320.0]))
+    assert r.ratios["steady"]["met"] is True and not r.ratios["steady"]["undecided"]
+    assert r.ratios["moved"]["met"] is None and r.ratios["moved"]["undecided"]
+    assert render._target(r.ratios["moved"])[1].startswith("**not decided**: the machine's speed changed 28%")
+    assert render._target(r.ratios["steady"])[1] == "met"

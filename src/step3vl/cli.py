@@ -340,6 +340,10 @@ def run_cmd(
     resume_from: Annotated[Optional[str], typer.Option(help="An earlier run (MLflow run id or name) whose outputs --from-stage reuses.")] = None,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse outputs of identical earlier tasks.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="No live status; print the run's outputs as one JSON object.")] = False,
+    warm_tasks: Annotated[Optional[bool], typer.Option(
+        "--warm-tasks/--cold-tasks",
+        help="Fork each task from a process that imported the stack once, or start a fresh interpreter per task "
+             "(default: $STEP3VL_WARM_TASKS, on).")] = None,
 ) -> None:
     """Run the whole pipeline on the KFP local runner (embedded mode), tracked in MLflow."""
     from step3vl.pipeline import local, status
@@ -352,7 +356,7 @@ def run_cmd(
     with board:
         try:
             res = local.run_local(cfg, run_name=run_name, from_stage=from_stage, resume_from=resume_from, cache=cache,
-                                  board=board)
+                                  board=board, warm_tasks=warm_tasks)
         except local.PipelineFailed as e:
             res, failure = e.result, e
     if as_json:

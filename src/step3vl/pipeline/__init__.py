@@ -7,7 +7,8 @@
   (input-addressed cache keys, upstream stages reused through importers) or the cluster
   (resources, GPUs, secrets, retries from ``cluster``).
 - ``lineage``: cache keys, artifact digests and the stable checkpoint location of a stage.
-- ``local``: ``step3vl run`` on ``kfp.local``; ``submit``: ``step3vl compile`` / ``step3vl submit``.
+- ``local``: ``step3vl run`` on ``kfp.local``; ``warm``: its tasks forked from a process that imported the
+  stack once; ``submit``: ``step3vl compile`` / ``step3vl submit``.
 
 Nothing here is ML logic: stages live in :mod:`step3vl.stages`.
 """

@@ -32,6 +32,7 @@ from typing import Any
 
 from step3vl.config import PipelineConfig, config_hash
 from step3vl.errors import Step3VLError
+from step3vl.pipeline import warm
 from step3vl.pipeline.dag import LocalTarget, ReusedOutput, ReusedStage, field_name, output_classes, pipeline_module
 from step3vl.pipeline.runtime import config_text
 from step3vl.pipeline.status import StatusBoard
@@ -255,8 +256,12 @@ def plan_reuse(stages: list[str], from_stage: str, previous: dict[str, Any]) -> 
 
 
 def run_local(cfg: PipelineConfig, *, run_name: str | None = None, from_stage: str | None = None,
-              resume_from: str | None = None, cache: bool = True, board: StatusBoard | None = None) -> RunResult:
-    """Run the whole pipeline locally; raises :class:`PipelineFailed` (with the result) if a stage fails."""
+              resume_from: str | None = None, cache: bool = True, board: StatusBoard | None = None,
+              warm_tasks: bool | None = None) -> RunResult:
+    """Run the whole pipeline locally; raises :class:`PipelineFailed` (with the result) if a stage fails.
+
+    ``warm_tasks``: fork each task from a process that imported the stack once (:mod:`.warm`); ``None``
+    reads ``$STEP3VL_WARM_TASKS`` (default on)."""
     import kfp.local
 
     from step3vl import tracking
@@ -295,7 +300,8 @@ def run_local(cfg: PipelineConfig, *, run_name: str | None = None, from_stage: s
         error: Exception | None = None
         outputs: dict[str, Any] = {}
         try:
-            with contextlib.redirect_stdout(sink), _root_log_to(sink), warnings.catch_warnings():
+            with contextlib.redirect_stdout(sink), _root_log_to(sink), warnings.catch_warnings(), \
+                    warm.warm_tasks(warm.enabled() if warm_tasks is None else warm_tasks):
                 # the trainer image is not a python:* image; the subprocess runner uses this venv anyway
                 warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
                 task = pipeline(config_yaml=config_yaml, mlflow_parent_run_id=parent.info.run_id,
