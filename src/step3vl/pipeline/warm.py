@@ -42,7 +42,8 @@ from typing import Any
 from step3vl.errors import Step3VLError
 
 ENV = "STEP3VL_WARM_TASKS"
-# what every stage imports before it starts work; one module, so that an import error surfaces once, in it
+# what every stage imports before it starts work (multiprocessing skips a preload module that fails to import:
+# the tasks then import what they need themselves, as a fresh interpreter would, only slower)
 PRELOAD = ["step3vl.pipeline._preload"]
 _LAUNCHER_MARKERS = ('"$program_path/ephemeral_component.py"', "kfp.dsl.executor_main")
 
