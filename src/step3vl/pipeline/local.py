@@ -273,6 +273,7 @@ def run_local(cfg: PipelineConfig, *, run_name: str | None = None, from_stage: s
     run_name = run_name or f"{cfg.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     if bool(from_stage) != bool(resume_from):
         raise Step3VLError("--from-stage and --resume-from go together: start at a stage, reusing an earlier run")
+    warm_tasks = warm.enabled() if warm_tasks is None else warm_tasks  # a bad $STEP3VL_WARM_TASKS: before any run
     tracking.preflight(tracking.tracking_uri(cfg.tracking))  # seconds, not MLflow's minutes of retries
     reuse: dict[str, ReusedStage] = {}
     previous_id = ""
@@ -301,7 +302,7 @@ def run_local(cfg: PipelineConfig, *, run_name: str | None = None, from_stage: s
         outputs: dict[str, Any] = {}
         try:
             with contextlib.redirect_stdout(sink), _root_log_to(sink), warnings.catch_warnings(), \
-                    warm.warm_tasks(warm.enabled() if warm_tasks is None else warm_tasks):
+                    warm.warm_tasks(warm_tasks):
                 # the trainer image is not a python:* image; the subprocess runner uses this venv anyway
                 warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
                 task = pipeline(config_yaml=config_yaml, mlflow_parent_run_id=parent.info.run_id,
