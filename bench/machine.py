@@ -116,3 +116,26 @@ def timed(fn: Any, *, min_s: float = 0.0) -> Timed:
 def quiet(res: dict[str, Timed]) -> bool:
     """``stats.interleave``'s ``accept`` for arms returning :class:`Timed`: no arm was contended."""
     return all(t.others < QUIET_SHARE for t in res.values())
+
+
+class Gemm:
+    """FLOP/s of ``a @ b`` for square ``n``-matrices of ``dtype``, repeated for at least ``min_s``: the
+    matmul peak (``mfu``) and the speed probe between single-run arms (``pipeline_overhead``)."""
+
+    def __init__(self, dtype: Any, n: int = 2048, min_s: float = 0.2) -> None:
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.randn(n, n, generator=g).to(dtype)
+        self.b = torch.randn(n, n, generator=g).to(dtype)
+        self.n, self.min_s, self.mm = n, min_s, torch.mm
+        self()  # first call picks kernels and touches memory
+
+    def __call__(self) -> float:
+        k, t0 = 0, time.perf_counter()
+        while True:
+            self.mm(self.a, self.b)
+            k += 1
+            dt = time.perf_counter() - t0
+            if k >= 2 and dt >= self.min_s:
+                return 2 * self.n**3 * k / dt

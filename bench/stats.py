@@ -123,3 +123,8 @@ def interleave(arms: Mapping[str, Callable[[], T]], *, rounds: int, warmup: int 
                     kept[n].append(res[n])
         r += 1
     return Rounds(kept, every, rounds)
+
+
+def drift(speeds: Sequence[float]) -> float:
+    """How much a speed measured repeatedly across an entry changed: max/min − 1."""
+    return max(speeds) / min(speeds) - 1.0

@@ -129,7 +129,7 @@ def test_result_ratio_records_target():
 
 
 def test_a_ratio_measured_while_the_machine_drifted_decides_no_target():
-    from bench.entries.pipeline_overhead import drift
+    from bench.stats import drift
     from bench.registry import DRIFT_LIMIT
 
     r = Result()

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from bench.context import ROOT, Context, project_steps
-from bench.machine import QUIET_SHARE, CpuSnapshot
+from bench.machine import QUIET_SHARE, CpuSnapshot, Gemm
 from bench.registry import Result, benchmark
 
 # packed length and rows per step: tiny as conf/pipeline/tiny.yaml trains it; small at 4x the
@@ -28,26 +28,6 @@ GEMM_N = 2048
 GEMM_MIN_S = 0.2
 WARMUP_STEPS = 2
 EXTRA_S = 20.0  # per model and precision: time allowed for re-running steps other processes slowed
-
-
-class Gemm:
-    """FLOP/s of ``a @ b`` for square ``n``-matrices of ``dtype``, repeated for at least ``min_s``."""
-
-    def __init__(self, dtype: torch.dtype, n: int = GEMM_N, min_s: float = GEMM_MIN_S) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.a = torch.randn(n, n, generator=g).to(dtype)
-        self.b = torch.randn(n, n, generator=g).to(dtype)
-        self.n, self.min_s = n, min_s
-        self()  # first call picks kernels and touches memory
-
-    def __call__(self) -> float:
-        k, t0 = 0, time.perf_counter()
-        while True:
-            torch.mm(self.a, self.b)
-            k += 1
-            dt = time.perf_counter() - t0
-            if k >= 2 and dt >= self.min_s:
-                return 2 * self.n**3 * k / dt
 
 
 def _step_pairs(ctx: Context, model: Any, path: Path, sz: dict[str, int], prec: str, gemm: Gemm, *,
@@ -106,7 +86,7 @@ def mfu(ctx: Context) -> Result:
         }
         for prec, dtype in PRECISIONS.items():
             model = new_model(mcfg, ctx.tokenizer, 0)
-            kept, every = _step_pairs(ctx, model, path, sz, prec, Gemm(dtype), want=steps,
+            kept, every = _step_pairs(ctx, model, path, sz, prec, Gemm(dtype, n=GEMM_N, min_s=GEMM_MIN_S), want=steps,
                                       extra_s=ctx.rounds(EXTRA_S, 0))
             del model
             clean = len(kept) >= steps

@@ -31,9 +31,9 @@ from typing import Any
 
 from bench.context import ROOT, Context
 from bench.direct_stages import STAGES, run_stage, with_root
-from bench.machine import QUIET_SHARE, Timed, timed
+from bench.machine import QUIET_SHARE, Gemm, Timed, timed
 from bench.registry import DRIFT_LIMIT, Result, benchmark
-from bench.stats import interleave
+from bench.stats import drift, interleave
 
 CONFIG = ROOT / "bench" / "conf" / "nano.yaml"
 TINY = ROOT / "conf" / "pipeline" / "tiny.yaml"  # the issue's own setting: opt-in (about 15 min for the pair)
@@ -85,26 +85,14 @@ def cold(config: Path, work: Path) -> dict[str, float]:
     return secs
 
 
-def speed_probe(n: int = 24, size: int = 768) -> float:
-    """The machine's own speed now: GFLOP/s of a fixed fp32 GEMM workload (best of three, about 0.3 s).
-    Taken between the arms of a single-run comparison, it shows whether the machine sped up or slowed
-    down under them (a neighbour on the host, a clock change), which no ratio of one run can cancel."""
+def speed_probe() -> float:
+    """The machine's own speed now: GFLOP/s of a fixed fp32 GEMM (best of three, about 0.3 s). Taken
+    between the arms of a single-run comparison, it shows whether the machine sped up or slowed down under
+    them (a neighbour on the host, a clock change), which no ratio of one run can cancel."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = 0.0
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            a @ b
-        best = max(best, 2 * size**3 * n / (time.perf_counter() - t0) / 1e9)
-    return best
-
-
-def drift(speeds: list[float]) -> float:
-    """How much the probed speed changed across an entry: max/min − 1."""
-    return max(speeds) / min(speeds) - 1.0
+    gemm = Gemm(torch.float32, n=768, min_s=0.1)
+    return max(gemm() for _ in range(3)) / 1e9
 
 
 def step3vl_run(work: Path, run_name: str, config: Path = CONFIG, *extra: str) -> dict[str, Any]:
