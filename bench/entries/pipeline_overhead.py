@@ -101,8 +101,8 @@ def step3vl_run(work: Path, run_name: str, config: Path = CONFIG, *extra: str) -
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "step3vl.cli"]
     env = {**os.environ, "STEP3VL_HOME": str(work / ".step3vl")}
     work.mkdir(parents=True, exist_ok=True)
-    p = subprocess.run([*cmd, "run", "--config", str(config), "--run-name", run_name, "--json", *extra], cwd=work, env=env,
-                       capture_output=True, text=True, timeout=1800)
+    p = subprocess.run([*cmd, "run", "--config", str(config), "--run-name", run_name, "--json", *extra], cwd=work,
+                       env=env, capture_output=True, text=True, timeout=1800)
     if p.returncode != 0:
         raise RuntimeError(f"step3vl run failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     return json.loads(p.stdout)
