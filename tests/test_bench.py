@@ -140,3 +140,18 @@ def test_a_ratio_measured_while_the_machine_drifted_decides_no_target():
     assert r.ratios["moved"]["met"] is None and r.ratios["moved"]["undecided"]
     assert render._target(r.ratios["moved"])[1].startswith("**not decided**: the machine's speed changed 28%")
     assert render._target(r.ratios["steady"])[1] == "met"
+
+
+def test_repeated_rounds_decide_a_target_only_when_they_agree():
+    r = Result()
+    # the probe moved, but both interleaved rounds meet the bound: the rounds decide
+    r.ratio("agree", "a", [1.04, 1.08], [1.0, 1.0], target=1.1, ceiling=True, drift=0.3, by_rounds=True)
+    r.ratio("split", "s", [1.04, 1.16], [1.0, 1.0], target=1.1, ceiling=True, by_rounds=True)
+    r.ratio("missed", "m", [1.2, 1.3], [1.0, 1.0], target=1.1, ceiling=True, by_rounds=True)
+    assert r.ratios["agree"]["met"] is True and not r.ratios["agree"]["undecided"]
+    assert r.ratios["split"]["met"] is None and r.ratios["split"]["undecided"]
+    assert r.ratios["missed"]["met"] is False
+    assert render._target(r.ratios["split"])[1] == "**not decided**: its rounds fall on both sides of the target " \
+        "(1.04×, 1.16×)"
+    with pytest.raises(ValueError, match="at least two rounds"):
+        r.ratio("one", "o", [1.0], [1.0], target=1.1, ceiling=True, by_rounds=True)

@@ -157,3 +157,70 @@ def test_direct_stages_follow_the_pipeline_and_reject_unknown_names(tmp_path):
     assert list(direct_stages.STAGES) == list(pipeline_module().STAGES)
     with pytest.raises(ValueError, match="unknown stage 'nope'"):
         direct_stages.run_stage("nope", None, tmp_path, {"data": str(tmp_path)})
+
+
+def _fake_arms(monkeypatch, walls):
+    """The overhead entry's arms replaced by instant fakes: each call takes the next wall time of its arm
+    from ``walls``; returns the order in which the arms ran."""
+    from bench.entries import pipeline_overhead as po
+    from bench.machine import Timed
+
+    order = []
+    left = {k: list(v) for k, v in walls.items()}
+
+    def stage_secs(arm):
+        total = left[arm].pop(0)
+        return {s: total / len(po.STAGES) for s in po.STAGES}
+
+    def fake_run(work, run_name, config=po.CONFIG, *extra):
+        arm = "pipeline_cold_tasks" if "--cold-tasks" in extra else ("cached" if run_name == "again" else "pipeline")
+        order.append(arm)
+        secs = stage_secs(arm)
+        status = "cached" if arm == "cached" else "done"
+        return {"stages": {s: {"status": status, "seconds": v} for s, v in secs.items()}, "_wall": sum(secs.values())}
+
+    def fake_direct(cfg, work):
+        order.append("direct")
+        return stage_secs("direct")
+
+    def fake_timed(fn, *, min_s=0.0):
+        value = fn()
+        return Timed(value["_wall"] if "_wall" in value else sum(value.values()), 0.0, value)
+
+    monkeypatch.setattr(po, "direct", fake_direct)
+    monkeypatch.setattr(po, "cold", lambda config, work: (order.append("cold"), stage_secs("cold"))[1])
+    monkeypatch.setattr(po, "step3vl_run", fake_run)
+    monkeypatch.setattr(po, "timed", fake_timed)
+    monkeypatch.setattr(po, "speed_probe", lambda: 300.0)
+    return order
+
+
+@pytest.mark.parametrize(("pipe", "verdict"), [((104.0, 108.0), "met"), ((104.0, 116.0), "**not decided**"),
+                                               ((112.0, 118.0), "**missed**")])
+def test_tiny_overhead_runs_two_abba_rounds_and_decides_only_when_they_agree(monkeypatch, tmp_path, pipe, verdict):
+    from bench.context import Context
+    from bench.entries import pipeline_overhead as po
+
+    order = _fake_arms(monkeypatch, {"direct": [100.0, 100.0], "pipeline": list(pipe), "cached": [5.0, 6.0]})
+    r = po.pipeline_overhead_tiny(Context(tmp_path))
+    assert order == ["direct", "pipeline", "cached", "pipeline", "cached", "direct"]  # ABBA
+    ratio = r.ratios["pipeline_over_direct"]
+    assert ratio["pairs"] == pytest.approx([p / 100.0 for p in pipe]) and ratio["by_rounds"]
+    assert render._target(ratio)[1].startswith(verdict)
+    assert r.figures["cached_s"]["samples"] == pytest.approx([5.0, 6.0]) and r.ratios["cached_over_budget"]["met"] is True
+    whole = r.tables[0]["rows"][-1]
+    assert whole == ["**whole run**", 100.0, round(sum(pipe) / 2, 1), round(sum(pipe) / 2 - 100.0, 1)]
+
+
+def test_nano_overhead_runs_one_round_of_four_arms(monkeypatch, tmp_path):
+    from bench.context import Context
+    from bench.entries import pipeline_overhead as po
+
+    order = _fake_arms(monkeypatch, {"direct": [20.0], "cold": [60.0], "pipeline": [50.0], "cached": [7.0],
+                                     "pipeline_cold_tasks": [90.0]})
+    r = po.pipeline_overhead(Context(tmp_path))
+    assert order == ["direct", "cold", "pipeline", "cached", "pipeline_cold_tasks"]
+    assert r.ratios["pipeline_over_direct"]["value"] == pytest.approx(2.5)
+    assert r.ratios["pipeline_over_direct"]["met"] is False and not r.ratios["pipeline_over_direct"]["by_rounds"]
+    assert r.ratios["warm_over_cold_tasks"]["value"] == pytest.approx(50 / 90)
+    assert r.tables[0]["columns"][2] == "cold" and r.tables[0]["rows"][-1][1:4] == [20.0, 60.0, 50.0]
