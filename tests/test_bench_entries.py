@@ -221,6 +221,7 @@ def test_nano_overhead_runs_one_round_of_four_arms(monkeypatch, tmp_path):
     r = po.pipeline_overhead(Context(tmp_path))
     assert order == ["direct", "cold", "pipeline", "cached", "pipeline_cold_tasks"]
     assert r.ratios["pipeline_over_direct"]["value"] == pytest.approx(2.5)
-    assert r.ratios["pipeline_over_direct"]["met"] is False and not r.ratios["pipeline_over_direct"]["by_rounds"]
+    # nano's stages last seconds: its overhead ratio is shown, the 10% target is tiny's
+    assert r.ratios["pipeline_over_direct"]["target"] is None and not r.ratios["pipeline_over_direct"]["by_rounds"]
     assert r.ratios["warm_over_cold_tasks"]["value"] == pytest.approx(50 / 90)
     assert r.tables[0]["columns"][2] == "cold" and r.tables[0]["rows"][-1][1:4] == [20.0, 60.0, 50.0]

@@ -198,6 +198,7 @@ def _overhead(ctx: Context, config_path: Path, *, rounds: int, with_cold: bool, 
     r.figure("speed_gflops", "machine speed: fixed fp32 GEMM before each arm and after the last", "GFLOP/s",
              speeds)
     by_rounds = rounds >= 2
+    on_tiny = config_path == TINY  # the issue's target is on the tiny run; nano's stages last seconds
     common = {"rejected": done.rejected, "contended": not done.clean, "drift": moved, "by_rounds": by_rounds}
     probe = ", ".join(f"{x:.0f}" for x in speeds)
     if by_rounds:
@@ -206,11 +207,13 @@ def _overhead(ctx: Context, config_path: Path, *, rounds: int, with_cold: bool, 
                        "themselves: met or missed only when every round's ratio is on the same side.")
     elif moved > DRIFT_LIMIT:
         r.notes.append(f"The machine's own speed (a fixed GEMM before each arm and after the last: {probe} GFLOP/s) "
-                       f"changed by {moved:.0%} while the arms ran, more than the differences being measured: one "
-                       "run of each cannot decide the targets here, so none is marked met or missed.")
+                       f"changed by {moved:.0%} while the arms ran: these ratios come from one run of each, so read "
+                       "differences smaller than that as noise" + ("; the overhead target is not decided by this run."
+                                                                  if on_tiny else "."))
     secs = [t.seconds for t in firsts]
-    r.ratio("pipeline_over_direct", "`step3vl run` / direct stage calls (wall time)", secs, [t.seconds for t in dts],
-            target=OVERHEAD_TARGET, ceiling=True, **common)
+    r.ratio("pipeline_over_direct", "`step3vl run` / direct stage calls (wall time)" + (
+            "" if on_tiny else " (informational: stages of seconds against per-task costs; the target is tiny's)"),
+            secs, [t.seconds for t in dts], target=OVERHEAD_TARGET if on_tiny else None, ceiling=True, **common)
     if with_cold:
         cold_secs = [t.seconds for t in cts]
         r.ratio("cold_over_direct", "a fresh process per stage / direct stage calls (informational: the part of the "
@@ -285,7 +288,8 @@ def _overhead(ctx: Context, config_path: Path, *, rounds: int, with_cold: bool, 
            f"{rounds} rounds of each, interleaved ({', '.join(arms)}, then the reverse: ABBA), so that a steady "
            "change in the machine's speed cancels in the pairs' ratios; a target is decided only when every "
            "round's ratio is on the same side of it. ")
-        + f"Targets: pipeline ≤ {OVERHEAD_TARGET:.2f}× direct (overhead ≤ 10% of the run); cached rerun ≤ "
-        f"{CACHED_BUDGET_S:.0f} s."
+        + (f"Targets: pipeline ≤ {OVERHEAD_TARGET:.2f}× direct (overhead ≤ 10% of the run); cached rerun ≤ "
+           f"{CACHED_BUDGET_S:.0f} s." if on_tiny else f"Target: cached rerun ≤ {CACHED_BUDGET_S:.0f} s (the overhead "
+           "target is measured on tiny, `pipeline_overhead_tiny`).")
     )
     return r
