@@ -50,7 +50,7 @@ test-fast: $(STAMP)
 clean:
 	rm -rf $(VENV) .step3vl .pytest_cache
 
-# Benchmarks (~3 min on 2 cores): bench/results.json and the BENCHMARKS.md generated from it.
+# Benchmarks (~8 min on 2 cores): bench/results.json and the BENCHMARKS.md generated from it.
 .PHONY: bench
 bench: $(STAMP)
 	$(PY) -m pip install -q -r bench/requirements.txt
