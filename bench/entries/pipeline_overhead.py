@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -228,8 +229,6 @@ def _overhead(ctx: Context, config_path: Path, *, rounds: int, with_cold: bool, 
     r.ratio("cached_over_budget", f"cached rerun / {CACHED_BUDGET_S:.0f} s budget", [t.seconds for t in agains],
             [CACHED_BUDGET_S] * len(agains), target=1.0, ceiling=True, rejected=done.rejected,
             contended=not done.clean)  # a budget, not a comparison between arms: drift does not apply
-    import statistics
-
     def per_stage(values: list[dict[str, float]], s: str) -> float:
         return statistics.median(v.get(s, 0.0) for v in values)
 
