@@ -15,9 +15,6 @@ from typing import Any
 
 from bench import stats
 
-# a ratio measured while the machine's own speed changed by more than this decides no target
-DRIFT_LIMIT = 0.10
-
 
 @dataclass
 class Result:
@@ -38,16 +35,14 @@ class Result:
 
     def ratio(self, key: str, label: str, num: Sequence[float], den: Sequence[float], *,
               target: float | None = None, ceiling: bool = False, percent: bool = False, rejected: int = 0,
-              contended: bool = False, drift: float = 0.0, by_rounds: bool = False) -> dict[str, Any]:
+              contended: bool = False, by_rounds: bool = False) -> dict[str, Any]:
         """``num[i] / den[i]`` per round; ``target`` is a floor the value should reach (higher is
         better), or with ``ceiling`` a bound it should stay under (a cost ratio: lower is better).
 
         ``rejected``: rounds dropped because other processes took the CPU; ``contended``: too few
-        clean rounds were left, so these pairs include contended ones (the report says so). ``drift``: how
-        much the machine's own speed (a fixed GEMM, measured between the arms) changed while the pairs ran,
-        as max/min − 1; past :data:`DRIFT_LIMIT` a target is reported as not decided by this measurement.
-        ``by_rounds`` (two or more interleaved rounds): the rounds themselves decide instead of the probe, a
-        target is met or missed only when every round's ratio falls on the same side of it.
+        clean rounds were left, so these pairs include contended ones (the report says so). ``by_rounds``
+        (two or more interleaved rounds of minutes-long arms): a target is met or missed only when every
+        round's ratio falls on the same side of it, else it is reported as not decided.
         """
         r = stats.paired_ratio([float(x) for x in num], [float(x) for x in den])
 
@@ -57,15 +52,10 @@ class Result:
         met = None if target is None else meets(r["value"])
         if by_rounds and r["n"] < 2:
             raise ValueError(f"ratio '{key}': by_rounds needs at least two rounds, got {r['n']}")
-        if target is None:
-            undecided = False
-        elif by_rounds:
-            undecided = len({meets(x) for x in r["pairs"]}) > 1
-        else:
-            undecided = drift > DRIFT_LIMIT
+        undecided = target is not None and by_rounds and len({meets(x) for x in r["pairs"]}) > 1
         self.ratios[key] = {"label": label, **r, "target": target, "ceiling": ceiling, "percent": percent,
                             "met": None if undecided else met, "rejected": rejected, "contended": contended,
-                            "drift": round(drift, 4), "undecided": undecided, "by_rounds": by_rounds}
+                            "undecided": undecided, "by_rounds": by_rounds}
         return self.ratios[key]
 
     def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

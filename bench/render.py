@@ -44,11 +44,9 @@ def _target(r: dict[str, Any]) -> tuple[str, str]:
     if r.get("target") is None:
         return "", ""
     bound = "≤ " if r.get("ceiling") else "≥ "
-    if r.get("undecided") and r.get("by_rounds"):
+    if r.get("undecided"):
         each = ", ".join(_ratio(x, r.get("percent", False)) for x in r["pairs"])
         verdict = f"**not decided**: its rounds fall on both sides of the target ({each})"
-    elif r.get("undecided"):
-        verdict = f"**not decided**: the machine's speed changed {r['drift']:.0%} during the arms"
     else:
         verdict = "met" if r["met"] else "**missed**"
     return bound + _ratio(r["target"], r.get("percent", False)), verdict

@@ -34,7 +34,7 @@ from typing import Any
 from bench.context import ROOT, Context
 from bench.direct_stages import STAGES, run_stage, with_root
 from bench.machine import QUIET_SHARE, Gemm, Timed, timed
-from bench.registry import DRIFT_LIMIT, Result, benchmark
+from bench.registry import Result, benchmark
 from bench.stats import drift, interleave
 
 CONFIG = ROOT / "bench" / "conf" / "nano.yaml"
@@ -88,9 +88,9 @@ def cold(config: Path, work: Path) -> dict[str, float]:
 
 
 def speed_probe() -> float:
-    """The machine's own speed now: GFLOP/s of a fixed fp32 GEMM (best of three, about 0.3 s). Taken
-    between the arms of a single-run comparison, it shows whether the machine sped up or slowed down under
-    them (a neighbour on the host, a clock change), which no ratio of one run can cancel."""
+    """The machine's own speed now: GFLOP/s of a fixed fp32 GEMM (best of three, about 0.3 s), taken
+    between the arms and reported beside them. A report, not a decision: on a shared VM it moves 13-22%
+    within a minute on its own, so repeated interleaved rounds decide the targets."""
     import torch
 
     gemm = Gemm(torch.float32, n=768, min_s=0.1)
@@ -200,17 +200,14 @@ def _overhead(ctx: Context, config_path: Path, *, rounds: int, with_cold: bool, 
              speeds)
     by_rounds = rounds >= 2
     on_tiny = config_path == TINY  # the issue's target is on the tiny run; nano's stages last seconds
-    common = {"rejected": done.rejected, "contended": not done.clean, "drift": moved, "by_rounds": by_rounds}
+    common = {"rejected": done.rejected, "contended": not done.clean, "by_rounds": by_rounds}
     probe = ", ".join(f"{x:.0f}" for x in speeds)
-    if by_rounds:
-        r.notes.append(f"The machine's own speed (a fixed GEMM before each arm and after the last: {probe} GFLOP/s) "
-                       f"moved {moved:.0%}; with {rounds} interleaved rounds the targets are decided by the rounds "
-                       "themselves: met or missed only when every round's ratio is on the same side.")
-    elif moved > DRIFT_LIMIT:
-        r.notes.append(f"The machine's own speed (a fixed GEMM before each arm and after the last: {probe} GFLOP/s) "
-                       f"changed by {moved:.0%} while the arms ran: these ratios come from one run of each, so read "
-                       "differences smaller than that as noise" + ("; the overhead target is not decided by this run."
-                                                                  if on_tiny else "."))
+    r.notes.append(f"The machine's own speed (a fixed GEMM before each arm and after the last: {probe} GFLOP/s) "
+                   f"moved {moved:.0%}. A probe this short moved 13-22% within a minute on an idle shared VM, so it "
+                   "shows the conditions and decides nothing. " + (
+                       f"With {rounds} interleaved rounds a target is met or missed only when every round's ratio is "
+                       "on the same side of it." if by_rounds else
+                       "These ratios come from one run of each: read differences of that size as noise."))
     secs = [t.seconds for t in firsts]
     r.ratio("pipeline_over_direct", "`step3vl run` / direct stage calls (wall time)" + (
             "" if on_tiny else " (informational: stages of seconds against per-task costs; the target is tiny's)"),
