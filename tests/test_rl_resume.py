@@ -1,18 +1,10 @@
 """SIGKILL mid-stage and rerun: RLVR and PaCoRe training end bit-identical to an uninterrupted run."""
 
-import hashlib
-import os
-import signal
-import subprocess
-import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
+from sigkill import at_once, digest, published, run, run_until, stage_cmd
 
 
 @pytest.fixture(scope="module")
@@ -30,34 +22,29 @@ def init_model(micro_cfg, micro_data, tmp_path_factory):
     return uri
 
 
-def _cmd(stage, data_dir, init, out, *extra):
-    return [sys.executable, "-m", "step3vl.cli", "stage", stage, "--config", str(ROOT / "tests/conf/micro.yaml"),
-            "--data", str(data_dir), "--init", str(init), "--out", str(out), "--no-tracking", *extra]
+def _kill_rerun_digest(stage: str, data: Path, init: Path, out: Path, ready: Callable[[], bool], what: str,
+                       *extra: str, resumes_checkpoint: bool = True) -> str:
+    """Run the stage, SIGKILL it once ``ready()`` holds, rerun it to the end: the final weights' digest.
+    ``resumes_checkpoint``: the rerun must say it resumed from a training checkpoint (a kill between
+    PaCoRe's phases leaves none to resume from: the rerun reuses what was published)."""
+    cmd = stage_cmd(stage, data, out, *extra, init=init)
+    rc = run_until(cmd, ready, timeout=180)
+    assert rc is None, f"the run ended (rc={rc}) before {what}"
+    assert not (out / "model").exists()
+    res = run(cmd)
+    assert res.returncode == 0, res.stderr[-2000:]
+    if resumes_checkpoint:
+        assert "resuming from" in res.stderr
+    return digest(out / "model")
 
 
-def _digest(model_dir: Path) -> str:
-    from safetensors.torch import load_file
+def _reference(stage: str, data: Path, init: Path, out: Path, *extra: str) -> Callable[[], str]:
+    def go() -> str:
+        res = run(stage_cmd(stage, data, out, *extra, init=init))
+        assert res.returncode == 0, res.stderr[-2000:]
+        return digest(out / "model")
 
-    h = hashlib.sha256()
-    for name, t in sorted(load_file(str(model_dir / "model.safetensors")).items()):
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _kill_when(proc, ready, what, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if ready():
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, f"the run ended before {what}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
-def _done(ck: Path) -> int:
-    return len([p for p in ck.glob("step-*") if (p / "MANIFEST.json").exists()]) if ck.exists() else 0
+    return go
 
 
 @pytest.mark.slow
@@ -65,40 +52,38 @@ def test_rlvr_sigkill_and_resume_is_bit_identical(micro_data, init_model, tmp_pa
     # the tiny config's RLVR path: dynamic sampling (2x prompts rolled out) and a KL term to a frozen reference
     extra = ("--set", "rlvr.iterations=5", "--set", "rlvr.checkpoint_every=1", "--set", "rlvr.filter_groups=true",
              "--set", "rlvr.oversample=2", "--set", "rlvr.kl_coef=0.1")
-    ref = tmp_path / "ref"
-    subprocess.run(_cmd("rlvr", micro_data.out_dir, init_model, ref, *extra), check=True, env=ENV, capture_output=True)
-    want = _digest(ref / "model")
-    for kill_at in (1, 3):
-        out = tmp_path / f"killed{kill_at}"
-        proc = subprocess.Popen(_cmd("rlvr", micro_data.out_dir, init_model, out, *extra), env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _kill_when(proc, lambda: _done(out / "checkpoints") >= kill_at, f"{kill_at} RLVR checkpoints")
-        assert not (out / "model").exists()
-        res = subprocess.run(_cmd("rlvr", micro_data.out_dir, init_model, out, *extra), env=ENV, capture_output=True,
-                             text=True)
-        assert res.returncode == 0, res.stderr[-2000:]
-        assert "resuming from" in res.stderr
-        assert _digest(out / "model") == want, f"killed after {kill_at} iterations"
+    data = micro_data.out_dir
+
+    def killed(at: int) -> Callable[[], str]:
+        out = tmp_path / f"killed{at}"
+        return lambda: _kill_rerun_digest("rlvr", data, init_model, out, lambda: published(out / "checkpoints") >= at,
+                                          f"{at} RLVR checkpoints", *extra)
+
+    got = at_once({"reference": _reference("rlvr", data, init_model, tmp_path / "ref", *extra)}
+                  | {f"killed after {at} iterations": killed(at) for at in (1, 3)})
+    want = got.pop("reference")
+    for name, d in got.items():
+        assert d == want, name
 
 
 @pytest.mark.slow
 def test_pacore_sigkill_and_resume_is_bit_identical(micro_data, init_model, tmp_path):
-    ref = tmp_path / "ref"
-    subprocess.run(_cmd("pacore", micro_data.out_dir, init_model, ref), check=True, env=ENV, capture_output=True)
-    want = _digest(ref / "model")
-    assert (ref / "messages" / "step-1").is_dir() and (ref / "messages" / "step-2").is_dir()
+    data = micro_data.out_dir
     points = {
         "after step 1's message set": lambda out: (out / "step-1" / "messages" / "MANIFEST.json").exists(),
-        "mid step 1's warm-up": lambda out: _done(out / "step-1" / "sft" / "checkpoints") >= 1,
+        "mid step 1's warm-up": lambda out: published(out / "step-1" / "sft" / "checkpoints") >= 1,
         "after step 1": lambda out: (out / "step-1" / "model" / "MANIFEST.json").exists(),
     }
-    for name, ready in points.items():
+
+    def killed(name: str) -> Callable[[], str]:
         out = tmp_path / name.replace(" ", "_").replace("'", "")
-        proc = subprocess.Popen(_cmd("pacore", micro_data.out_dir, init_model, out), env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _kill_when(proc, lambda: ready(out), name)
-        assert not (out / "model").exists()
-        res = subprocess.run(_cmd("pacore", micro_data.out_dir, init_model, out), env=ENV, capture_output=True,
-                             text=True)
-        assert res.returncode == 0, res.stderr[-2000:]
-        assert _digest(out / "model") == want, f"killed {name}"
+        return lambda: _kill_rerun_digest("pacore", data, init_model, out, lambda: points[name](out), name,
+                                          resumes_checkpoint=False)
+
+    got = at_once({"reference": _reference("pacore", data, init_model, tmp_path / "ref")}
+                  | {f"killed {name}": killed(name) for name in points})
+    want = got.pop("reference")
+    ref = tmp_path / "ref"
+    assert (ref / "messages" / "step-1").is_dir() and (ref / "messages" / "step-2").is_dir()
+    for name, d in got.items():
+        assert d == want, name

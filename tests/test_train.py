@@ -1,27 +1,17 @@
 """The one training loop: schedule, data order, packing isolation, every parameter trains, exact resume."""
 
-import hashlib
-import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
+from sigkill import at_once, digest, published, run, run_until, stage_cmd
 
-from step3vl import config
 from step3vl.config import PhaseConfig, TrainConfig
 from step3vl.data.pack import PackedDataset
 from step3vl.model.loading import new_model
 from step3vl.model.processor import ImageProcessor
 from step3vl.model.tokenizer import load_tokenizer
 from step3vl.train.loop import RowSampler, forward_loss_sum, lr_at
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_lr_schedule_warmup_then_cosine_per_phase():
@@ -113,52 +103,33 @@ def test_one_step_changes_every_trainable_parameter(micro_cfg, packed):
     assert any(n.startswith("vision_model.") for n in before)
 
 
-def _stage_cmd(stage: str, data_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "step3vl.cli", "stage", stage, "--config", str(ROOT / "tests/conf/micro.yaml"),
-            "--data", str(data_dir), "--out", str(out), "--no-tracking", *extra]
-
-
-def _weights_digest(model_dir: Path) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes (file layout aside)."""
-    from safetensors.torch import load_file
-
-    h = hashlib.sha256()
-    for name, t in sorted(load_file(str(model_dir / "model.safetensors")).items()):
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 @pytest.mark.slow
 def test_sigkill_and_resume_is_bit_identical(micro_data, tmp_path):
     """Kill pre-training at a random step (3 trials); the rerun ends with the uninterrupted weights."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    ref = tmp_path / "ref"
-    subprocess.run(_stage_cmd("pretrain", micro_data.out_dir, ref), check=True, env=env, capture_output=True)
-    want = _weights_digest(ref / "model")
+    every = ("--set", "pretrain.checkpoint_every=1")
     rng = random.Random(1234)
-    for trial in range(3):
-        out = tmp_path / f"trial{trial}"
-        kill_at = rng.randint(1, 8)  # steps 1..8 of 10
-        proc = subprocess.Popen(_stage_cmd("pretrain", micro_data.out_dir, out, "--set",
-                                           f"pretrain.checkpoint_every=1"),
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        ck = out / "checkpoints"
-        while time.time() < deadline and proc.poll() is None:
-            done = [p for p in ck.glob("step-*") if (p / "MANIFEST.json").exists()] if ck.exists() else []
-            if len(done) >= kill_at:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_at = {f"trial {t}": rng.randint(1, 8) for t in range(3)}  # steps 1..8 of 10
+
+    def reference() -> str:
+        res = run(stage_cmd("pretrain", micro_data.out_dir, tmp_path / "ref"))
+        assert res.returncode == 0, res.stderr[-2000:]
+        return digest(tmp_path / "ref" / "model")
+
+    def trial(name: str) -> str:
+        out = tmp_path / name.replace(" ", "")
+        rc = run_until(stage_cmd("pretrain", micro_data.out_dir, out, *every),
+                       lambda: published(out / "checkpoints") >= kill_at[name], timeout=180)
+        assert rc is None, f"the run ended (rc={rc}) before it could be killed"
         assert not (out / "model").exists()
-        res = subprocess.run(_stage_cmd("pretrain", micro_data.out_dir, out, "--set", "pretrain.checkpoint_every=1"),
-                             env=env, capture_output=True, text=True)
+        res = run(stage_cmd("pretrain", micro_data.out_dir, out, *every))
         assert res.returncode == 0, res.stderr[-2000:]
         assert "resuming from" in res.stderr
-        assert _weights_digest(out / "model") == want, f"trial {trial}: killed after {kill_at} checkpoints"
+        return digest(out / "model")
+
+    got = at_once({"reference": reference} | {n: (lambda n=n: trial(n)) for n in kill_at})
+    want = got.pop("reference")
+    for name, d in got.items():
+        assert d == want, f"{name}: killed after {kill_at[name]} checkpoints"
 
 
 def test_stage_logs_to_mlflow_and_registers_its_model(micro_cfg, micro_data, tmp_path, monkeypatch):
