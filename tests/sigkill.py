@@ -74,6 +74,29 @@ def run_until(cmd: list[str], ready: Callable[[], bool], log: Path | None = None
         return proc.returncode
 
 
+def uninterrupted(cmd: list[str]) -> str:
+    """The reference: run ``cmd`` to its end; the digest of the model it published."""
+    res = run(cmd)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return digest(Path(cmd[cmd.index("--out") + 1]) / "model")
+
+
+def killed_and_rerun(cmd: list[str], ready: Callable[[], bool], what: str, *, log: Path | None = None,
+                     resumes_checkpoint: bool = True, timeout: float = 300) -> str:
+    """Run ``cmd``, SIGKILL it once ``ready()`` holds, rerun it to the end: the final model's digest.
+    ``resumes_checkpoint``: the rerun must say it resumed from a training checkpoint (a kill between
+    PaCoRe's phases leaves none: its rerun reuses what was published)."""
+    out = Path(cmd[cmd.index("--out") + 1])
+    rc = run_until(cmd, ready, log, timeout)
+    assert rc is None, f"the run ended (rc={rc}) before {what}"
+    assert not (out / "model").exists()
+    res = run(cmd)
+    assert res.returncode == 0, res.stderr[-2000:]
+    if resumes_checkpoint:
+        assert "resuming from" in res.stderr
+    return digest(out / "model")
+
+
 def at_once(chains: dict[str, Callable[[], T]]) -> dict[str, T]:
     """Run independent chains side by side (one thread each, waiting on its processes); every chain
     runs to its end, then the first failure is raised with the chain's name attached."""

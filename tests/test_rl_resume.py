@@ -1,10 +1,9 @@
 """SIGKILL mid-stage and rerun: RLVR and PaCoRe training end bit-identical to an uninterrupted run."""
 
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
-from sigkill import at_once, digest, published, run, run_until, stage_cmd
+from sigkill import at_once, killed_and_rerun, published, stage_cmd, uninterrupted
 
 
 @pytest.fixture(scope="module")
@@ -22,31 +21,6 @@ def init_model(micro_cfg, micro_data, tmp_path_factory):
     return uri
 
 
-def _kill_rerun_digest(stage: str, data: Path, init: Path, out: Path, ready: Callable[[], bool], what: str,
-                       *extra: str, resumes_checkpoint: bool = True) -> str:
-    """Run the stage, SIGKILL it once ``ready()`` holds, rerun it to the end: the final weights' digest.
-    ``resumes_checkpoint``: the rerun must say it resumed from a training checkpoint (a kill between
-    PaCoRe's phases leaves none to resume from: the rerun reuses what was published)."""
-    cmd = stage_cmd(stage, data, out, *extra, init=init)
-    rc = run_until(cmd, ready, timeout=180)
-    assert rc is None, f"the run ended (rc={rc}) before {what}"
-    assert not (out / "model").exists()
-    res = run(cmd)
-    assert res.returncode == 0, res.stderr[-2000:]
-    if resumes_checkpoint:
-        assert "resuming from" in res.stderr
-    return digest(out / "model")
-
-
-def _reference(stage: str, data: Path, init: Path, out: Path, *extra: str) -> Callable[[], str]:
-    def go() -> str:
-        res = run(stage_cmd(stage, data, out, *extra, init=init))
-        assert res.returncode == 0, res.stderr[-2000:]
-        return digest(out / "model")
-
-    return go
-
-
 @pytest.mark.slow
 def test_rlvr_sigkill_and_resume_is_bit_identical(micro_data, init_model, tmp_path):
     # the tiny config's RLVR path: dynamic sampling (2x prompts rolled out) and a KL term to a frozen reference
@@ -56,10 +30,12 @@ def test_rlvr_sigkill_and_resume_is_bit_identical(micro_data, init_model, tmp_pa
 
     def killed(at: int) -> Callable[[], str]:
         out = tmp_path / f"killed{at}"
-        return lambda: _kill_rerun_digest("rlvr", data, init_model, out, lambda: published(out / "checkpoints") >= at,
-                                          f"{at} RLVR checkpoints", *extra)
+        return lambda: killed_and_rerun(stage_cmd("rlvr", data, out, *extra, init=init_model),
+                                        lambda: published(out / "checkpoints") >= at, f"{at} RLVR checkpoints",
+                                        timeout=180)
 
-    got = at_once({"reference": _reference("rlvr", data, init_model, tmp_path / "ref", *extra)}
+    ref = stage_cmd("rlvr", data, tmp_path / "ref", *extra, init=init_model)
+    got = at_once({"reference": lambda: uninterrupted(ref)}
                   | {f"killed after {at} iterations": killed(at) for at in (1, 3)})
     want = got.pop("reference")
     for name, d in got.items():
@@ -77,10 +53,11 @@ def test_pacore_sigkill_and_resume_is_bit_identical(micro_data, init_model, tmp_
 
     def killed(name: str) -> Callable[[], str]:
         out = tmp_path / name.replace(" ", "_").replace("'", "")
-        return lambda: _kill_rerun_digest("pacore", data, init_model, out, lambda: points[name](out), name,
-                                          resumes_checkpoint=False)
+        return lambda: killed_and_rerun(stage_cmd("pacore", data, out, init=init_model), lambda: points[name](out),
+                                        name, resumes_checkpoint=False, timeout=180)
 
-    got = at_once({"reference": _reference("pacore", data, init_model, tmp_path / "ref")}
+    ref_cmd = stage_cmd("pacore", data, tmp_path / "ref", init=init_model)
+    got = at_once({"reference": lambda: uninterrupted(ref_cmd)}
                   | {f"killed {name}": killed(name) for name in points})
     want = got.pop("reference")
     ref = tmp_path / "ref"

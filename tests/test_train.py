@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from sigkill import at_once, digest, published, run, run_until, stage_cmd
+from sigkill import at_once, killed_and_rerun, published, stage_cmd, uninterrupted
 
 from step3vl.config import PhaseConfig, TrainConfig
 from step3vl.data.pack import PackedDataset
@@ -110,23 +110,14 @@ def test_sigkill_and_resume_is_bit_identical(micro_data, tmp_path):
     rng = random.Random(1234)
     kill_at = {f"trial {t}": rng.randint(1, 8) for t in range(3)}  # steps 1..8 of 10
 
-    def reference() -> str:
-        res = run(stage_cmd("pretrain", micro_data.out_dir, tmp_path / "ref"))
-        assert res.returncode == 0, res.stderr[-2000:]
-        return digest(tmp_path / "ref" / "model")
-
     def trial(name: str) -> str:
         out = tmp_path / name.replace(" ", "")
-        rc = run_until(stage_cmd("pretrain", micro_data.out_dir, out, *every),
-                       lambda: published(out / "checkpoints") >= kill_at[name], timeout=180)
-        assert rc is None, f"the run ended (rc={rc}) before it could be killed"
-        assert not (out / "model").exists()
-        res = run(stage_cmd("pretrain", micro_data.out_dir, out, *every))
-        assert res.returncode == 0, res.stderr[-2000:]
-        assert "resuming from" in res.stderr
-        return digest(out / "model")
+        return killed_and_rerun(stage_cmd("pretrain", micro_data.out_dir, out, *every),
+                                lambda: published(out / "checkpoints") >= kill_at[name],
+                                f"{kill_at[name]} checkpoints", timeout=180)
 
-    got = at_once({"reference": reference} | {n: (lambda n=n: trial(n)) for n in kill_at})
+    ref = stage_cmd("pretrain", micro_data.out_dir, tmp_path / "ref")
+    got = at_once({"reference": lambda: uninterrupted(ref)} | {n: (lambda n=n: trial(n)) for n in kill_at})
     want = got.pop("reference")
     for name, d in got.items():
         assert d == want, f"{name}: killed after {kill_at[name]} checkpoints"

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sigkill import at_once, digest, published, run, run_until, stage_cmd
+from sigkill import at_once, digest, killed_and_rerun, published, run_until, stage_cmd, uninterrupted
 
 SEED = int(os.environ.get("STEP3VL_RELIABILITY_SEED") or 12)
 # RLHF on micro, cut to what the resume needs: a 2-step judge, 3 RL iterations, a checkpoint at each
@@ -42,22 +42,11 @@ def test_sft_sigkill_and_resume_is_bit_identical(micro_data, init_model, tmp_pat
     kill_at = random.Random(SEED).randint(1, 3)  # of the 4 checkpoints (every 2 of 8 steps)
     out = tmp_path / "killed"
 
-    def reference() -> str:
-        res = run(stage_cmd("sft", data, tmp_path / "ref", init=init_model))
-        assert res.returncode == 0, res.stderr[-2000:]
-        return digest(tmp_path / "ref" / "model")
-
-    def killed() -> str:
-        cmd = stage_cmd("sft", data, out, init=init_model)
-        rc = run_until(cmd, lambda: published(out / "checkpoints") >= kill_at, tmp_path / "killed.log")
-        assert rc is None, f"SFT ended (rc={rc}) before {kill_at} checkpoints"
-        assert not (out / "model").exists()
-        res = run(cmd)
-        assert res.returncode == 0, res.stderr[-2000:]
-        assert "resuming from" in res.stderr
-        return digest(out / "model")
-
-    got = at_once({"reference": reference, "killed": killed})
+    ref = stage_cmd("sft", data, tmp_path / "ref", init=init_model)
+    killed = stage_cmd("sft", data, out, init=init_model)
+    got = at_once({"reference": lambda: uninterrupted(ref),
+                   "killed": lambda: killed_and_rerun(killed, lambda: published(out / "checkpoints") >= kill_at,
+                                                      f"{kill_at} checkpoints", log=tmp_path / "killed.log")})
     assert got["killed"] == got["reference"], f"killed after {kill_at} checkpoints"
     reliability.record("sigkill-sft", outcome=f"killed after checkpoint {kill_at} of 4 (step {2 * kill_at}); rerun "
                        f"resumed and ended bit-identical (sha256 {got['killed'][:12]})", data_lost="none")
