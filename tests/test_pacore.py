@@ -234,3 +234,35 @@ def test_synthesis_records_target_and_reference_statistics(tmp_path, target):
     assert "What is 3 + 4?" in prompt and all(a in prompt for a in ("7", "8", "9")) and "<think>" not in prompt
     want = "<think>3 + 4 = 7</think>7" if target == "trace" else "<think></think>7"
     assert r["messages"][-1] == {"role": "assistant", "content": want}
+
+
+def test_subset_share_shows_a_seeded_smaller_subset_of_the_references(tmp_path):
+    """``pacore.subset_share``: that share of the message sets shows 1 .. width-1 of its references (a
+    seeded draw), so the synthesis learns to read any PaCoRe width; the set's ``width`` and
+    ``references_correct`` describe what it shows, the statistics every generated reference."""
+    from step3vl.config import ConfigError, PaCoReConfig, PipelineConfig, from_dict
+    from step3vl.stages.pacore import _shown, synthesis_records
+
+    assert _shown(8, 0.0, 0, 1, 3) == list(range(8)) and _shown(1, 1.0, 0, 1, 3) == [0]
+    draws = [_shown(8, 0.5, 0, 1, i) for i in range(400)]
+    assert draws == [_shown(8, 0.5, 0, 1, i) for i in range(400)]  # seeded
+    partial = [d for d in draws if len(d) < 8]
+    assert 160 <= len(partial) <= 240  # about half of the sets
+    assert {len(d) for d in partial} == set(range(1, 8))
+    assert all(d == sorted(set(d)) and set(d) <= set(range(8)) for d in draws)
+    assert all(len(_shown(8, 1.0, 0, 1, i)) < 8 for i in range(50))
+
+    rec = {"id": "p0", "task": "text_math", "split": "train", "reward": "math_numeric", "answer": "7",
+           "messages": [{"role": "user", "content": "What is 3 + 4?"},
+                        {"role": "assistant", "content": "<think>3 + 4 = 7</think>7"}]}
+    texts = [f"<think>t</think>{a}" for a in (7, 8, 9, 10, 11, 12, 13, 14)]
+    out, stats = synthesis_records(_FixedEngine(texts), [rec] * 40, tmp_path, 8, PaCoReConfig(subset_share=1.0),
+                                   seed=0, step=1)
+    assert stats["references_accuracy"] == 0.125 and stats["references_pass"] == 1.0  # all 8 generated
+    for r in out:
+        shown = r["messages"][-2]["content"].splitlines()[0].removeprefix("Answers: ").split(", ")
+        assert 1 <= r["meta"]["width"] == len(shown) < 8
+        assert r["meta"]["references_correct"] == shown.count("7")
+    assert any(r["meta"]["references_correct"] == 0 for r in out)
+    with pytest.raises(ConfigError, match="'pacore.subset_share' must be a share in"):
+        from_dict(PipelineConfig, {"pacore": {"subset_share": 1.5}})

@@ -265,6 +265,10 @@ class PaCoReConfig:
     # set none of them solves teaches the synthesis to ignore its references); "informative" = solved
     # and not unanimous (the references disagree, so weighing them matters)
     synthesis_filter: Literal["all", "solved", "informative"] = "all"
+    # share of message sets shown with a seeded random smaller subset of their references (1 .. width-1):
+    # trained only on full-width sets, the synthesis misreads the problem when it sees fewer references
+    # (PaCoRe([1]) far under a single answer); inference may use any width
+    subset_share: float = 0.0
     batch_size: int = 32
     lr_start: float = 3.0e-4
     lr_end: float = 1.0e-4
@@ -480,6 +484,8 @@ def _validate(obj: Any, source: str, prefix: str) -> None:
             if st.prompts < 1 or not 1 <= st.width <= 256 or st.sft_steps < 0 or st.rl_iterations < 0:
                 raise ConfigError(f"{source}: '{prefix}curriculum[{i}]' needs prompts >= 1, width in 1..256 and "
                                   f"non-negative sft_steps/rl_iterations, got {st}")
+        if not 0.0 <= obj.subset_share <= 1.0:
+            raise ConfigError(f"{source}: '{prefix}subset_share' must be a share in [0, 1], got {obj.subset_share}")
         if not obj.rounds or any(not 1 <= w <= 256 for w in obj.rounds):
             raise ConfigError(f"{source}: '{prefix}rounds' must list widths in 1..256, got {list(obj.rounds)}")
     if isinstance(obj, EvalConfig):

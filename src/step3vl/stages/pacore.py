@@ -5,7 +5,8 @@ A curriculum of steps (``cfg.pacore.curriculum``; the recipe's smaller set, then
 1. **Message sets**, from the policy as it is at that step (on-policy caching): ``prompts`` problems of
    the PaCoRe prompt set, ``width`` responses each at T=1 (one batched ``generate`` per chunk),
    compacted to their conclusions, shuffled with a seeded RNG and rendered into the controller prompt
-   (:mod:`step3vl.pacore.inference`). They are written as a dataset (the problem's images included,
+   (:mod:`step3vl.pacore.inference`); ``pacore.subset_share`` of the sets show only a seeded random
+   1 .. width-1 of their references, so the synthesis reads any PaCoRe width. They are written as a dataset (the problem's images included,
    its reference answer as the assistant turn), reused on rerun and copied to ``<out>/messages/``.
 2. **Warm-up** (``sft_steps``): SFT on those conversations on the one training loop (assistant tokens):
    the message sets ``pacore.synthesis_filter`` keeps (all; those a reference solves; those whose
@@ -81,6 +82,8 @@ def synthesis_records(engine: Any, records: list[dict[str, Any]], src_dir: Path,
         ref_acc.append(float(np.mean(ok)))
         maj.append(float(ok[majority_vote([c.text for c in group])]))
         any_ok.append(float(any(ok)))
+        shown = _shown(len(group), pc.subset_share, seed, step, idx)
+        group, ok = [group[i] for i in shown], [ok[i] for i in shown]
         concl = shuffled([compact(c.text) for c in group], seed, idx, step)
         cp = controller_prompt(p, concl)
         target = next(m["content"] for m in reversed(rec["messages"]) if m["role"] == "assistant")
@@ -90,13 +93,23 @@ def synthesis_records(engine: Any, records: list[dict[str, Any]], src_dir: Path,
             "id": f"pacore-s{step}-{rec['id']}", "task": rec["task"], "split": "train",
             "reward": rec["reward"], "answer": rec["answer"], "images": list(p.images),
             "messages": [*cp.messages, {"role": "assistant", "content": target}],
-            "meta": {"source": rec["id"], "width": width, "references_correct": int(sum(ok))},
+            "meta": {"source": rec["id"], "width": len(group), "references_correct": int(sum(ok))},
         })
     stats = {"references_accuracy": float(np.mean(ref_acc)), "references_majority": float(np.mean(maj)),
              "references_pass": float(np.mean(any_ok)), "problems": float(len(records)),
              # responses cut at pacore.max_response_tokens: no conclusion reaches the controller prompt
              "references_clip_ratio": float(np.mean(clipped))}
     return out, stats
+
+
+def _shown(width: int, share: float, seed: int, step: int, idx: int) -> list[int]:
+    """Indices of the references a message set shows: all of them, or (a seeded ``share`` of the sets) a
+    random subset of 1 .. width-1 of them, so the synthesis learns to read any number of references."""
+    rng = np.random.default_rng([seed, step, idx, 0x5B5E7])
+    if width < 2 or share <= 0.0 or rng.random() >= share:
+        return list(range(width))
+    k = int(rng.integers(1, width))
+    return sorted(rng.choice(width, size=k, replace=False).tolist())
 
 
 def _filtered(recs: list[dict[str, Any]], how: str) -> list[dict[str, Any]]:
