@@ -1,8 +1,5 @@
 """PaCoRe inference (compaction, shuffling, controller template, rounds) and the PaCoRe training stage."""
 
-import json
-from pathlib import Path
-
 import pytest
 
 from step3vl.pacore.inference import (

@@ -25,7 +25,7 @@ class ContaminationReport:
         return len(self.duplicates)
 
     def to_markdown(self) -> str:
-        lines = [f"## Contamination check", "",
+        lines = ["## Contamination check", "",
                  f"{self.count} of {self.n_eval} records of `{self.eval_set}` have their content hash in a training "
                  f"set ({', '.join(f'`{s}`' for s in self.train_sets) or 'none'})."]
         if self.duplicates:

@@ -135,7 +135,7 @@ def report_markdown(models: dict[str, str], results: dict[str, dict[str, Any]], 
                      for r in (results[label] for label in labels)]
             lines.append(f"| {fam} | {nfam} | " + " | ".join(cells) + " |")
         means = [f"**{results[label][mode].metrics().get('mean_accuracy', 0.0):.3f}**" for label in labels]
-        lines += [f"| **mean** | | " + " | ".join(means) + " |", ""]
+        lines += ["| **mean** | | " + " | ".join(means) + " |", ""]
     lines += ["## Models", "", "| label | checkpoint | eval time |", "|---|---|---:|"]
     lines += [f"| {label} | `{uri}` | {seconds.get(label, 0.0):.1f}s |" for label, uri in models.items()]
     lines.append("")
