@@ -6,8 +6,9 @@ A curriculum of steps (``cfg.pacore.curriculum``; the recipe's smaller set, then
    the PaCoRe prompt set, ``width`` responses each at T=1 (one batched ``generate`` per chunk),
    compacted to their conclusions, shuffled with a seeded RNG and rendered into the controller prompt
    (:mod:`step3vl.pacore.inference`); ``pacore.subset_share`` of the sets show only a seeded random
-   1 .. width-1 of their references, so the synthesis reads any PaCoRe width. They are written as a dataset (the problem's images included,
-   its reference answer as the assistant turn), reused on rerun and copied to ``<out>/messages/``.
+   1 .. width-1 of their references, so the synthesis reads any PaCoRe width. They are written as a
+   dataset (the problem's images included, its reference answer as the assistant turn), reused on rerun
+   and copied to ``<out>/messages/``.
 2. **Warm-up** (``sft_steps``): SFT on those conversations on the one training loop (assistant tokens):
    the message sets ``pacore.synthesis_filter`` keeps (all; those a reference solves; those whose
    references disagree), with the reference's trace or only its answer as the target
