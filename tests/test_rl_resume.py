@@ -56,11 +56,10 @@ def test_pacore_sigkill_and_resume_is_bit_identical(micro_data, init_model, tmp_
         return lambda: killed_and_rerun(stage_cmd("pacore", data, out, init=init_model), lambda: points[name](out),
                                         name, resumes_checkpoint=False, timeout=180)
 
-    ref_cmd = stage_cmd("pacore", data, tmp_path / "ref", init=init_model)
-    got = at_once({"reference": lambda: uninterrupted(ref_cmd)}
+    ref = tmp_path / "ref"
+    got = at_once({"reference": lambda: uninterrupted(stage_cmd("pacore", data, ref, init=init_model))}
                   | {f"killed {name}": killed(name) for name in points})
     want = got.pop("reference")
-    ref = tmp_path / "ref"
     assert (ref / "messages" / "step-1").is_dir() and (ref / "messages" / "step-2").is_dir()
     for name, d in got.items():
         assert d == want, name

@@ -213,8 +213,9 @@ def _overhead(ctx: Context, config_path: Path, *, rounds: int, cold_arms: bool,
                        "These ratios come from one run of each: read differences of that size as noise."))
     secs = [t.seconds for t in firsts]
     r.ratio("pipeline_over_direct", "`step3vl run` / direct stage calls (wall time)" + (
-            "" if overhead_target else " (informational: stages of seconds against per-task costs; the target is "
-            "tiny's)"), secs, [t.seconds for t in dts], target=overhead_target, ceiling=True, **common)
+            "" if overhead_target is not None else
+            " (informational: stages of seconds against per-task costs; the target is tiny's)"),
+            secs, [t.seconds for t in dts], target=overhead_target, ceiling=True, **common)
     if cold_arms:
         cold_secs = [t.seconds for t in cts]
         r.ratio("cold_over_direct", "a fresh process per stage / direct stage calls (informational: the part of the "
@@ -288,7 +289,7 @@ def _overhead(ctx: Context, config_path: Path, *, rounds: int, cold_arms: bool,
            "change in the machine's speed cancels in the pairs' ratios; a target is decided only when every "
            "round's ratio is on the same side of it. ")
         + (f"Targets: pipeline ≤ {overhead_target:.2f}× direct (overhead ≤ 10% of the run); cached rerun ≤ "
-           f"{CACHED_BUDGET_S:.0f} s." if overhead_target else
+           f"{CACHED_BUDGET_S:.0f} s." if overhead_target is not None else
            f"Target: cached rerun ≤ {CACHED_BUDGET_S:.0f} s (the overhead target is measured on tiny, "
            "`pipeline_overhead_tiny`).")
     )
