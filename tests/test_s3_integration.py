@@ -215,3 +215,33 @@ def test_server_down_fails_within_bounded_time(
     assert s3_env.secret_key not in message
     assert elapsed < 60, f"gave up only after {elapsed:.1f} s"
     print(f"server-down error after {elapsed:.1f} s: {message}")
+
+
+def test_pacore_stage_publishes_its_report_beside_the_model_on_s3(prefix: str, micro_cfg: Any, micro_data: Any,
+                                                                   tmp_path: Path) -> None:
+    """`step3vl stage pacore --out s3://…`: the accuracy-vs-rollouts curve and the metrics reach the bucket."""
+    import json
+    from dataclasses import replace
+
+    from step3vl.model.loading import checkpoint_config, new_model
+    from step3vl.model.tokenizer import load_tokenizer
+    from step3vl.stages import pacore
+
+    tok = load_tokenizer(micro_data.tokenizer_dir)
+    init = tmp_path / "init"
+    save_checkpoint(str(init), model_state=new_model(micro_cfg.model, tok, 0).state_dict(),
+                    config=checkpoint_config(micro_cfg.model, tok, stage="sft"), tokenizer_dir=str(micro_data.tokenizer_dir))
+    pc = replace(micro_cfg.pacore, curriculum=micro_cfg.pacore.curriculum[:1], scaling_per_family=2, scaling_ks=(1, 2))
+    out_uri = f"{prefix}/pacore"
+    out = pacore.run(replace(micro_cfg, pacore=pc), micro_data.out_dir, str(init), out_uri, progress=False)
+
+    verify_published(out.model_uri)
+    store = open_store(out_uri)
+    metrics = json.loads(store.read_bytes("metrics.json"))
+    curves = json.loads(store.read_bytes("scaling.json"))
+    assert set(curves) == {"text_math", "mm_math"}
+    assert curves["mm_math"]["k"] == [1, 2]
+    assert metrics["scaling/mm_math/pacore_at_2"] == curves["mm_math"]["pacore"][1]
+    assert metrics["seconds_scaling"] > 0
+    assert store.read_bytes("scaling.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.plot is None  # its local copy went with the stage's work directory

@@ -19,6 +19,7 @@ class LoadedModel:
     processor: Any
     cfg: ModelConfig
     uri: str = ""
+    tokenizer_dir: Path | None = None  # a local copy (an s3:// checkpoint is fetched): what a derived checkpoint ships
 
 
 def image_token_id(tokenizer: Any) -> int:
@@ -63,4 +64,4 @@ def load_model(uri: str, *, local_dir: str | Path | None = None) -> LoadedModel:
         raise CheckpointError(f"checkpoint {uri} does not match its config: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
     model.eval()
-    return LoadedModel(model, tok, ImageProcessor(cfg.vision), cfg, uri)
+    return LoadedModel(model, tok, ImageProcessor(cfg.vision), cfg, uri, Path(ck.tokenizer_dir))

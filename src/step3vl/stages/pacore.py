@@ -18,7 +18,9 @@ A curriculum of steps (``cfg.pacore.curriculum``; the recipe's smaller set, then
 Layout under ``ckpt_uri`` (defaults to ``out_uri``): ``step-<k>/{messages,packed}`` (local work),
 ``step-<k>/sft/{checkpoints,model}``, ``step-<k>/rl/{checkpoints,model}``, ``step-<k>/model`` (the
 step's result; a finished step is never redone). Under ``out_uri``: ``model/`` (the final policy),
-``messages/step-<k>/`` (the message sets), ``metrics.json``. Every sub-phase resumes exactly.
+``messages/step-<k>/`` (the message sets), ``metrics.json`` and, with ``pacore.scaling_per_family``, the
+accuracy-vs-rollouts curve (``scaling.json``, ``scaling.png``; also an MLflow artifact when written locally).
+Every sub-phase resumes exactly.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from step3vl.config import PaCoReConfig, PhaseConfig, PipelineConfig, TrainConfi
 log = logging.getLogger(__name__)
 
 SYNTHESIS_SET = "pacore_synthesis"
+REPORT_FILES = ("metrics.json", "scaling.json", "scaling.png")  # written beside model/ and messages/
 
 
 @dataclass
@@ -257,7 +260,7 @@ def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root:
         t0 = time.perf_counter()
         seed_everything(cfg.seed)
         lm = load_model(current)
-        tok_dir = str(Path(lm.uri) / "tokenizer") if Path(lm.uri).exists() else None
+        tok_dir = str(lm.tokenizer_dir)
         ckpt_config = checkpoint_config(lm.cfg, lm.tokenizer, stage="pacore")
         # 1. message sets from the current policy (+ the warm-up set: synthesis and plain problems)
         warm_dir = work / f"step-{k}" / "warmup"
@@ -339,7 +342,7 @@ def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root:
         current = step_model
     out = PaCoReOutputs(join_uri(out_uri, "model"), join_uri(out_uri, "messages"), metrics)
     final = load_model(current)
-    tok_dir = str(Path(final.uri) / "tokenizer") if Path(final.uri).exists() else None
+    tok_dir = str(final.tokenizer_dir)
     save_checkpoint(out.model_uri, model_state=final.model.state_dict(),
                     config=checkpoint_config(final.cfg, final.tokenizer, stage="pacore"), tokenizer_dir=tok_dir,
                     extra_meta={"stage": "pacore", "steps": len(pc.curriculum)}, overwrite=True)
@@ -356,10 +359,21 @@ def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root:
         for k, d in enumerate(msg_dirs, 1):
             publish_dir(d, join_uri(out_uri, "messages", f"step-{k}"), overwrite=True)
     log_m({"seconds": time.perf_counter() - t_start})
-    if pc.scaling_per_family and not is_s3_uri(out_uri):
+    report = Path(out_uri.removeprefix("file://")) if not is_s3_uri(out_uri) else work / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    if pc.scaling_per_family:
         t3 = time.perf_counter()
-        out.plot = _scaling(cfg, data_dir, out.model_uri, Path(out_uri.removeprefix("file://")), log_m, progress)
+        out.plot = _scaling(cfg, data_dir, out.model_uri, report, log_m, progress)
         log_m({"seconds_scaling": time.perf_counter() - t3})
-    if not is_s3_uri(out_uri):
-        Path(out_uri.removeprefix("file://"), "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    (report / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    if is_s3_uri(out_uri):  # the plot, its numbers and the metrics beside the model (one object each)
+        from step3vl.storage import open_store
+
+        store = open_store(out_uri)
+        for name in REPORT_FILES:
+            if (report / name).exists():
+                store.upload_file(report / name, name)
+        out.plot = None  # its local copy goes with the work directory
+    elif out.plot:
+        tracking.log_artifact(str(out.plot))
     return out

@@ -73,7 +73,7 @@ def run_rl(
     if records is None:
         records = load_records(ds_dir)
     engine = make_engine(rl.backend, model, lm.tokenizer, lm.processor)
-    tok_dir = Path(lm.uri) / "tokenizer" if Path(lm.uri).exists() else None
+    tok_dir = lm.tokenizer_dir
     ckpt_config = checkpoint_config(lm.cfg, lm.tokenizer, stage=stage)
 
     def on_metrics(m: dict[str, float], it: int) -> None:

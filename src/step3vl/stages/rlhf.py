@@ -147,7 +147,7 @@ def train_genrm(cfg: PipelineConfig, data_dir: Path, init_uri: str, genrm_uri: s
     lm = load_model(init_uri)
     packed, index = build_genrm_data(cfg, data_dir, work, lm.tokenizer, lm.processor, s, progress)
     tcfg = genrm_train_config(cfg, s)
-    tok_dir = str(Path(lm.uri) / "tokenizer") if Path(lm.uri).exists() else None
+    tok_dir = str(lm.tokenizer_dir)
     ckpt_config = checkpoint_config(lm.cfg, lm.tokenizer, stage="genrm")
 
     def on_metrics(m: dict[str, float], step: int) -> None:
