@@ -158,7 +158,7 @@ def stage_data_cmd(
     console.print(f"data prep took {timings['total']:.1f}s")
 
 
-def _train_stage(stage: str, config_path: Path, overrides, data: Path | None, out: Path | None, init: str | None,
+def _train_stage(stage: str, config_path: Path, overrides, data: Path | None, out: str | None, init: str | None,
                  tracking: bool) -> None:
     import contextlib
 
@@ -167,12 +167,12 @@ def _train_stage(stage: str, config_path: Path, overrides, data: Path | None, ou
 
     cfg = _pipeline_config(config_path, overrides)
     data = data or _default_out(cfg, "data")
-    out = out or _default_out(cfg, "runs") / stage
+    out = out or str(_default_out(cfg, "runs") / stage)
     if init is None and stage == "sft":
         init = str(_default_out(cfg, "runs") / "pretrain" / "model")
     ctx = trk.stage_run(stage, cfg.tracking, config=cfg) if tracking else contextlib.nullcontext()
     with ctx:
-        res = run_training(stage, cfg, data, str(out), init_uri=init)
+        res = run_training(stage, cfg, data, out, init_uri=init)
     t = Table(title=f"{stage} → {res.model_uri}")
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -184,7 +184,8 @@ def _train_stage(stage: str, config_path: Path, overrides, data: Path | None, ou
 
 
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Data prep output (default .step3vl/data/<name>).")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Stage output directory (default .step3vl/runs/<name>/<stage>).")]
+# a URI, not a Path: pathlib would fold s3://bucket/key into the local folder s3:/bucket/key
+OutOpt = Annotated[Optional[str], typer.Option("--out", help="Stage output: a directory or s3://bucket/prefix (default .step3vl/runs/<name>/<stage>).")]
 TrackOpt = Annotated[bool, typer.Option("--tracking/--no-tracking", help="Log to MLflow.")]
 
 
@@ -204,7 +205,7 @@ def stage_sft_cmd(config_path: ConfigOpt, overrides: SetOpt = None, data: DataOp
     _train_stage("sft", config_path, overrides, data, out, init, tracking)
 
 
-def _rl_stage(stage: str, config_path: Path, overrides, data: Path | None, out: Path | None, init: str | None,
+def _rl_stage(stage: str, config_path: Path, overrides, data: Path | None, out: str | None, init: str | None,
               tracking: bool) -> None:
     import contextlib
 
@@ -212,7 +213,7 @@ def _rl_stage(stage: str, config_path: Path, overrides, data: Path | None, out: 
 
     cfg = _pipeline_config(config_path, overrides)
     data = data or _default_out(cfg, "data")
-    out = out or _default_out(cfg, "runs") / stage
+    out = out or str(_default_out(cfg, "runs") / stage)
     previous = {"rlvr": "sft", "rlhf": "rlvr", "pacore": "rlhf"}[stage]
     init = init or str(_default_out(cfg, "runs") / previous / "model")
     ctx = trk.stage_run(stage, cfg.tracking, config=cfg) if tracking else contextlib.nullcontext()
@@ -220,18 +221,18 @@ def _rl_stage(stage: str, config_path: Path, overrides, data: Path | None, out: 
         if stage == "rlvr":
             from step3vl.stages.rl import run_rl
 
-            res = run_rl("rlvr", cfg, data, init, str(out))
+            res = run_rl("rlvr", cfg, data, init, out)
             metrics, uri = res.metrics, res.model_uri
             resumed = res.result.resumed_from
         elif stage == "rlhf":
             from step3vl.stages import rlhf
 
-            res = rlhf.run(cfg, data, init, str(out))
+            res = rlhf.run(cfg, data, init, out)
             metrics, uri, resumed = res.metrics, res.model_uri, res.rl.result.resumed_from
         else:
             from step3vl.stages import pacore
 
-            res = pacore.run(cfg, data, init, str(out))
+            res = pacore.run(cfg, data, init, out)
             metrics, uri, resumed = res.metrics, res.model_uri, None
     t = Table(title=f"{stage} → {uri}")
     t.add_column("metric")
