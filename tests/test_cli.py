@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,3 +50,29 @@ def test_user_errors_are_one_line_without_traceback(args, needle):
     assert needle in p.stderr
     assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
     assert len([line for line in p.stderr.splitlines() if line.strip()]) <= 3  # rich may soft-wrap one line
+
+
+@pytest.mark.parametrize("stage, target", [("pretrain", "step3vl.stages.train.run_training"),
+                                           ("rlvr", "step3vl.stages.rl.run_rl"),
+                                           ("pacore", "step3vl.stages.pacore.run")])
+def test_stage_out_keeps_an_s3_uri_whole(stage: str, target: str, tmp_path, monkeypatch) -> None:
+    """`step3vl stage … --out s3://…` reaches the stage function as the URI it is (not folded by pathlib)."""
+    from typer.testing import CliRunner
+
+    from step3vl.cli import app
+
+    seen: list[Any] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake(*args: Any, **kwargs: Any) -> None:
+        seen.append((args, kwargs))
+        raise Stop
+
+    monkeypatch.setattr(target, fake)
+    res = CliRunner().invoke(app, ["stage", stage, "--config", str(ROOT / "tests" / "conf" / "micro.yaml"), "--data", str(tmp_path),
+                                   "--out", "s3://bucket/runs/x", "--init", str(tmp_path / "init"), "--no-tracking"])
+    assert isinstance(res.exception, Stop), res.output
+    (args, kwargs), = seen
+    assert "s3://bucket/runs/x" in list(args) + list(kwargs.values())

@@ -217,31 +217,48 @@ def test_server_down_fails_within_bounded_time(
     print(f"server-down error after {elapsed:.1f} s: {message}")
 
 
-def test_pacore_stage_publishes_its_report_beside_the_model_on_s3(prefix: str, micro_cfg: Any, micro_data: Any,
-                                                                   tmp_path: Path) -> None:
-    """`step3vl stage pacore --out s3://…`: the accuracy-vs-rollouts curve and the metrics reach the bucket."""
+
+def test_trainjob_chain_on_s3_from_data_to_pacore(prefix: str, micro_cfg: Any, micro_data: Any) -> None:
+    """The cluster's TrainJob data flow: every training stage runs as ``step3vl stage exec`` does, on ``s3://``
+    URIs only (the data prep artifact as KFP uploads it, each stage starting from the last one's model)."""
     import json
+    import os
     from dataclasses import replace
 
-    from step3vl.model.loading import checkpoint_config, new_model
-    from step3vl.model.tokenizer import load_tokenizer
-    from step3vl.stages import pacore
+    from step3vl.config import dump_yaml
+    from step3vl.model.loading import load_model
+    from step3vl.pipeline import trainjob
 
-    tok = load_tokenizer(micro_data.tokenizer_dir)
-    init = tmp_path / "init"
-    save_checkpoint(str(init), model_state=new_model(micro_cfg.model, tok, 0).state_dict(),
-                    config=checkpoint_config(micro_cfg.model, tok, stage="sft"), tokenizer_dir=str(micro_data.tokenizer_dir))
+    data = Path(micro_data.out_dir)
+    assert (data / MANIFEST_NAME).is_file()  # data prep seals its output last
+    store = open_store(f"{prefix}/data")
+    for dirpath, _, names in os.walk(data):  # the KFP launcher uploads the artifact's files as they are
+        for name in names:
+            store.upload_file(Path(dirpath, name), Path(dirpath, name).relative_to(data).as_posix())
     pc = replace(micro_cfg.pacore, curriculum=micro_cfg.pacore.curriculum[:1], scaling_per_family=2, scaling_ks=(1, 2))
-    out_uri = f"{prefix}/pacore"
-    out = pacore.run(replace(micro_cfg, pacore=pc), micro_data.out_dir, str(init), out_uri, progress=False)
+    config_yaml = dump_yaml(replace(micro_cfg, pacore=pc))
 
-    verify_published(out.model_uri)
-    store = open_store(out_uri)
-    metrics = json.loads(store.read_bytes("metrics.json"))
-    curves = json.loads(store.read_bytes("scaling.json"))
-    assert set(curves) == {"text_math", "mm_math"}
-    assert curves["mm_math"]["k"] == [1, 2]
+    init = None
+    for stage, fn, extra in [("pretrain", "step3vl.stages.train:run_training", {"stage": "pretrain"}),
+                             ("sft", "step3vl.stages.train:run_training", {"stage": "sft"}),
+                             ("rlvr", "step3vl.stages.rl:run_rl", {"stage": "rlvr"}),
+                             ("rlhf", "step3vl.stages.rlhf:run", {}),
+                             ("pacore", "step3vl.stages.pacore:run", {})]:
+        args = {**extra, "data_dir": f"{prefix}/data", "out_uri": f"{prefix}/{stage}",
+                "ckpt_uri": f"{prefix}/checkpoints/{stage}", "progress": False}
+        if init:
+            args["init_uri"] = init
+        summary = trainjob.exec_call({"fn": fn, "arguments": args, "config_yaml": config_yaml,
+                                      "result_uri": f"{prefix}/results/{stage}.json"})
+        init = summary["model_uri"]
+        assert init.startswith(f"{prefix}/{stage}/"), (stage, init)
+        assert load_model(init).tokenizer_dir is not None, stage  # the next stage starts from it
+        assert json.loads(open_store(f"{prefix}/results").read_bytes(f"{stage}.json")) == summary
+
+    # PaCoRe's report sits beside its model: the metrics and the accuracy-vs-rollouts curve
+    out = open_store(f"{prefix}/pacore")
+    metrics = json.loads(out.read_bytes("metrics.json"))
+    curves = json.loads(out.read_bytes("scaling.json"))
+    assert set(curves) == {"text_math", "mm_math"} and curves["mm_math"]["k"] == [1, 2]
     assert metrics["scaling/mm_math/pacore_at_2"] == curves["mm_math"]["pacore"][1]
-    assert metrics["seconds_scaling"] > 0
-    assert store.read_bytes("scaling.png")[:8] == b"\x89PNG\r\n\x1a\n"
-    assert out.plot is None  # its local copy went with the stage's work directory
+    assert out.read_bytes("scaling.png")[:8] == b"\x89PNG\r\n\x1a\n"

@@ -374,3 +374,19 @@ def test_file_lock_of_a_killed_holder_is_free(tmp_path):
     with storage.file_lock(lock, on_wait=lambda: waited.append(1)):
         pass
     assert waited == [] and time.monotonic() - t0 < 5
+
+
+def test_seal_dir_publishes_a_directory_where_it_is(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    (d / "raw" / "a").mkdir(parents=True)
+    (d / "raw" / "a" / "x.jsonl").write_text("{}\n")
+    (d / "timings.json").write_text("{}")
+    with pytest.raises(storage.NotPublishedError):
+        storage.verify_dir(d)
+    manifest = storage.seal_dir(d)
+    assert sorted(manifest["files"]) == ["raw/a/x.jsonl", "timings.json"]
+    assert storage.verify_dir(d) == manifest and storage.fetch_dir(str(d)) == d
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no temporary manifest left beside it
+    (d / "raw" / "a" / "x.jsonl").write_text("{} \n")
+    with pytest.raises(storage.IntegrityError, match="raw/a/x.jsonl"):
+        storage.verify_dir(d)

@@ -32,6 +32,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,6 +47,7 @@ MANIFEST_NAME = "MANIFEST.json"
 MANIFEST_FORMAT = "step3vl-manifest/1"
 # Marks in-flight files and directories; listings skip them, so readers never see half a write.
 TMP_MARK = ".step3vl-tmp-"
+FETCH_THREADS = 8  # concurrent object downloads in fetch_dir (the S3 client's connection pool holds 10)
 _CHUNK = 1 << 20
 
 RETRY_SECONDS_ENV = "STEP3VL_S3_RETRY_SECONDS"
@@ -749,6 +751,23 @@ def _publish_s3(src: Path, store: S3Store, manifest: dict[str, Any], overwrite: 
     store.write_bytes(MANIFEST_NAME, _manifest_bytes(manifest))
 
 
+def seal_dir(local_dir: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Publish a local directory where it is, once it is whole: its manifest, written last and renamed into
+    place, makes it readable by :func:`fetch_dir` (a KFP artifact a TrainJob reads from object storage)."""
+    root = Path(local_dir)
+    manifest = build_manifest(root, extra)
+    tmp = root.parent / f".{root.name}-{MANIFEST_NAME}{TMP_MARK}{uuid.uuid4().hex}"  # outside the tree it lists
+    try:
+        tmp.write_bytes(_manifest_bytes(manifest))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, root / MANIFEST_NAME)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(root)
+    return manifest
+
+
 def publish_dir(
     local_dir: str | os.PathLike[str],
     dest_uri: str | os.PathLike[str],
@@ -811,8 +830,9 @@ def fetch_dir(
         staging = target.parent / f".{target.name}{TMP_MARK}{uuid.uuid4().hex}"
         staging.mkdir()
     try:
-        for rel in manifest["files"]:
-            store.download_file(rel, staging / rel)
+        # many small objects (a dataset's shards and images): latency-bound, so a few requests at once
+        with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
+            list(pool.map(lambda rel: store.download_file(rel, staging / rel), manifest["files"]))
         (staging / MANIFEST_NAME).write_bytes(_manifest_bytes(manifest))
         try:
             verify_dir(staging)

@@ -12,6 +12,7 @@ Output layout under ``out_dir``::
     packed/<set>/     packed shards for pretrain/sft sets, and eval packed twice (loss on all / assistant)
     reports/<set>.md  gate reports
     data_manifest.json  content hash, rows per task and the gate result of every set
+    MANIFEST.json     sha256 of every file, written last (the directory is whole; see ``storage.seal_dir``)
 """
 
 from __future__ import annotations
@@ -162,11 +163,12 @@ def run(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True, log_
     from step3vl.data.pack import pack_dataset
     from step3vl.model.processor import ImageProcessor
     from step3vl.model.tokenizer import build_tokenizer, save_tokenizer
-    from step3vl.storage import fetch_dir, is_s3_uri
+    from step3vl.storage import MANIFEST_NAME, fetch_dir, is_s3_uri, seal_dir
 
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # rewritten below: never sealed while half-written
     gen = generate(cfg, out, progress=progress)
     raw: dict[str, Path] = {}
     for name, spec in cfg.data.sets.items():
@@ -254,6 +256,7 @@ def run(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True, log_
     timings = {"total": round(time.perf_counter() - t0, 2),
                "generate": {k: v.get("seconds") for k, v in gen.items()}}
     (out / "timings.json").write_text(json.dumps(timings, indent=1, sort_keys=True))
+    seal_dir(out)  # last: a TrainJob fetches the data from object storage verified against it
     if log_mlflow:
         _log_to_mlflow(out, manifest)
     return DataPrepOutputs(out, manifest)
