@@ -256,3 +256,38 @@ def test_stage_execute_dispatches_on_the_executor_env(monkeypatch, micro_cfg):
     # a model a TrainJob published in object storage: downstream stages load it from there
     assert runtime.model_dir(SimpleNamespace(path="/s3/b/x", metadata={"model_uri": "s3://b/ck/model"})) == "s3://b/ck/model"
     assert runtime.model_dir(SimpleNamespace(path="/p", metadata={"checkpoint": "model"})) == "/p/model"
+
+
+@pytest.mark.parametrize("uri, sent", [("http://mlflow.example:5000", True), ("sqlite:///component/mlflow.db", False)])
+def test_trainjob_rank0_logs_the_stage_curves_into_the_components_run(uri, sent, tmp_path, monkeypatch, caplog):
+    """The per-step metrics of a stage run as a TrainJob reach the component's MLflow run (a tracking server);
+    a store on the component's own disk cannot be reached from the job, and the job says so."""
+    import yaml
+
+    from step3vl import tracking
+    from step3vl.stages import rl
+
+    received: list[tuple[str, str, int, float]] = []
+    monkeypatch.setattr(tracking, "_send", lambda client, run_id, batch: received.extend(
+        (run_id, m["key"], m["step"], m["value"]) for m in batch if m["kind"] == "metric"))
+    monkeypatch.setenv("STEP3VL_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def fake_stage(stage, cfg, data_dir, init_uri, out_uri, *, ckpt_uri=None, progress=True):
+        for it in range(1, 4):
+            tracking.log_metrics({f"{stage}/reward_mean": it / 10}, step=it)
+        return SimpleNamespace(model_uri=out_uri + "/model", metrics={}, result=SimpleNamespace(iteration=3))
+
+    fake_stage.__module__, fake_stage.__qualname__ = "step3vl.stages.rl", "run_rl"
+    monkeypatch.setattr(rl, "run_rl", fake_stage)
+    body = trainjob.build_trainjob("j", "rlvr", _call(), namespace="ns", run_id="run-42")
+    env = {e["name"]: e.get("value") for e in body["spec"]["trainer"]["env"]}
+    assert env[trainjob.RUN_ENV] == "run-42" and trainjob.RUN_ENV not in env[trainjob.CALL_ENV]
+    monkeypatch.setenv(trainjob.RUN_ENV, "run-42")
+    call = {"fn": "step3vl.stages.rl:run_rl", "config_yaml": yaml.safe_dump({"tracking": {"uri": uri}}),
+            "arguments": {"stage": "rlvr", "data_dir": str(tmp_path), "init_uri": "a", "out_uri": str(tmp_path / "o")},
+            "result_uri": str(tmp_path / "result.json")}
+    trainjob.exec_call(call)
+    assert received == ([("run-42", "rlvr/reward_mean", it, it / 10) for it in range(1, 4)] if sent else [])
+    assert tracking._SINK is None
+    assert sent or "not a server" in caplog.text

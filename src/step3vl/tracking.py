@@ -526,6 +526,27 @@ def stage_run(
                 raise lost
 
 
+@contextlib.contextmanager
+def attached_run(run_id: str, uri: str, stage: str, flush_timeout_s: float) -> Iterator[None]:
+    """Log into an existing run owned by another process (a TrainJob's rank 0 logging into its component's
+    stage run): the same journaled :class:`MetricSink` as :func:`stage_run`, but the run is left open."""
+    global _SINK
+    if _SINK is not None:
+        raise RuntimeError(f"attached_run({run_id}): a stage run's sink is already active ({_SINK.run_id})")
+    sink = _SINK = MetricSink(run_id, uri, stage)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        _SINK = None
+        try:
+            sink.close(flush_timeout_s)
+        except TrackingLost:
+            if ok:  # the stage's own error, if any, wins
+                raise
+
+
 def _end_run_without_server() -> None:
     """Leave the active run without MLflow's minutes of retries against a server that is gone: one quick
     attempt at marking it FAILED; a replay marks it later otherwise."""

@@ -118,7 +118,7 @@ class Stage:
             with _exclusive(work_uri):
                 return fn(*args, cfg=self.cfg, **kwargs)
         return trainjob.run_remote(self.name, fn, args, {"cfg": self.cfg, **kwargs}, config_yaml=self.config_yaml,
-                                   work_uri=work_uri)
+                                   work_uri=work_uri, run_id=self.mlflow_run_id)
 
     def publish_training(self, out: Any, model: Any, metrics: Any, loss_curve: Any) -> None:
         """A training stage → ``model`` (checkpoint under ``model/``), its metrics, the loss curve as HTML."""

@@ -15,6 +15,7 @@ Nothing here needs a cluster to test: the Kubernetes APIs are passed in.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
@@ -40,6 +41,7 @@ CRD_NAME = f"{PLURAL}.{GROUP}"
 RUNTIME_PLURAL = "clustertrainingruntimes"
 EXECUTOR_ENV = "STEP3VL_EXECUTOR"  # "trainjob": training components launch TrainJobs
 CALL_ENV = "STEP3VL_CALL"  # the stage call a TrainJob runs (JSON)
+RUN_ENV = "STEP3VL_MLFLOW_RUN_ID"  # the component's stage run: rank 0 logs the stage's metrics into it
 NODES_ENV = "STEP3VL_TRAINJOB_NODES"
 GPUS_ENV = "STEP3VL_TRAINJOB_GPUS_PER_NODE"
 NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -74,8 +76,9 @@ def _env(settings: ClusterSettings, extra: dict[str, str]) -> list[dict[str, Any
 
 def build_trainjob(name: str, stage: str, call: dict[str, Any], *, namespace: str,
                    settings: ClusterSettings = DEFAULT, nodes: int | None = None,
-                   gpus_per_node: int | None = None) -> dict[str, Any]:
-    """The TrainJob running ``call`` (see :func:`exec_call`) for ``stage`` on ``nodes`` x ``gpus_per_node``.
+                   gpus_per_node: int | None = None, run_id: str = "") -> dict[str, Any]:
+    """The TrainJob running ``call`` (see :func:`exec_call`) for ``stage`` on ``nodes`` x ``gpus_per_node``,
+    logging into the MLflow run ``run_id`` when given (kept out of the call: a retried component re-attaches).
 
     Resources, deadline and GPU count come from the stage's :class:`~step3vl.pipeline.cluster.Resources`
     unless given; credentials are secret references, never values.
@@ -93,7 +96,7 @@ def build_trainjob(name: str, stage: str, call: dict[str, Any], *, namespace: st
             "image": settings.image,
             # the runtime's command is `torchrun --no-python step3vl`: every rank runs the CLI
             "args": ["stage", "exec", stage],
-            "env": _env(settings, {CALL_ENV: json.dumps(call, sort_keys=True)}),
+            "env": _env(settings, {CALL_ENV: json.dumps(call, sort_keys=True)} | ({RUN_ENV: run_id} if run_id else {})),
             "numNodes": nodes,
             "numProcPerNode": gpus,
             "resourcesPerNode": {"requests": res, "limits": dict(res)},
@@ -269,12 +272,25 @@ def exec_call(spec: dict[str, Any]) -> dict[str, Any]:
     for part in qualname.split("."):
         fn = getattr(fn, part)
     arguments = dict(spec["arguments"])
-    with tempfile.TemporaryDirectory(prefix="step3vl-trainjob-") as tmp:
+    cfg = load_config(spec["config_yaml"], source="the TrainJob's call")
+    run_id, rank0 = os.environ.get(RUN_ENV, ""), int(os.environ.get("RANK", "0")) == 0
+    with contextlib.ExitStack() as stack:
+        if run_id and rank0:  # the per-step curves reach the component's run, as when the stage runs in its pod
+            from step3vl import tracking
+
+            uri = tracking.tracking_uri(cfg.tracking)
+            if uri.startswith(("http://", "https://")):
+                stage = str(arguments.get("stage") or module.rsplit(".", 1)[-1])
+                stack.enter_context(tracking.attached_run(run_id, uri, stage, cfg.tracking.flush_timeout_s))
+            else:  # a store on the component's own disk: the run is not reachable from here
+                log.warning("tracking URI %s is not a server: the stage's per-step metrics stay out of MLflow "
+                            "run %s", tracking.display_uri(uri), run_id)
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="step3vl-trainjob-"))
         if is_s3_uri(str(arguments.get("data_dir", ""))):
             arguments["data_dir"] = str(fetch_dir(arguments["data_dir"], os.path.join(tmp, "data")))
-        out = fn(cfg=load_config(spec["config_yaml"], source="the TrainJob's call"), **arguments)
+        out = fn(cfg=cfg, **arguments)
     summary = _summary(out)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank0:
         _write(spec["result_uri"], json.dumps(summary, sort_keys=True))
     return summary
 
@@ -317,7 +333,7 @@ def kube_apis() -> tuple[Any, Any]:
 
 def run_remote(stage: str, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], *, config_yaml: str,
                work_uri: str, settings: ClusterSettings = DEFAULT, apis: tuple[Any, Any] | None = None,
-               poll_s: float = 15.0) -> Any:
+               poll_s: float = 15.0, run_id: str = "") -> Any:
     """The component side: preflight, create (or re-attach to) the TrainJob, follow it, read its summary."""
     from step3vl.storage import join_uri
 
@@ -330,7 +346,7 @@ def run_remote(stage: str, fn: Callable[..., Any], args: tuple, kwargs: dict[str
     nodes = int(os.environ.get(NODES_ENV, "0")) or None
     gpus = int(os.environ[GPUS_ENV]) if os.environ.get(GPUS_ENV) else None
     body = build_trainjob(name, stage, call.to_json(), namespace=namespace, settings=settings, nodes=nodes,
-                          gpus_per_node=gpus)
+                          gpus_per_node=gpus, run_id=run_id)
     create(custom, body)
     log.info("%s: TrainJob %s/%s (%d node(s))", stage, namespace, name, body["spec"]["trainer"]["numNodes"])
     follow(custom, name, namespace, timeout_s=settings.resources(stage).timeout_s, poll_s=poll_s)
