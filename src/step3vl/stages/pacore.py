@@ -19,7 +19,7 @@ Layout under ``ckpt_uri`` (defaults to ``out_uri``): ``step-<k>/{messages,packed
 ``step-<k>/sft/{checkpoints,model}``, ``step-<k>/rl/{checkpoints,model}``, ``step-<k>/model`` (the
 step's result; a finished step is never redone). Under ``out_uri``: ``model/`` (the final policy),
 ``messages/step-<k>/`` (the message sets), ``metrics.json`` and, with ``pacore.scaling_per_family``, the
-accuracy-vs-rollouts curve (``scaling.json``, ``scaling.png``; also an MLflow artifact when written locally).
+accuracy-vs-rollouts curve (``scaling.json``, ``scaling.png``, also an MLflow artifact).
 Every sub-phase resumes exactly.
 """
 
@@ -373,7 +373,8 @@ def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root:
         for name in REPORT_FILES:
             if (report / name).exists():
                 store.upload_file(report / name, name)
-        out.plot = None  # its local copy goes with the work directory
-    elif out.plot:
+        if out.plot:  # the work directory goes when this returns; MLflow sends the plot later
+            out.plot = Path(shutil.copy(out.plot, tempfile.mkdtemp(prefix="step3vl-pacore-plot-")))
+    if out.plot:
         tracking.log_artifact(str(out.plot))
     return out

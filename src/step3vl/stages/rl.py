@@ -7,6 +7,7 @@ Layout under the stage's output URI: ``checkpoints/`` (resumable), ``model/`` (f
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,8 +102,9 @@ def run_rl(
                    **{f"time_share/{k}": v / total for k, v in res.timing.items()}}
     if res.history:
         out.metrics.update(reward_first=res.history[0]["reward_mean"], reward_last=res.history[-1]["reward_mean"])
-    if not out_uri.startswith("s3://"):
-        out.plot = plot_rl(res.history, Path(out_uri) / "rl_curves.png", stage)
+    # beside the model when it is local; else in a folder of its own, for MLflow (sent after this returns)
+    where = Path(out_uri) if not out_uri.startswith("s3://") else Path(tempfile.mkdtemp(prefix="step3vl-rl-plot-"))
+    out.plot = plot_rl(res.history, where / "rl_curves.png", stage)
     tracking.log_metrics({f"{stage}/{k}": v for k, v in out.metrics.items()})
     if out.plot:
         tracking.log_artifact(str(out.plot))
