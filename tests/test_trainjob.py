@@ -60,11 +60,16 @@ def test_trainjob_spec_matches_the_crd_schema(crd_validators):
     assert all("value" not in e for k, e in env.items() if "SECRET" in k or "PASSWORD" in k)
     assert spec["activeDeadlineSeconds"] == r.timeout_s
     # every training stage can go this way, with its own shape
-    for stage in ("sft", "rlvr", "rlhf", "pacore"):
-        b = trainjob.build_trainjob(trainjob.job_name(stage, "k"), stage, _call(), namespace="ns", nodes=3,
-                                    gpus_per_node=4)
+    b = trainjob.build_trainjob(trainjob.job_name("sft", "k"), "sft", _call(), namespace="ns", nodes=3, gpus_per_node=4)
+    assert mod.validate_object(b, crds) == []
+    assert (b["spec"]["trainer"]["numNodes"], b["spec"]["trainer"]["numProcPerNode"]) == (3, 4)
+    for stage in ("rlvr", "rlhf", "pacore"):  # the RL loop is one process: one node, one rank seeing its GPUs
+        b = trainjob.build_trainjob(trainjob.job_name(stage, "k"), stage, _call(), namespace="ns")
         assert mod.validate_object(b, crds) == [], stage
-        assert (b["spec"]["trainer"]["numNodes"], b["spec"]["trainer"]["numProcPerNode"]) == (3, 4)
+        tr = b["spec"]["trainer"]
+        assert (tr["numNodes"], tr["numProcPerNode"], tr["resourcesPerNode"]["limits"]["nvidia.com/gpu"]) == (1, 1, "8")
+        with pytest.raises(trainjob.TrainJobError, match=f"{stage} runs as a single process.*3 copies"):
+            trainjob.build_trainjob("x", stage, _call(), namespace="ns", nodes=3)
     with pytest.raises(trainjob.TrainJobError, match="one GPU"):
         trainjob.build_trainjob("x", "data_prep", _call(), namespace="ns")
     # an unknown field is caught by the strict schema (the check is not vacuous)
@@ -201,8 +206,8 @@ def test_remote_call_round_trip(tmp_path, monkeypatch):
             return out
 
     monkeypatch.setenv("STEP3VL_NAMESPACE", "team-a")
-    monkeypatch.setenv(trainjob.NODES_ENV, "2")
-    monkeypatch.setenv(trainjob.GPUS_ENV, "8")
+    monkeypatch.setenv(trainjob.NODES_ENV, "1")
+    monkeypatch.setenv(trainjob.GPUS_ENV, "4")
     from step3vl.pipeline.runtime import load_config
 
     custom = Custom()
@@ -215,7 +220,8 @@ def test_remote_call_round_trip(tmp_path, monkeypatch):
     assert out.model_uri == "s3://b/rlvr/model/model" and out.metrics == {"reward_last": 0.5}
     assert (out.result.step, out.result.resumed_from) == (7, 5)
     body = custom.created[0]
-    assert body["metadata"]["namespace"] == "team-a" and body["spec"]["trainer"]["numNodes"] == 2
+    assert body["metadata"]["namespace"] == "team-a" and body["spec"]["trainer"]["numNodes"] == 1
+    assert body["spec"]["trainer"]["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "4"
 
 
 def test_cluster_target_trainjob_executor_moves_gpus_to_the_trainjob(tmp_path):
@@ -291,3 +297,19 @@ def test_trainjob_rank0_logs_the_stage_curves_into_the_components_run(uri, sent,
     assert received == ([("run-42", "rlvr/reward_mean", it, it / 10) for it in range(1, 4)] if sent else [])
     assert tracking._SINK is None
     assert sent or "not a server" in caplog.text
+
+
+@pytest.mark.parametrize("stage", ["rlvr", "rlhf", "pacore"])
+def test_rl_stages_refuse_to_run_as_several_ranks(stage, monkeypatch, micro_cfg, tmp_path):
+    """Under torchrun every rank would run the whole RL stage and write the same checkpoints."""
+    from step3vl.errors import Step3VLError
+    from step3vl.stages import pacore, rlhf
+    from step3vl.stages.rl import run_rl
+
+    fn = {"rlvr": lambda: run_rl("rlvr", micro_cfg, tmp_path, "missing", str(tmp_path / "o")),
+          "rlhf": lambda: rlhf.run(micro_cfg, tmp_path, "missing", str(tmp_path / "o")),
+          "pacore": lambda: pacore.run(micro_cfg, tmp_path, "missing", str(tmp_path / "o"))}[stage]
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    with pytest.raises(Step3VLError, match=f"{stage}: started as 16 processes"):
+        fn()
+    assert not (tmp_path / "o").exists()

@@ -27,6 +27,8 @@ class Resources:
     timeout_s: int = 0  # 0 = no deadline
     retries: int = 0  # task-level retries; training stages resume from their checkpoints
     nodes: int = 1  # nodes of the stage's TrainJob (executor "trainjob"); gpus is then per node
+    # processes per TrainJob node: 0 = one per GPU (data-parallel ranks); 1 = one process seeing every GPU
+    processes_per_node: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,11 @@ class ClusterSettings:
         # one 8-GPU node per training stage in-pod; executor "trainjob" spreads it over `nodes`
         "pretrain": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=14 * 24 * 3600, retries=3, nodes=4),
         "sft": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=7 * 24 * 3600, retries=3, nodes=2),
-        "rlvr": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=7 * 24 * 3600, retries=3, nodes=2),
-        "rlhf": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=7 * 24 * 3600, retries=3, nodes=2),
-        "pacore": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=7 * 24 * 3600, retries=3, nodes=2),
+        # the RL loop is one process (rollouts, rewards, updates; not data-parallel yet): one node, one rank
+        "rlvr": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=7 * 24 * 3600, retries=3, processes_per_node=1),
+        "rlhf": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=7 * 24 * 3600, retries=3, processes_per_node=1),
+        "pacore": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=7 * 24 * 3600, retries=3,
+                            processes_per_node=1),
         # five models x the eval modes; one GPU is plenty for the suite
         "evaluate": Resources(cpu="16", memory="128Gi", gpus=1, timeout_s=24 * 3600),
         "register": Resources(cpu="1", memory="2Gi", timeout_s=3600, retries=2),

@@ -89,6 +89,10 @@ def build_trainjob(name: str, stage: str, call: dict[str, Any], *, namespace: st
     if nodes < 1 or gpus < 1:
         raise TrainJobError(f"{stage}: a TrainJob needs at least one node and one GPU per node "
                             f"(got {nodes} x {gpus})")
+    procs = r.processes_per_node or gpus
+    if r.processes_per_node == 1 and nodes > 1:
+        raise TrainJobError(f"{stage} runs as a single process (its loop is not data-parallel): a TrainJob of "
+                            f"{nodes} nodes would run {nodes} copies writing the same checkpoints; use one node")
     res = {"cpu": r.cpu, "memory": r.memory, settings.accelerator_type: str(gpus)}
     spec: dict[str, Any] = {
         "runtimeRef": {"apiGroup": GROUP, "kind": "ClusterTrainingRuntime", "name": settings.trainjob_runtime},
@@ -98,7 +102,7 @@ def build_trainjob(name: str, stage: str, call: dict[str, Any], *, namespace: st
             "args": ["stage", "exec", stage],
             "env": _env(settings, {CALL_ENV: json.dumps(call, sort_keys=True)} | ({RUN_ENV: run_id} if run_id else {})),
             "numNodes": nodes,
-            "numProcPerNode": gpus,
+            "numProcPerNode": procs,
             "resourcesPerNode": {"requests": res, "limits": dict(res)},
         },
     }

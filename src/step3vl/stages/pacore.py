@@ -211,7 +211,10 @@ def warmup_config(pc: PaCoReConfig, steps: int, sft: TrainConfig) -> TrainConfig
 def run(cfg: PipelineConfig, data_dir: str | Path, init_uri: str, out_uri: str, *, ckpt_uri: str | None = None,
         progress: bool = True, stop_after: tuple[int, str] | None = None) -> PaCoReOutputs:
     """PaCoRe training from ``init_uri``; ``stop_after=(step, "messages"|"sft"|"rl")`` ends early (tests)."""
+    from step3vl.stages.rl import require_single_process
     from step3vl.storage import is_s3_uri
+
+    require_single_process("pacore")
 
     root = ckpt_uri or out_uri
     if is_s3_uri(root):

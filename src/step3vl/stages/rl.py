@@ -40,6 +40,17 @@ def verifiable_reward(format_weight: float = 0.0):
     return fn
 
 
+def require_single_process(stage: str) -> None:
+    """The RL stages (RLVR, RLHF, PaCoRe) are one process: rollouts, rewards and updates are not data-parallel.
+    Started as several ranks (``torchrun``), each would run the whole stage and write the same checkpoints."""
+    from step3vl.errors import Step3VLError
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.strip() not in ("", "1"):
+        raise Step3VLError(f"{stage}: started as {world} processes (WORLD_SIZE={world}), but the RL loop runs as one "
+                           f"process; launch it once (a TrainJob of one node and one process per node)")
+
+
 def run_rl(
     stage: str,
     cfg: PipelineConfig,
@@ -64,6 +75,7 @@ def run_rl(
     from step3vl.storage import join_uri
     from step3vl.train.loop import seed_everything
 
+    require_single_process(stage)
     rl: RLConfig = rl_cfg or getattr(cfg, stage)
     data_dir = Path(data_dir)
     seed_everything(cfg.seed)

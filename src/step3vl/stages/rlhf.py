@@ -204,9 +204,10 @@ def run(
     from step3vl.model.loading import load_model
     from step3vl.rl.genrm import GenRM, ReferenceAnswers, RLHFReward, pairwise_accuracy
     from step3vl.rl.rollout import TorchEngine
-    from step3vl.stages.rl import run_rl
+    from step3vl.stages.rl import require_single_process, run_rl
     from step3vl.storage import is_s3_uri, join_uri
 
+    require_single_process("rlhf")
     t0 = time.perf_counter()
     settings = settings or GenRMSettings(steps=cfg.rlhf.genrm_steps, heldout_pairs=cfg.rlhf.genrm_heldout_pairs)
     data_dir = Path(data_dir)
