@@ -262,3 +262,48 @@ def test_trainjob_chain_on_s3_from_data_to_pacore(prefix: str, micro_cfg: Any, m
     assert set(curves) == {"text_math", "mm_math"} and curves["mm_math"]["k"] == [1, 2]
     assert metrics["scaling/mm_math/pacore_at_2"] == curves["mm_math"]["pacore"][1]
     assert out.read_bytes("scaling.png")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_trainjob_command_as_two_ranks_on_s3(prefix: str, micro_data: Any) -> None:
+    """What a pre-training TrainJob runs, for real: ``torchrun --no-python step3vl stage exec pretrain`` on two
+    ranks (DeepSpeed ZeRO-2 on gloo), the call in ``$STEP3VL_CALL``, data and outputs on S3 only."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from step3vl import config
+    from step3vl.model.loading import load_model
+    from step3vl.pipeline import trainjob
+
+    root = Path(__file__).resolve().parent
+    cfg = config.load(config.PipelineConfig, root / "conf" / "micro.yaml", [
+        "pretrain.batch_size=8", "pretrain.micro_batch_size=2", "pretrain.zero_stage=2", "pretrain.eval_data=",
+        "pretrain.checkpoint_every=2", "pretrain.phases=[{data: pretrain_broad, steps: 4, lr_start: 1.0e-3, lr_end: 1.0e-3}]",
+    ])
+    data = Path(micro_data.out_dir)
+    store = open_store(f"{prefix}/data")
+    for dirpath, _, names in os.walk(data):
+        for name in names:
+            store.upload_file(Path(dirpath, name), Path(dirpath, name).relative_to(data).as_posix())
+    call = {"fn": "step3vl.stages.train:run_training", "config_yaml": config.dump_yaml(cfg),
+            "arguments": {"stage": "pretrain", "data_dir": f"{prefix}/data", "out_uri": f"{prefix}/pretrain",
+                          "ckpt_uri": f"{prefix}/checkpoints", "progress": False},
+            "result_uri": f"{prefix}/trainjob-result.json"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", trainjob.CALL_ENV: json.dumps(call)}
+    for var in ("RANK", "WORLD_SIZE", trainjob.RUN_ENV):
+        env.pop(var, None)
+    exe = shutil.which("step3vl", path=str(Path(sys.executable).parent))
+    assert exe, "the step3vl console script is not installed in this venv"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                        "--no-python", exe, "stage", "exec", "pretrain"], capture_output=True, text=True, env=env,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-5000:]
+    summary = json.loads(open_store(prefix).read_bytes("trainjob-result.json"))
+    assert summary["model_uri"] == f"{prefix}/pretrain/model" and summary["step"] == 4
+    assert summary["metrics"]["steps"] == 4.0
+    published = [k for k in open_store(f"{prefix}/checkpoints").list() if k.endswith(MANIFEST_NAME)]
+    assert published == [f"step-00000{s}/{MANIFEST_NAME}" for s in (2, 4)]  # by rank 0 only
+    assert load_model(summary["model_uri"]).tokenizer_dir is not None
