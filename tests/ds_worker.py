@@ -1,7 +1,7 @@
 """Run a few pre-training steps of the micro pipeline and print the per-step losses as JSON (rank 0).
 
-Launched by tests/test_deepspeed.py twice on the same global batch: plainly (one process, plain
-torch) and under torchrun with 2 processes (DeepSpeed ZeRO-2 on gloo).
+Launched by tests/test_deepspeed.py on the same global batch: plainly (one process, plain torch) and
+under torchrun with 2 processes (DeepSpeed ZeRO-2 or ZeRO-3 on gloo). Args: data_dir out_dir [zero_stage].
 """
 
 import json
@@ -12,9 +12,10 @@ from step3vl import config
 from step3vl.stages.train import run_training
 
 data_dir, out_dir = sys.argv[1], sys.argv[2]
+zero_stage = sys.argv[3] if len(sys.argv) > 3 else "2"
 root = Path(__file__).resolve().parent
 cfg = config.load(config.PipelineConfig, root / "conf/micro.yaml", [
-    "pretrain.batch_size=8", "pretrain.micro_batch_size=2", "pretrain.zero_stage=2", "pretrain.eval_data=",
+    "pretrain.batch_size=8", "pretrain.micro_batch_size=2", f"pretrain.zero_stage={zero_stage}", "pretrain.eval_data=",
     "pretrain.checkpoint_every=1000", "pretrain.warmup_steps=0",
     "pretrain.phases=[{data: pretrain_broad, steps: 4, lr_start: 1.0e-3, lr_end: 1.0e-3}]",
 ])
@@ -24,3 +25,4 @@ import os
 if os.environ.get("RANK", "0") == "0":
     print("BACKEND=" + res.result.backend)
     print("LOSSES=" + json.dumps([h["loss"] for h in res.result.history]))
+    print("MODEL=" + res.model_uri)

@@ -58,7 +58,7 @@ def run_training(
     from step3vl.model.processor import ImageProcessor
     from step3vl.model.tokenizer import load_tokenizer
     from step3vl.storage import join_uri
-    from step3vl.train.loop import seed_everything, train
+    from step3vl.train.loop import full_state_dict, seed_everything, train
 
     tcfg: TrainConfig = getattr(cfg, stage)
     data_dir = Path(data_dir)
@@ -96,9 +96,10 @@ def run_training(
     out = TrainStageOutputs(model_uri=join_uri(out_uri, "model"), result=result)
     if stop_after_step is not None and result.step < sum(tcfg.steps_for(p) for p in tcfg.phases):
         return out  # interrupted on purpose: no final model
+    state = full_state_dict(model)  # every rank: under ZeRO-3 the weights are gathered from all of them
     if int(os.environ.get("RANK", "0")) != 0:
         return out  # under torchrun only rank 0 publishes
-    save_checkpoint(out.model_uri, model_state=model.state_dict(), config=ckpt_config,
+    save_checkpoint(out.model_uri, model_state=state, config=ckpt_config,
                     tokenizer_dir=str(tok_dir), extra_meta={"stage": stage, "step": result.step}, overwrite=True)
     ev = [e["eval_loss"] for e in result.eval_history]
     out.metrics = {"final_loss": result.final_loss, "steps": float(result.step),

@@ -113,6 +113,23 @@ def _dist() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _partitioned(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters DeepSpeed ZeRO-3 has partitioned: each rank holds a shard, the module an empty placeholder."""
+    return [p for p in model.parameters() if hasattr(p, "ds_id")]
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole state dict, ZeRO-3's partitioned parameters gathered first: a collective that every rank
+    must call (then rank 0 saves what it returns). Without ZeRO-3 it is ``model.state_dict()``."""
+    parts = _partitioned(model)
+    if not parts:
+        return model.state_dict()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(parts, modifier_rank=None):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def forward_loss_sum(model: torch.nn.Module, batch: PackedBatch, precision: str) -> torch.Tensor:
     """Sum (not mean) of token losses of one micro-batch under the packed block-diagonal mask."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -212,6 +229,7 @@ def train(
         log.warning("resuming from %s at step %d", latest, step)
 
     def save(at: int) -> None:
+        state = full_state_dict(model)  # every rank: gathering ZeRO-3's shards is a collective
         if rank != 0:
             return
         extra = save_extra()
@@ -221,7 +239,7 @@ def train(
         opt_state = optimizer.state_dict() if engine is None else None
         save_checkpoint(
             checkpoint_uri(ckpt_root, at),
-            model_state=model.state_dict(),
+            model_state=state,
             config=extra["config"],
             tokenizer_dir=extra.get("tokenizer_dir"),
             train_state={
@@ -232,10 +250,15 @@ def train(
             overwrite=True,
         )
 
+    zero3 = bool(_partitioned(model))
+
     def do_eval(at: int) -> None:
-        if eval_ds is None or rank != 0:
+        # rank 0 evaluates; under ZeRO-3 every rank runs the same forward (it gathers shards collectively)
+        if eval_ds is None or (rank != 0 and not zero3):
             return
         loss = evaluate_loss(model, eval_ds, max_rows=128, micro=micro, precision=cfg.precision)
+        if rank != 0:
+            return
         eval_history.append({"step": at, "eval_loss": loss})
         if on_metrics:
             on_metrics({"eval_loss": loss}, at)
