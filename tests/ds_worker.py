@@ -1,10 +1,12 @@
 """Run a few pre-training steps of the micro pipeline and print the per-step losses as JSON (rank 0).
 
 Launched by tests/test_deepspeed.py on the same global batch: plainly (one process, plain torch) and
-under torchrun with 2 processes (DeepSpeed ZeRO-2 or ZeRO-3 on gloo). Args: data_dir out_dir [zero_stage].
+under torchrun with 2 processes (DeepSpeed ZeRO-2 or ZeRO-3 on gloo). Args: data_dir out_dir [zero_stage];
+$DS_OVERRIDES (a JSON list) adds config overrides, $DS_STOP_AFTER stops after that step.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,11 +20,13 @@ cfg = config.load(config.PipelineConfig, root / "conf/micro.yaml", [
     "pretrain.batch_size=8", "pretrain.micro_batch_size=2", f"pretrain.zero_stage={zero_stage}", "pretrain.eval_data=",
     "pretrain.checkpoint_every=1000", "pretrain.warmup_steps=0",
     "pretrain.phases=[{data: pretrain_broad, steps: 4, lr_start: 1.0e-3, lr_end: 1.0e-3}]",
+    *json.loads(os.environ.get("DS_OVERRIDES", "[]")),
 ])
-res = run_training("pretrain", cfg, data_dir, out_dir, progress=False)
-import os
+stop = int(os.environ["DS_STOP_AFTER"]) if os.environ.get("DS_STOP_AFTER") else None
+res = run_training("pretrain", cfg, data_dir, out_dir, progress=False, stop_after_step=stop)
 
 if os.environ.get("RANK", "0") == "0":
     print("BACKEND=" + res.result.backend)
     print("LOSSES=" + json.dumps([h["loss"] for h in res.result.history]))
     print("MODEL=" + res.model_uri)
+    print(f"STEP={res.result.step} RESUMED_FROM={res.result.resumed_from}")

@@ -196,6 +196,25 @@ def train(
         raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {micro} x world {world}")
     samplers = [RowSampler(ds, seed * 1000 + i) for i, ds in enumerate(datasets)]
 
+    step, history, eval_history, resumed_from = 0, [], [], None
+    latest = latest_valid_checkpoint(ckpt_root)
+    ck, fresh_optimizer = None, False
+    if latest is not None:
+        ck = load_checkpoint(latest)
+        st = ck.train_state or {}
+        if "optimizer" not in st:
+            raise ValueError(f"{latest} has no optimizer state: not a training checkpoint")
+        if st["optimizer"] is None or world > 1:
+            if not cfg.resume_fresh_optimizer:
+                raise ValueError(
+                    f"{latest}: exact resume needs the optimizer state, which distributed (DeepSpeed ZeRO) runs do "
+                    "not store in step3vl checkpoints; start a new run from its weights with --init, or set "
+                    "resume_fresh_optimizer: true to resume its weights, step, data position and RNG with fresh "
+                    "optimizer moments")
+            fresh_optimizer = True
+        # before DeepSpeed wraps the model: ZeRO takes its fp32 master copy of the weights from here
+        model.load_state_dict(ck.model_state)
+
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -207,20 +226,13 @@ def train(
     if world > 1:
         engine = _deepspeed_engine(model, optimizer, cfg, micro, world)
 
-    step, history, eval_history, resumed_from = 0, [], [], None
-    latest = latest_valid_checkpoint(ckpt_root)
-    if latest is not None:
-        ck = load_checkpoint(latest)
+    if ck is not None:
         st = ck.train_state or {}
-        if "optimizer" not in st:
-            raise ValueError(f"{latest} has no optimizer state: not a training checkpoint")
-        if st["optimizer"] is None or engine is not None:
-            raise ValueError(
-                f"{latest}: exact resume needs the optimizer state, which distributed (DeepSpeed ZeRO) runs do "
-                "not store in step3vl checkpoints; start a new run from its weights with --init"
-            )
-        model.load_state_dict(ck.model_state)
-        optimizer.load_state_dict(st["optimizer"])
+        if fresh_optimizer:
+            log.warning("resuming %s with fresh optimizer moments (resume_fresh_optimizer): not an exact resume",
+                        latest)
+        else:
+            optimizer.load_state_dict(st["optimizer"])
         for s, d in zip(samplers, st["samplers"]):
             s.load_state_dict(d)
         restore_rng_state(st["rng"])
