@@ -30,3 +30,4 @@ if os.environ.get("RANK", "0") == "0":
     print("LOSSES=" + json.dumps([h["loss"] for h in res.result.history]))
     print("MODEL=" + res.model_uri)
     print(f"STEP={res.result.step} RESUMED_FROM={res.result.resumed_from}")
+    print("EVAL=" + json.dumps([e["eval_loss"] for e in res.result.eval_history]))

@@ -62,8 +62,12 @@ def test_zero3_publishes_the_whole_model(micro_data, single, tmp_path):
 
     from step3vl.checkpoint import load_checkpoint
 
-    dist = _distributed(micro_data, tmp_path / "zero3", 3, 29519)
+    # held-out evaluation on: under ZeRO-3 its forward gathers shards, so every rank runs it
+    dist = _distributed(micro_data, tmp_path / "zero3", 3, 29519,
+                        DS_OVERRIDES=json.dumps(["pretrain.eval_data=eval", "pretrain.eval_every=2"]))
     assert json.loads(_line(dist, "LOSSES")) == pytest.approx(json.loads(_line(single, "LOSSES")), rel=2e-3)
+    evals = json.loads(_line(dist, "EVAL"))
+    assert len(evals) == 3 and evals[-1] < evals[0]  # steps 0, 2 and 4
     want = load_checkpoint(_line(single, "MODEL")).model_state
     got = load_checkpoint(_line(dist, "MODEL")).model_state
     assert set(got) == set(want)
