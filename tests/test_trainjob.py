@@ -313,3 +313,21 @@ def test_rl_stages_refuse_to_run_as_several_ranks(stage, monkeypatch, micro_cfg,
     with pytest.raises(Step3VLError, match=f"{stage}: started as 16 processes"):
         fn()
     assert not (tmp_path / "o").exists()
+
+
+def test_a_trainjob_stages_curves_artifact_points_at_its_mlflow_run(monkeypatch, micro_cfg, tmp_path):
+    """The TrainJob's rank 0 drew and logged the curves into the stage's MLflow run; the KFP HTML says where."""
+    from step3vl.pipeline import lineage, runtime
+
+    monkeypatch.setattr(lineage, "checkpoint_digest", lambda uri: "sha")
+    st = runtime.Stage("rlvr", micro_cfg, "run-1", 0.0, config_yaml="{}")
+    art = lambda name: SimpleNamespace(name=name, path=str(tmp_path / name), metadata={},  # noqa: E731
+                                       log_metric=lambda k, v: None)
+    model, metrics, curves = art("model"), art("metrics"), art("curves")
+    out = SimpleNamespace(model_uri="s3://b/ck/model", metrics={"reward_last": 0.5}, plot=None,
+                          result=SimpleNamespace(step=3, iteration=3, resumed_from=None), trainjob="step3vl-rlvr-abc")
+    st.publish_rl(out, model, metrics, curves)
+    page = Path(curves.path).read_text()
+    assert "TrainJob <code>step3vl-rlvr-abc</code>" in page and "MLflow run <code>run-1</code>" in page
+    assert model.metadata["model_uri"] == "s3://b/ck/model"
+    assert json.loads(Path(model.path, "REMOTE.json").read_text()) == {"model_uri": "s3://b/ck/model"}

@@ -125,7 +125,7 @@ class Stage:
         values = dict(out.metrics)
         values["resumed_from_step"] = out.result.resumed_from or 0
         self._publish_model(out.model_uri, out.result.step, values, getattr(out, "plot", None), model, metrics,
-                            loss_curve, "loss")
+                            loss_curve, "loss curves", getattr(out, "trainjob", ""))
 
     def publish_rl(self, out: Any, model: Any, metrics: Any, curves: Any) -> None:
         """An RL stage (RLVR, RLHF, PaCoRe) → ``model``, its metrics, its reward/length curves as HTML."""
@@ -135,10 +135,11 @@ class Stage:
         values["resumed_from_iteration"] = (getattr(res, "resumed_from", None) or 0) if res is not None else 0
         plot = getattr(out, "plot", None) or getattr(inner, "plot", None)
         steps = getattr(res, "iteration", getattr(res, "step", 0)) if res is not None else 0
-        self._publish_model(out.model_uri, steps, values, plot, model, metrics, curves, "RL curves")
+        self._publish_model(out.model_uri, steps, values, plot, model, metrics, curves, "RL curves",
+                            getattr(out, "trainjob", ""))
 
     def _publish_model(self, model_uri: str, steps: int, values: dict[str, Any], plot: Any, model: Any,
-                       metrics: Any, curve: Any, what: str) -> None:
+                       metrics: Any, curve: Any, what: str, trainjob: str = "") -> None:
         from step3vl.pipeline.lineage import checkpoint_digest
 
         sub = os.path.relpath(model_uri, model.path) if model_uri.startswith(model.path + os.sep) else ""
@@ -150,6 +151,9 @@ class Stage:
         _stamp(model, self, digest=checkpoint_digest(model_uri), checkpoint=sub, model_uri=model_uri, steps=steps,
                framework="step3vl")
         body = f"<p>No {what} for {html.escape(self.name)}.</p>"
+        if trainjob:  # its rank 0 logged the curves into this stage's MLflow run
+            body = (f"<p>{html.escape(self.name)} trained as TrainJob <code>{html.escape(trainjob)}</code>: its {what} "
+                    f"are in MLflow run <code>{html.escape(self.mlflow_run_id)}</code>.</p>")
         if plot and Path(plot).is_file():
             png = base64.b64encode(Path(plot).read_bytes()).decode()
             body = f'<img alt="{self.name} {what}" src="data:image/png;base64,{png}"/>'
