@@ -218,7 +218,8 @@ def test_server_down_fails_within_bounded_time(
 
 
 
-def test_trainjob_chain_on_s3_from_data_to_pacore(prefix: str, micro_cfg: Any, micro_data: Any) -> None:
+def test_trainjob_chain_on_s3_from_data_to_pacore(prefix: str, micro_cfg: Any, micro_data: Any, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The cluster's TrainJob data flow: every training stage runs as ``step3vl stage exec`` does, on ``s3://``
     URIs only (the data prep artifact as KFP uploads it, each stage starting from the last one's model)."""
     import json
@@ -237,6 +238,10 @@ def test_trainjob_chain_on_s3_from_data_to_pacore(prefix: str, micro_cfg: Any, m
             store.upload_file(Path(dirpath, name), Path(dirpath, name).relative_to(data).as_posix())
     pc = replace(micro_cfg.pacore, curriculum=micro_cfg.pacore.curriculum[:1], scaling_per_family=2, scaling_ks=(1, 2))
     config_yaml = dump_yaml(replace(micro_cfg, pacore=pc))
+    monkeypatch.setenv(trainjob.DATA_ENV, str(tmp_path / "node"))
+    fetched: list[str] = []
+    real_fetch = storage.fetch_dir
+    monkeypatch.setattr(storage, "fetch_dir", lambda *a, **k: fetched.append(str(a[0])) or real_fetch(*a, **k))
 
     init = None
     for stage, fn, extra in [("pretrain", "step3vl.stages.train:run_training", {"stage": "pretrain"}),
@@ -255,6 +260,7 @@ def test_trainjob_chain_on_s3_from_data_to_pacore(prefix: str, micro_cfg: Any, m
         assert load_model(init).tokenizer_dir is not None, stage  # the next stage starts from it
         assert json.loads(open_store(f"{prefix}/results").read_bytes(f"{stage}.json")) == summary
 
+    assert fetched.count(f"{prefix}/data") == 1  # one copy of the data for the node, reused by every stage
     # PaCoRe's report sits beside its model: the metrics and the accuracy-vs-rollouts curve
     out = open_store(f"{prefix}/pacore")
     metrics = json.loads(out.read_bytes("metrics.json"))
@@ -265,7 +271,7 @@ def test_trainjob_chain_on_s3_from_data_to_pacore(prefix: str, micro_cfg: Any, m
 
 
 @pytest.mark.slow
-def test_trainjob_command_as_two_ranks_on_s3(prefix: str, micro_data: Any) -> None:
+def test_trainjob_command_as_two_ranks_on_s3(prefix: str, micro_data: Any, tmp_path: Path) -> None:
     """What a pre-training TrainJob runs, for real: ``torchrun --no-python step3vl stage exec pretrain`` on two
     ranks (DeepSpeed ZeRO-2 on gloo), the call in ``$STEP3VL_CALL``, data and outputs on S3 only."""
     import json
@@ -292,7 +298,8 @@ def test_trainjob_command_as_two_ranks_on_s3(prefix: str, micro_data: Any) -> No
             "arguments": {"stage": "pretrain", "data_dir": f"{prefix}/data", "out_uri": f"{prefix}/pretrain",
                           "ckpt_uri": f"{prefix}/checkpoints", "progress": False},
             "result_uri": f"{prefix}/trainjob-result.json"}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", trainjob.CALL_ENV: json.dumps(call)}
+    node = tmp_path / "node"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", trainjob.CALL_ENV: json.dumps(call), trainjob.DATA_ENV: str(node)}
     for var in ("RANK", "WORLD_SIZE", trainjob.RUN_ENV):
         env.pop(var, None)
     exe = shutil.which("step3vl", path=str(Path(sys.executable).parent))
@@ -307,3 +314,4 @@ def test_trainjob_command_as_two_ranks_on_s3(prefix: str, micro_data: Any) -> No
     published = [k for k in open_store(f"{prefix}/checkpoints").list() if k.endswith(MANIFEST_NAME)]
     assert published == [f"step-00000{s}/{MANIFEST_NAME}" for s in (2, 4)]  # by rank 0 only
     assert load_model(summary["model_uri"]).tokenizer_dir is not None
+    assert len([d for d in node.iterdir() if d.is_dir()]) == 1  # the data sits once in the node's shared place

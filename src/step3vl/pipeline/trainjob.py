@@ -8,7 +8,7 @@ runtime are there (:func:`preflight`), follows the job's conditions to ``Complet
 (:func:`follow`) and reads back what rank 0 wrote. In the job every node runs
 ``torchrun --no-python step3vl stage exec <stage>`` (the runtime's command plus our args), which
 calls the same ``step3vl.stages`` function with the same arguments (:func:`exec_call`):
-artifact paths become their ``s3://`` URIs, the data directory is fetched to local disk.
+artifact paths become their ``s3://`` URIs, the data directory is fetched to local disk once per node.
 
 Nothing here needs a cluster to test: the Kubernetes APIs are passed in.
 """
@@ -23,8 +23,10 @@ import json
 import logging
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -44,6 +46,7 @@ CALL_ENV = "STEP3VL_CALL"  # the stage call a TrainJob runs (JSON)
 RUN_ENV = "STEP3VL_MLFLOW_RUN_ID"  # the component's stage run: rank 0 logs the stage's metrics into it
 NODES_ENV = "STEP3VL_TRAINJOB_NODES"
 GPUS_ENV = "STEP3VL_TRAINJOB_GPUS_PER_NODE"
+DATA_ENV = "STEP3VL_TRAINJOB_DATA"  # where a node keeps its one copy of the data (default: the temp dir)
 NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 _NAME_OK = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
@@ -264,10 +267,8 @@ def _summary(out: Any) -> dict[str, Any]:
 
 def exec_call(spec: dict[str, Any]) -> dict[str, Any]:
     """Inside the TrainJob (every rank): run the call; rank 0 writes the summary to ``result_uri``."""
-    import tempfile
-
     from step3vl.pipeline.runtime import load_config
-    from step3vl.storage import fetch_dir, is_s3_uri
+    from step3vl.storage import is_s3_uri
 
     module, _, qualname = spec["fn"].partition(":")
     if not module.startswith("step3vl.stages."):
@@ -276,6 +277,8 @@ def exec_call(spec: dict[str, Any]) -> dict[str, Any]:
     for part in qualname.split("."):
         fn = getattr(fn, part)
     arguments = dict(spec["arguments"])
+    if is_s3_uri(str(arguments.get("data_dir", ""))):
+        arguments["data_dir"] = str(node_copy(arguments["data_dir"]))
     cfg = load_config(spec["config_yaml"], source="the TrainJob's call")
     run_id, rank0 = os.environ.get(RUN_ENV, ""), int(os.environ.get("RANK", "0")) == 0
     with contextlib.ExitStack() as stack:
@@ -289,14 +292,26 @@ def exec_call(spec: dict[str, Any]) -> dict[str, Any]:
             else:  # a store on the component's own disk: the run is not reachable from here
                 log.warning("tracking URI %s is not a server: the stage's per-step metrics stay out of MLflow "
                             "run %s", tracking.display_uri(uri), run_id)
-        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="step3vl-trainjob-"))
-        if is_s3_uri(str(arguments.get("data_dir", ""))):
-            arguments["data_dir"] = str(fetch_dir(arguments["data_dir"], os.path.join(tmp, "data")))
         out = fn(cfg=cfg, **arguments)
     summary = _summary(out)
     if rank0:
         _write(spec["result_uri"], json.dumps(summary, sort_keys=True))
     return summary
+
+
+def node_copy(uri: str) -> Path:
+    """A verified local copy of the published directory ``uri``, one per node for all its ranks: the first rank
+    to take the lock downloads it (verified on the way, published by rename), the others reuse it once its
+    manifest is the remote one. Under ``$STEP3VL_TRAINJOB_DATA`` (default: the temp dir, a pod's own)."""
+    from step3vl.storage import fetch_dir, file_lock, read_manifest
+
+    root = Path(os.environ.get(DATA_ENV) or Path(tempfile.gettempdir(), "step3vl-trainjob-data"))
+    target = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    with file_lock(f"{target}.lock", on_wait=lambda: log.info("waiting for this node's copy of %s", uri)):
+        if (target / "MANIFEST.json").is_file() and read_manifest(target) == read_manifest(uri):
+            log.info("reusing this node's copy of %s at %s", uri, target)
+            return target
+        return fetch_dir(uri, target, overwrite=True)
 
 
 def _write(uri: str, text: str) -> None:
