@@ -270,6 +270,11 @@ class MetricSink:
         self._put({"kind": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     @property
+    def abandoned(self) -> bool:
+        """:meth:`close` gave up on a server that is gone: the journal holds what was not sent."""
+        return self._abandoned
+
+    @property
     def backlog(self) -> int:
         with self._cv:
             return len(self._pending)
@@ -495,7 +500,6 @@ def stage_run(
     the tracking server going away does not stop the stage (see the class)."""
     import mlflow
 
-    global _SINK
     preflight(tracking_uri(cfg))  # seconds, not MLflow's minutes of retries; sends journals a lost server left
     setup(cfg)
     tags = {"step3vl.stage": stage}
@@ -507,43 +511,36 @@ def stage_run(
     try:
         if config is not None:
             log_config(config)
-        sink = _SINK = MetricSink(run.info.run_id, tracking_uri(cfg), stage)
-        yield run
+        with attached_run(run.info.run_id, tracking_uri(cfg), stage, cfg.flush_timeout_s) as sink:
+            yield run
         status = "FINISHED"
     finally:
-        _SINK = None
-        lost: TrackingLost | None = None
-        if sink is not None:
-            try:
-                sink.close(cfg.flush_timeout_s)
-            except TrackingLost as e:
-                lost = e
-        if lost is None:
-            mlflow.end_run(status)
+        if sink is not None and sink.abandoned:
+            _end_run_without_server()  # the server is gone: no minutes of retries
         else:
-            _end_run_without_server()
-            if status == "FINISHED":  # the stage's own error, if any, wins
-                raise lost
+            mlflow.end_run(status)
 
 
 @contextlib.contextmanager
-def attached_run(run_id: str, uri: str, stage: str, flush_timeout_s: float) -> Iterator[None]:
-    """Log into an existing run owned by another process (a TrainJob's rank 0 logging into its component's
-    stage run): the same journaled :class:`MetricSink` as :func:`stage_run`, but the run is left open."""
+def attached_run(run_id: str, uri: str, stage: str, flush_timeout_s: float) -> Iterator[MetricSink]:
+    """Route :func:`log_metrics`/:func:`log_artifact` into the run ``run_id`` through a journaled
+    :class:`MetricSink`, leaving the run itself open: :func:`stage_run` inside its own run, a TrainJob's rank 0
+    inside its component's. Raises :class:`TrackingLost` when the body succeeded but its points could not be
+    sent; after a body that failed, its own error wins (``sink.abandoned`` tells)."""
     global _SINK
     if _SINK is not None:
         raise RuntimeError(f"attached_run({run_id}): a stage run's sink is already active ({_SINK.run_id})")
     sink = _SINK = MetricSink(run_id, uri, stage)
     ok = False
     try:
-        yield
+        yield sink
         ok = True
     finally:
         _SINK = None
         try:
             sink.close(flush_timeout_s)
         except TrackingLost:
-            if ok:  # the stage's own error, if any, wins
+            if ok:
                 raise
 
 
