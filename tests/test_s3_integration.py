@@ -55,6 +55,30 @@ def small_run() -> dict[str, Any]:
     }
 
 
+def upload_like_kfp(local: Path, uri: str) -> None:
+    """A KFP artifact directory as the launcher uploads it: every file as it is (its manifest included)."""
+    import os
+
+    store = open_store(uri)
+    for dirpath, _, names in os.walk(local):
+        for name in names:
+            store.upload_file(Path(dirpath, name), Path(dirpath, name).relative_to(local).as_posix())
+
+
+def count_downloads(monkeypatch: pytest.MonkeyPatch, under: str) -> list[str]:
+    """The keys S3Store downloads from stores under ``under``, from now on."""
+    got: list[str] = []
+    real = S3Store.download_file
+
+    def download_file(self: S3Store, key: str, local_path: Any) -> None:
+        if self.uri.startswith(under):
+            got.append(key)
+        real(self, key, local_path)
+
+    monkeypatch.setattr(S3Store, "download_file", download_file)
+    return got
+
+
 def test_put_list_read(prefix: str) -> None:
     store = open_store(prefix)
     assert isinstance(store, S3Store)
@@ -223,7 +247,6 @@ def test_trainjob_chain_on_s3_from_data_to_pacore(prefix: str, micro_cfg: Any, m
     """The cluster's TrainJob data flow: every training stage runs as ``step3vl stage exec`` does, on ``s3://``
     URIs only (the data prep artifact as KFP uploads it, each stage starting from the last one's model)."""
     import json
-    import os
     from dataclasses import replace
 
     from step3vl.config import dump_yaml
@@ -232,16 +255,11 @@ def test_trainjob_chain_on_s3_from_data_to_pacore(prefix: str, micro_cfg: Any, m
 
     data = Path(micro_data.out_dir)
     assert (data / MANIFEST_NAME).is_file()  # data prep seals its output last
-    store = open_store(f"{prefix}/data")
-    for dirpath, _, names in os.walk(data):  # the KFP launcher uploads the artifact's files as they are
-        for name in names:
-            store.upload_file(Path(dirpath, name), Path(dirpath, name).relative_to(data).as_posix())
+    upload_like_kfp(data, f"{prefix}/data")
     pc = replace(micro_cfg.pacore, curriculum=micro_cfg.pacore.curriculum[:1], scaling_per_family=2, scaling_ks=(1, 2))
     config_yaml = dump_yaml(replace(micro_cfg, pacore=pc))
     monkeypatch.setenv(trainjob.DATA_ENV, str(tmp_path / "node"))
-    fetched: list[str] = []
-    real_fetch = storage.fetch_dir
-    monkeypatch.setattr(storage, "fetch_dir", lambda *a, **k: fetched.append(str(a[0])) or real_fetch(*a, **k))
+    fetched = count_downloads(monkeypatch, f"{prefix}/data")
 
     init = None
     for stage, fn, extra in [("pretrain", "step3vl.stages.train:run_training", {"stage": "pretrain"}),
@@ -260,7 +278,8 @@ def test_trainjob_chain_on_s3_from_data_to_pacore(prefix: str, micro_cfg: Any, m
         assert load_model(init).tokenizer_dir is not None, stage  # the next stage starts from it
         assert json.loads(open_store(f"{prefix}/results").read_bytes(f"{stage}.json")) == summary
 
-    assert fetched.count(f"{prefix}/data") == 1  # one copy of the data for the node, reused by every stage
+    # one copy of the data for the node, downloaded once and reused by every stage
+    assert sorted(fetched) == sorted(storage.read_manifest(f"{prefix}/data")["files"])
     # PaCoRe's report sits beside its model: the metrics and the accuracy-vs-rollouts curve
     out = open_store(f"{prefix}/pacore")
     metrics = json.loads(out.read_bytes("metrics.json"))
@@ -290,10 +309,7 @@ def test_trainjob_command_as_two_ranks_on_s3(prefix: str, micro_data: Any, tmp_p
         "pretrain.checkpoint_every=2", "pretrain.phases=[{data: pretrain_broad, steps: 4, lr_start: 1.0e-3, lr_end: 1.0e-3}]",
     ])
     data = Path(micro_data.out_dir)
-    store = open_store(f"{prefix}/data")
-    for dirpath, _, names in os.walk(data):
-        for name in names:
-            store.upload_file(Path(dirpath, name), Path(dirpath, name).relative_to(data).as_posix())
+    upload_like_kfp(data, f"{prefix}/data")
     call = {"fn": "step3vl.stages.train:run_training", "config_yaml": config.dump_yaml(cfg),
             "arguments": {"stage": "pretrain", "data_dir": f"{prefix}/data", "out_uri": f"{prefix}/pretrain",
                           "ckpt_uri": f"{prefix}/checkpoints", "progress": False},
@@ -315,3 +331,22 @@ def test_trainjob_command_as_two_ranks_on_s3(prefix: str, micro_data: Any, tmp_p
     assert published == [f"step-00000{s}/{MANIFEST_NAME}" for s in (2, 4)]  # by rank 0 only
     assert load_model(summary["model_uri"]).tokenizer_dir is not None
     assert len([d for d in node.iterdir() if d.is_dir()]) == 1  # the data sits once in the node's shared place
+
+
+def test_node_copy_downloads_once_per_node_and_again_when_the_data_changes(prefix: str, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from step3vl.pipeline import trainjob
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("one")
+    uri = f"{prefix}/d"
+    publish_dir(src, uri)
+    monkeypatch.setenv(trainjob.DATA_ENV, str(tmp_path / "node"))
+    got = count_downloads(monkeypatch, uri)
+    first = trainjob.node_copy(uri)
+    assert trainjob.node_copy(uri) == first and got == ["a.txt"]  # the node's other ranks reuse it
+    assert (first / "a.txt").read_text() == "one" and first.parent == tmp_path / "node"
+    (src / "a.txt").write_text("two")
+    publish_dir(src, uri, overwrite=True)
+    assert (trainjob.node_copy(uri) / "a.txt").read_text() == "two" and got == ["a.txt", "a.txt"]

@@ -332,23 +332,3 @@ def test_a_trainjob_stages_curves_artifact_points_at_its_mlflow_run(monkeypatch,
     assert model.metadata["model_uri"] == "s3://b/ck/model"
     assert json.loads(Path(model.path, "REMOTE.json").read_text()) == {"model_uri": "s3://b/ck/model"}
 
-
-def test_node_copy_downloads_once_per_node_and_again_when_the_data_changes(tmp_path, monkeypatch):
-    from step3vl import storage
-
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "a.txt").write_text("one")
-    published = tmp_path / "published"
-    storage.publish_dir(src, published)
-    monkeypatch.setenv(trainjob.DATA_ENV, str(tmp_path / "node"))
-    fetched = []
-    real = storage.fetch_dir
-    monkeypatch.setattr(storage, "fetch_dir", lambda *a, **k: fetched.append(a[0]) or real(*a, **k))
-
-    first = trainjob.node_copy(str(published))
-    assert trainjob.node_copy(str(published)) == first and len(fetched) == 1  # the node's other ranks reuse it
-    assert (first / "a.txt").read_text() == "one" and first.parent == tmp_path / "node"
-    (src / "a.txt").write_text("two")
-    storage.publish_dir(src, published, overwrite=True)
-    assert (trainjob.node_copy(str(published)) / "a.txt").read_text() == "two" and len(fetched) == 2

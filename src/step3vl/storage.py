@@ -798,13 +798,16 @@ def publish_dir(
 
 
 def fetch_dir(
-    uri: str | os.PathLike[str], local_dir: str | os.PathLike[str] | None = None, *, overwrite: bool = False
+    uri: str | os.PathLike[str], local_dir: str | os.PathLike[str] | None = None, *, overwrite: bool = False,
+    deep_reuse: bool = True,
 ) -> Path:
     """A verified local copy of a published directory.
 
     A local ``uri`` is verified and returned as is (or copied to ``local_dir`` if one is given).
     An S3 ``uri`` is downloaded to ``local_dir`` (a fresh temporary directory if None); a
     ``local_dir`` already holding the same verified manifest is reused without downloading.
+    ``deep_reuse=False`` checks that copy's files by presence only, not by hashing them again: for a copy
+    this node fetched (verified then) and published by rename.
     """
     store = open_store(uri)
     if isinstance(store, LocalStore):
@@ -822,7 +825,7 @@ def fetch_dir(
         target = Path(local_dir).absolute()
         if (target / MANIFEST_NAME).is_file():
             with contextlib.suppress(StorageError):
-                if verify_dir(target) == manifest:
+                if (verify_dir(target) if deep_reuse else verify_published(target, deep=False)) == manifest:
                     return target
         if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
             raise StorageError(f"cannot fetch {store.uri} into {target}: it exists with other content")

@@ -301,17 +301,14 @@ def exec_call(spec: dict[str, Any]) -> dict[str, Any]:
 
 def node_copy(uri: str) -> Path:
     """A verified local copy of the published directory ``uri``, one per node for all its ranks: the first rank
-    to take the lock downloads it (verified on the way, published by rename), the others reuse it once its
-    manifest is the remote one. Under ``$STEP3VL_TRAINJOB_DATA`` (default: the temp dir, a pod's own)."""
-    from step3vl.storage import fetch_dir, file_lock, read_manifest
+    to take the lock downloads it, the others reuse it while its manifest is the remote one. Under
+    ``$STEP3VL_TRAINJOB_DATA`` (default: the temp dir, a pod's own)."""
+    from step3vl.storage import fetch_dir, file_lock
 
     root = Path(os.environ.get(DATA_ENV) or Path(tempfile.gettempdir(), "step3vl-trainjob-data"))
     target = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
     with file_lock(f"{target}.lock", on_wait=lambda: log.info("waiting for this node's copy of %s", uri)):
-        if (target / "MANIFEST.json").is_file() and read_manifest(target) == read_manifest(uri):
-            log.info("reusing this node's copy of %s at %s", uri, target)
-            return target
-        return fetch_dir(uri, target, overwrite=True)
+        return fetch_dir(uri, target, overwrite=True, deep_reuse=False)
 
 
 def _write(uri: str, text: str) -> None:
