@@ -362,22 +362,23 @@ def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root:
         for k, d in enumerate(msg_dirs, 1):
             publish_dir(d, join_uri(out_uri, "messages", f"step-{k}"), overwrite=True)
     log_m({"seconds": time.perf_counter() - t_start})
-    report = Path(out_uri.removeprefix("file://")) if not is_s3_uri(out_uri) else work / "report"
+    # beside the model when it is local; else a folder of its own that outlives this call (MLflow sends the plot
+    # later), uploaded next to the model below
+    local_out = not is_s3_uri(out_uri)
+    report = Path(out_uri.removeprefix("file://")) if local_out else Path(tempfile.mkdtemp(prefix="step3vl-pacore-"))
     report.mkdir(parents=True, exist_ok=True)
     if pc.scaling_per_family:
         t3 = time.perf_counter()
         out.plot = _scaling(cfg, data_dir, out.model_uri, report, log_m, progress)
         log_m({"seconds_scaling": time.perf_counter() - t3})
     (report / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
-    if is_s3_uri(out_uri):  # the plot, its numbers and the metrics beside the model (one object each)
+    if not local_out:  # the plot, its numbers and the metrics beside the model (one object each)
         from step3vl.storage import open_store
 
         store = open_store(out_uri)
         for name in REPORT_FILES:
             if (report / name).exists():
                 store.upload_file(report / name, name)
-        if out.plot:  # the work directory goes when this returns; MLflow sends the plot later
-            out.plot = Path(shutil.copy(out.plot, tempfile.mkdtemp(prefix="step3vl-pacore-plot-")))
     if out.plot:
         tracking.log_artifact(str(out.plot))
     return out

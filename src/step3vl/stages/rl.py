@@ -44,9 +44,10 @@ def require_single_process(stage: str) -> None:
     """The RL stages (RLVR, RLHF, PaCoRe) are one process: rollouts, rewards and updates are not data-parallel.
     Started as several ranks (``torchrun``), each would run the whole stage and write the same checkpoints."""
     from step3vl.errors import Step3VLError
+    from step3vl.train.loop import world_size
 
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.strip() not in ("", "1"):
+    world = world_size()
+    if world > 1:
         raise Step3VLError(f"{stage}: started as {world} processes (WORLD_SIZE={world}), but the RL loop runs as one "
                            f"process; launch it once (a TrainJob of one node and one process per node)")
 

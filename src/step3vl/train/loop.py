@@ -110,7 +110,12 @@ class TrainResult:
 
 
 def _dist() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world_size()
+
+
+def world_size() -> int:
+    """Processes of this run (``torchrun`` sets ``WORLD_SIZE``); 1 when started plainly."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _partitioned(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -198,7 +203,7 @@ def train(
 
     step, history, eval_history, resumed_from = 0, [], [], None
     latest = latest_valid_checkpoint(ckpt_root)
-    ck, fresh_optimizer = None, False
+    ck, st, fresh_optimizer = None, {}, False
     if latest is not None:
         ck = load_checkpoint(latest)
         st = ck.train_state or {}
@@ -227,7 +232,6 @@ def train(
         engine = _deepspeed_engine(model, optimizer, cfg, micro, world)
 
     if ck is not None:
-        st = ck.train_state or {}
         if fresh_optimizer:
             log.warning("resuming %s with fresh optimizer moments (resume_fresh_optimizer): not an exact resume",
                         latest)
