@@ -179,8 +179,8 @@ class TrainConfig:
     eval_data: str = ""  # held-out dataset for the loss curve
     eval_every: int = 0
     zero_stage: int = 0  # DeepSpeed ZeRO stage when launched distributed (0 = plain DDP-free torch)
-    # distributed (ZeRO) checkpoints hold no optimizer state: resume them anyway (weights, step, data position,
-    # RNG) with fresh AdamW moments, instead of refusing; not an exact resume
+    # checkpoints without optimizer state (distributed ones of earlier step3vl versions): resume them anyway
+    # (weights, step, data position, RNG) with fresh AdamW moments, instead of refusing; not an exact resume
     resume_fresh_optimizer: bool = False
 
     def steps_for(self, phase: PhaseConfig) -> int:

@@ -7,7 +7,9 @@ token losses over the whole global batch divided by its loss-token count, so any
 micro-batches or processes computes the same gradient.
 
 Exact resume: a checkpoint holds model, optimizer, step, data position and RNG states; on start
-the loop loads the latest valid checkpoint under ``ckpt_root`` and continues bit-identically.
+the loop loads the latest valid checkpoint under ``ckpt_root`` and continues bit-identically. Under
+ZeRO the optimizer state is gathered from the ranks' partitions into torch AdamW's own layout
+(:mod:`step3vl.train.zero`), so a checkpoint resumes on any number of processes.
 
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the same loop runs through DeepSpeed with
 the ZeRO stage from config; each rank takes an interleaved slice of every global batch.
@@ -29,6 +31,7 @@ import torch
 
 from step3vl.config import TrainConfig
 from step3vl.data.pack import PackedBatch, PackedDataset
+from step3vl.train import zero
 
 log = logging.getLogger(__name__)
 
@@ -209,11 +212,12 @@ def train(
         st = ck.train_state or {}
         if "optimizer" not in st:
             raise ValueError(f"{latest} has no optimizer state: not a training checkpoint")
-        if st["optimizer"] is None or world > 1:
+        if st["optimizer"] is None:
+            # distributed checkpoints of earlier step3vl versions carried weights, step, data position and RNG only
             if not cfg.resume_fresh_optimizer:
                 raise ValueError(
-                    f"{latest}: exact resume needs the optimizer state, which distributed (DeepSpeed ZeRO) runs do "
-                    "not store in step3vl checkpoints; start a new run from its weights with --init, or set "
+                    f"{latest} holds no optimizer state (a distributed checkpoint of an earlier step3vl), so it "
+                    "cannot resume exactly; start a new run from its weights with --init, or set "
                     "resume_fresh_optimizer: true to resume its weights, step, data position and RNG with fresh "
                     "optimizer moments")
             fresh_optimizer = True
@@ -230,11 +234,16 @@ def train(
     engine = None
     if world > 1:
         engine = _deepspeed_engine(model, optimizer, cfg, micro, world)
+    # ZeRO keeps the fp32 master weights and AdamW moments in per-rank partitions; checkpoints hold them
+    # gathered, in torch AdamW's layout, so they resume on any world size (step3vl.train.zero)
+    partitioned = engine is not None and zero.managed(params)
 
     if ck is not None:
         if fresh_optimizer:
             log.warning("resuming %s with fresh optimizer moments (resume_fresh_optimizer): not an exact resume",
                         latest)
+        elif partitioned:
+            zero.load_optimizer_state(engine, [decay, no_decay], st["optimizer"], ck.model_state, model)
         else:
             optimizer.load_state_dict(st["optimizer"])
         for s, d in zip(samplers, st["samplers"]):
@@ -245,14 +254,16 @@ def train(
         log.warning("resuming from %s at step %d", latest, step)
 
     def save(at: int) -> None:
-        state = full_state_dict(model)  # every rank: gathering ZeRO-3's shards is a collective
+        # every rank: gathering ZeRO's partitions is a collective
+        state = full_state_dict(model)
+        if partitioned:
+            state.update(zero.gather_master_weights(model))
+            opt_state = zero.gather_optimizer_state(engine, optimizer, [decay, no_decay])
         if rank != 0:
             return
+        if not partitioned:
+            opt_state = optimizer.state_dict()
         extra = save_extra()
-        # ZeRO keeps the optimizer partitioned per rank in DeepSpeed's own objects, which only its
-        # pickle-based checkpoints can hold; ours stay safetensors, so a distributed checkpoint
-        # carries weights, step, data position and RNG, and refuses an exact resume (see below).
-        opt_state = optimizer.state_dict() if engine is None else None
         save_checkpoint(
             checkpoint_uri(ckpt_root, at),
             model_state=state,
