@@ -39,9 +39,10 @@ def _single(micro_data, out: Path, ok: bool = True, **env: str) -> str:
     return p.stdout
 
 
-def _distributed(micro_data, out: Path, zero_stage: int, port: int, ok: bool = True, **env: str) -> str:
+def _distributed(micro_data, out: Path, zero_stage: int, port: int, ok: bool = True, nproc: int = 2,
+                 **env: str) -> str:
     p = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
          str(WORKER), str(micro_data.out_dir), str(out), str(zero_stage)],
         capture_output=True, text=True, env=_env(**env), timeout=900,
     )
@@ -141,17 +142,20 @@ def test_zero_run_stopped_midway_resumes_exactly(micro_data, zero2, zero3, tmp_p
 
 @pytest.mark.slow
 def test_checkpoints_resume_on_another_number_of_processes(micro_data, single, tmp_path):
-    """One process's checkpoint resumes under ZeRO-3 on 2 ranks, a ZeRO-2 checkpoint in one process; both end
-    as the single process that was never stopped, moments included (fresh moments would be 1e-3 away)."""
+    """A ZeRO-2 checkpoint of 2 ranks resumes in one process, and one process's checkpoint under ZeRO-3 on 3 ranks
+    (where most parameters do not split evenly, so the last rank's partitions are padded); both end as the single
+    process that was never stopped, moments included (fresh moments would leave the weights 1e-3 away)."""
     every = json.dumps(["pretrain.checkpoint_every=2"])
-    _single(micro_data, tmp_path / "to_zero3", DS_OVERRIDES=every, DS_STOP_AFTER="2")
-    assert "STEP=4 RESUMED_FROM=2" in (
-        a := _distributed(micro_data, tmp_path / "to_zero3", 3, 29531, DS_OVERRIDES=every))
     _distributed(micro_data, tmp_path / "to_single", 2, 29533, DS_OVERRIDES=every, DS_STOP_AFTER="2")
-    assert "STEP=4 RESUMED_FROM=2" in (b := _single(micro_data, tmp_path / "to_single", DS_OVERRIDES=every))
-    for run in (a, b):
-        assert json.loads(_line(run, "LOSSES")) == pytest.approx(json.loads(_line(single, "LOSSES")), rel=1e-6)
-        _assert_same_state(_final(run), _final(single), atol=1e-5)
+    to_single = _single(micro_data, tmp_path / "to_single", DS_OVERRIDES=every)
+    by3 = json.dumps(["pretrain.checkpoint_every=2", "pretrain.batch_size=6"])  # 3 ranks x micro-batch 2
+    single6 = _single(micro_data, tmp_path / "single6", DS_OVERRIDES=by3)
+    _single(micro_data, tmp_path / "to_zero3", DS_OVERRIDES=by3, DS_STOP_AFTER="2")
+    to_zero3 = _distributed(micro_data, tmp_path / "to_zero3", 3, 29531, nproc=3, DS_OVERRIDES=by3)
+    for run, ref in ((to_single, single), (to_zero3, single6)):
+        assert "STEP=4 RESUMED_FROM=2" in run
+        assert json.loads(_line(run, "LOSSES")) == pytest.approx(json.loads(_line(ref, "LOSSES")), rel=1e-6)
+        _assert_same_state(_final(run), _final(ref), atol=1e-5)
 
 
 @pytest.mark.slow
