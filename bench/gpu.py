@@ -6,9 +6,9 @@
 1. **Training MFU**: a ~1B-parameter STEP3-VL decoder (``CONFIG_1B``), bf16 autocast, AdamW, packed
    text rows of ``SEQ_LEN`` tokens: FLOPs/token from ``step3vl.model.info.model_info`` (6·N + 12·L·d·s)
    × tokens/s ÷ the GPU's bf16 dense peak (``--peak-tflops``, default the H200's 989), and ÷ a
-   bf16 GEMM measured on the same GPU in the same run. The project's training loop
-   (``step3vl.train.loop.train``) autocasts on CPU only, so the step here is the same computation
-   (``Step3VL.forward(labels=…)``, backward, clip, AdamW) written out for CUDA.
+   bf16 GEMM measured on the same GPU in the same run. The step is the training loop's computation
+   (``Step3VL.forward(labels=…)``, backward, clip, AdamW) written out, so that it times steps alone;
+   ``scripts/gpu_check_train.py`` checks the loop itself (``step3vl.train.loop.train``) on the GPU.
 2. **Rollout throughput**, the same decoder and prompts: ``TorchEngine`` (the project's torch backend),
    ``transformers`` ``generate`` on the same modules, and vLLM (``StepVLForConditionalGeneration``
    on the ``step3vl export`` of the same weights) in its own environment (``--vllm-python``: vLLM

@@ -103,6 +103,32 @@ def test_one_step_changes_every_trainable_parameter(micro_cfg, packed):
     assert any(n.startswith("vision_model.") for n in before)
 
 
+def test_batch_and_training_forward_follow_the_device(micro_cfg, packed):
+    """A batch moved to another device (here "meta": shapes without data, no GPU needed) builds its attention mask
+    there, and the training forward's pieces run there: the vision tower and projector, the decoder under the
+    packed mask, the LM head. A tensor made on the CPU inside any of them fails this. (The embedding's image-slot
+    count and the loss's target selection read values, which meta tensors do not have.)"""
+    ds, tok = packed
+    b = ds.batch([(0, r) for r in range(min(4, ds.shard_rows[0]))])
+    assert b.has_images
+    m = b.to("meta")
+    moved = ("input_ids", "labels", "position_ids", "segment_ids", "global_pixels", "crop_pixels")
+    assert all(getattr(m, f).device.type == "meta" and getattr(m, f).shape == getattr(b, f).shape for f in moved)
+    assert m.view_order == b.view_order and b.input_ids.device.type == "cpu"  # the original stays where it was
+    mask = m.attention_mask()["full_attention"]
+    assert mask.device.type == "meta" and mask.shape == b.attention_mask()["full_attention"].shape
+
+    model = new_model(micro_cfg.model, tok, 0).to("meta")
+    feats = model.encode_images(m)
+    assert feats.device.type == "meta" and feats.shape[0] == int((b.input_ids == model.image_token_id).sum())
+    h = model.model(inputs_embeds=model.model.embed_tokens(m.input_ids), attention_mask=m.attention_mask(),
+                    position_ids=m.position_ids).last_hidden_state
+    logits = model.lm_head(h)
+    assert logits.device.type == "meta" and logits.shape == (*b.input_ids.shape, micro_cfg.model.text.vocab_size)
+    logits.float().sum().backward()
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.model.layers.parameters())
+
+
 @pytest.mark.slow
 def test_sigkill_and_resume_is_bit_identical(micro_data, tmp_path):
     """Kill pre-training at a random step (3 trials); the rerun ends with the uninterrupted weights."""

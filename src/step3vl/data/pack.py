@@ -22,6 +22,7 @@ open row (the default) this is next-fit packing, which leaves about a sixth of t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -305,14 +306,21 @@ class PackedBatch:
         return int((self.segment_ids > 0).sum())
 
     def attention_mask(self) -> dict[str, torch.Tensor]:
-        """Block-diagonal causal mask (B, 1, L, L), True = attend; padding attends to itself only."""
+        """Block-diagonal causal mask (B, 1, L, L) on the batch's device, True = attend; padding attends to
+        itself only."""
         seg = self.segment_ids
         L = seg.shape[1]
-        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        causal = torch.ones(L, L, dtype=torch.bool, device=seg.device).tril()
         same = seg[:, :, None] == seg[:, None, :]
         mask = same & causal & (seg[:, :, None] > 0)
-        mask |= torch.eye(L, dtype=torch.bool)
+        mask |= torch.eye(L, dtype=torch.bool, device=seg.device)
         return {"full_attention": mask[:, None]}
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        """The batch with every tensor on ``device`` (asynchronously from pinned memory, where it is pinned)."""
+        moved = {f.name: getattr(self, f.name).to(device, non_blocking=True)
+                 for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **moved)
 
     @property
     def has_images(self) -> bool:

@@ -96,7 +96,7 @@ def run_training(
     out = TrainStageOutputs(model_uri=join_uri(out_uri, "model"), result=result)
     if stop_after_step is not None and result.step < sum(tcfg.steps_for(p) for p in tcfg.phases):
         return out  # interrupted on purpose: no final model
-    state = full_state_dict(model)  # every rank: under ZeRO-3 the weights are gathered from all of them
+    state = full_state_dict(model)  # every rank: under ZeRO the weights are gathered from all of them
     if int(os.environ.get("RANK", "0")) != 0:
         return out  # under torchrun only rank 0 publishes
     save_checkpoint(out.model_uri, model_state=state, config=ckpt_config,

@@ -110,6 +110,7 @@ class TrainResult:
     seconds: float = 0.0
     tokens_per_second: float = 0.0
     backend: str = "torch"  # or "deepspeed-zero<stage>"
+    device: str = "cpu"  # where it trained: "cpu" or "cuda:<i>"
 
 
 def _dist() -> tuple[int, int]:
@@ -127,20 +128,34 @@ def _partitioned(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's whole state dict, ZeRO-3's partitioned parameters gathered first: a collective that every rank
-    must call (then rank 0 saves what it returns). Without ZeRO-3 it is ``model.state_dict()``."""
-    parts = _partitioned(model)
-    if not parts:
+    """The model's whole state dict: a collective under ZeRO that every rank must call (then rank 0 saves what it
+    returns). Under ZeRO the trainable parameters are the optimizer's fp32 master weights, gathered from the ranks'
+    partitions (the module holds them rounded to bf16, or only a ZeRO-3 placeholder); ZeRO-3's other partitioned
+    parameters are gathered too. Otherwise it is ``model.state_dict()``."""
+    if not zero.managed(list(model.parameters())):
         return model.state_dict()
+    masters = zero.gather_master_weights(model)
+    frozen = [p for p in _partitioned(model) if not p.requires_grad]
+    if not frozen:
+        return {k: masters[k] if k in masters else v.detach().clone() for k, v in model.state_dict().items()}
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(parts, modifier_rank=None):
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with deepspeed.zero.GatheredParameters(frozen, modifier_rank=None):
+        return {k: masters[k] if k in masters else v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def device() -> torch.device:
+    """Where this process trains: its GPU when CUDA is available (``LOCAL_RANK``'s under torchrun), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def forward_loss_sum(model: torch.nn.Module, batch: PackedBatch, precision: str) -> torch.Tensor:
     """Sum (not mean) of token losses of one micro-batch under the packed block-diagonal mask."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    # autocast on the batch's device: CUDA, or the CPU (which also stands in for devices without autocast, e.g. meta)
+    on = "cuda" if batch.input_ids.device.type == "cuda" else "cpu"
+    with torch.autocast(on, dtype=torch.bfloat16, enabled=precision == "bf16"):
         out = model(
             batch.input_ids,
             images=batch if batch.has_images else None,
@@ -153,15 +168,17 @@ def forward_loss_sum(model: torch.nn.Module, batch: PackedBatch, precision: str)
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, ds: PackedDataset, *, max_rows: int, micro: int, precision: str) -> float:
-    """Mean token loss over the first ``max_rows`` rows of a packed held-out set (fixed, so comparable)."""
+def evaluate_loss(model: torch.nn.Module, ds: PackedDataset, *, max_rows: int, micro: int, precision: str,
+                  device: torch.device | None = None) -> float:
+    """Mean token loss over the first ``max_rows`` rows of a packed held-out set (fixed, so comparable); batches go
+    to ``device`` (the model's) when given."""
     was = model.training
     model.eval()
     refs = [(s, r) for s in range(ds.n_shards) for r in range(ds.shard_rows[s])][:max_rows]
     total, n = 0.0, 0
     for i in range(0, len(refs), micro):
         b = ds.batch(refs[i : i + micro])
-        total += float(forward_loss_sum(model, b, precision))
+        total += float(forward_loss_sum(model, b.to(device) if device is not None else b, precision))
         n += b.n_loss_tokens
     model.train(was)
     return total / max(n, 1)
@@ -197,6 +214,9 @@ def train(
     if len(datasets) != len(cfg.phases):
         raise ValueError(f"{len(cfg.phases)} phases but {len(datasets)} datasets")
     rank, world = _dist()
+    dev = device()
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # DeepSpeed and NCCL take the current device
     phase_steps = [cfg.steps_for(p) for p in cfg.phases]
     total_steps = sum(phase_steps)
     micro = cfg.micro_batch_size or cfg.batch_size
@@ -223,6 +243,7 @@ def train(
             fresh_optimizer = True
         # before DeepSpeed wraps the model: ZeRO takes its fp32 master copy of the weights from here
         model.load_state_dict(ck.model_state)
+    model.to(dev)
 
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -257,7 +278,6 @@ def train(
         # every rank: gathering ZeRO's partitions is a collective
         state = full_state_dict(model)
         if partitioned:
-            state.update(zero.gather_master_weights(model))
             opt_state = zero.gather_optimizer_state(engine, optimizer, [decay, no_decay])
         if rank != 0:
             return
@@ -283,7 +303,7 @@ def train(
         # rank 0 evaluates; under ZeRO-3 every rank runs the same forward (it gathers shards collectively)
         if eval_ds is None or (rank != 0 and not zero3):
             return
-        loss = evaluate_loss(model, eval_ds, max_rows=128, micro=micro, precision=cfg.precision)
+        loss = evaluate_loss(model, eval_ds, max_rows=128, micro=micro, precision=cfg.precision, device=dev)
         if rank != 0:
             return
         eval_history.append({"step": at, "eval_loss": loss})
@@ -310,8 +330,8 @@ def train(
         loss_sum = 0.0
         step_tokens, step_samples = 0, 0
         for i in range(0, len(mine), micro):
-            b = ds.batch(mine[i : i + micro])
-            ls = forward_loss_sum(engine or model, b, cfg.precision)
+            b = ds.batch(mine[i : i + micro])  # on the CPU: its counts below need no device sync
+            ls = forward_loss_sum(engine or model, b.to(dev), cfg.precision)
             scaled = ls / max(n_loss, 1)
             if engine is not None:
                 # DeepSpeed divides by grad-accumulation steps and averages over ranks: undo both
@@ -328,9 +348,9 @@ def train(
             optimizer.zero_grad(set_to_none=True)
         else:
             grad_norm = float(engine.get_global_grad_norm() or 0.0)
-            loss_sum = _all_reduce_sum(loss_sum)
-            step_tokens = int(_all_reduce_sum(step_tokens))
-            step_samples = int(_all_reduce_sum(step_samples))
+            loss_sum = _all_reduce_sum(loss_sum, dev)
+            step_tokens = int(_all_reduce_sum(step_tokens, dev))
+            step_samples = int(_all_reduce_sum(step_samples, dev))
         step += 1
         loss = loss_sum / max(n_loss, 1)
         tokens_done += step_tokens
@@ -360,7 +380,8 @@ def train(
     elapsed = time.perf_counter() - t_start
     return TrainResult(step=step, final_loss=loss, history=history, eval_history=eval_history,
                        resumed_from=resumed_from, seconds=elapsed, tokens_per_second=tokens_done / max(elapsed, 1e-9),
-                       backend=f"deepspeed-zero{engine.zero_optimization_stage()}" if engine is not None else "torch")
+                       backend=f"deepspeed-zero{engine.zero_optimization_stage()}" if engine is not None else "torch",
+                       device=str(dev))
 
 
 def _phase_of(step: int, phase_steps: list[int]) -> int:
@@ -380,10 +401,11 @@ def _bar(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="train", unit="step", leave=False, mininterval=1.0)
 
 
-def _all_reduce_sum(x: float) -> float:
+def _all_reduce_sum(x: float, dev: torch.device) -> float:
+    """Sum over the ranks; the tensor goes on this rank's device (NCCL reduces GPU tensors only, gloo CPU ones)."""
     import torch.distributed as dist
 
-    t = torch.tensor([float(x)], dtype=torch.float64)
+    t = torch.tensor([float(x)], dtype=torch.float64, device=dev)
     dist.all_reduce(t)
     return float(t.item())
 
