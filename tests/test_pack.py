@@ -72,3 +72,40 @@ def test_default_packing_is_next_fit(micro_cfg, micro_data):
     assert micro_cfg.data.pack_open_rows == 1
     ds = PackedDataset(micro_data.packed("pretrain_broad"), ImageProcessor(micro_cfg.model.vision))
     assert ds.index["open_rows"] == 1
+
+
+def test_streamed_dataset_reads_the_same_rows_keeping_few_shards_on_disk(micro_cfg, micro_data, tmp_path: Path) -> None:
+    """A packed set read through RemoteFiles (as a TrainJob reads S3) gives the rows of the local set, downloads a
+    shard when first read, and leaves at most ``keep_shards`` of them on the node's disk."""
+    import torch
+
+    from step3vl.data.pack import PackedDataset
+    from step3vl.storage import RemoteFiles, seal_dir
+
+    proc = ImageProcessor(micro_cfg.model.vision)
+    data = tmp_path / "data"
+    index = pack_dataset(micro_data.out_dir / "raw" / "pretrain_broad", str(data / "packed" / "pb"),
+                         tokenizer=load_tokenizer(micro_data.tokenizer_dir), processor=proc,
+                         seq_len=micro_cfg.pretrain.seq_len, loss_on="all", rows_per_shard=8, progress=False)
+    n = len(index["shards"])
+    assert n >= 6
+    seal_dir(data)
+    local = PackedDataset(data / "packed" / "pb", proc)
+    files = RemoteFiles(str(data), tmp_path / "node")
+    streamed = PackedDataset("packed/pb", proc, files=files, keep_shards=3)
+    assert files.downloaded == ["packed/pb/index.json"] and streamed.shard_rows == local.shard_rows
+
+    def on_disk() -> list[str]:
+        return sorted(p.name for p in streamed.path.glob("pack-*.safetensors"))
+
+    for s in list(range(n)) + [0]:  # every shard, then the first again, evicted by then
+        refs = [(s, r) for r in range(local.shard_rows[s])]
+        a, b = local.batch(refs), streamed.batch(refs)
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels), s
+        assert torch.equal(a.global_pixels, b.global_pixels) and a.view_order == b.view_order, s
+        assert len(on_disk()) <= 3
+    shards = [f"packed/pb/{s['file']}" for s in index["shards"]]
+    assert files.downloaded[1:] == shards + shards[:1]
+    assert on_disk() == sorted(p.rsplit("/", 1)[1] for p in shards[n - 2:] + shards[:1])
+    with pytest.raises(ValueError, match="keep at least 2"):
+        PackedDataset("packed/pb", proc, files=files, keep_shards=1)

@@ -330,7 +330,12 @@ def test_trainjob_command_as_two_ranks_on_s3(prefix: str, micro_data: Any, tmp_p
     published = [k for k in open_store(f"{prefix}/checkpoints").list() if k.endswith(MANIFEST_NAME)]
     assert published == [f"step-00000{s}/{MANIFEST_NAME}" for s in (2, 4)]  # by rank 0 only
     assert load_model(summary["model_uri"]).tokenizer_dir is not None
-    assert len([d for d in node.iterdir() if d.is_dir()]) == 1  # the data sits once in the node's shared place
+    # the data sits once in the node's shared place, and only what pre-training reads: the tokenizer and its set
+    (cache,) = [d for d in node.iterdir() if d.is_dir()]
+    (copy,) = [d for d in cache.iterdir() if d.is_dir() and not d.name.endswith(".locks")]
+    held = sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file())
+    assert held == sorted([*(f"tokenizer/{p.name}" for p in (data / "tokenizer").iterdir()),
+                           "packed/pretrain_broad/index.json", "packed/pretrain_broad/pack-00000.safetensors"]), held
 
 
 def test_node_copy_downloads_once_per_node_and_again_when_the_data_changes(prefix: str, tmp_path: Path,
@@ -346,7 +351,7 @@ def test_node_copy_downloads_once_per_node_and_again_when_the_data_changes(prefi
     got = count_downloads(monkeypatch, uri)
     first = trainjob.node_copy(uri)
     assert trainjob.node_copy(uri) == first and got == ["a.txt"]  # the node's other ranks reuse it
-    assert (first / "a.txt").read_text() == "one" and first.parent == tmp_path / "node"
+    assert (first / "a.txt").read_text() == "one" and first.parent.parent == tmp_path / "node"
     (src / "a.txt").write_text("two")
     publish_dir(src, uri, overwrite=True)
     assert (trainjob.node_copy(uri) / "a.txt").read_text() == "two" and got == ["a.txt", "a.txt"]

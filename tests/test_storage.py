@@ -390,3 +390,57 @@ def test_seal_dir_publishes_a_directory_where_it_is(tmp_path: Path) -> None:
     (d / "raw" / "a" / "x.jsonl").write_text("{} \n")
     with pytest.raises(storage.IntegrityError, match="raw/a/x.jsonl"):
         storage.verify_dir(d)
+
+
+# --------------------------------------------------------------------------- RemoteFiles (a local "remote" here)
+
+
+def _remote(tmp_path: Path, files: dict[str, str]) -> str:
+    src = tmp_path / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    for rel, text in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(text)
+    storage.publish_dir(src, tmp_path / "remote", overwrite=True)
+    return str(tmp_path / "remote")
+
+
+def test_remote_files_download_each_file_once_verified_and_evict(tmp_path: Path) -> None:
+    uri = _remote(tmp_path, {"tok/a.json": "a", "tok/b.json": "bb", "packed/s0.bin": "000"})
+    f = storage.RemoteFiles(uri, tmp_path / "node")
+    assert (f.files("tok") / "b.json").read_text() == "bb"
+    assert sorted(f.downloaded) == ["tok/a.json", "tok/b.json"]  # only what was asked for
+    g = storage.RemoteFiles(uri, tmp_path / "node")  # another rank of the node
+    assert g.file("tok/a.json") == f.dir / "tok/a.json" and g.downloaded == []
+    assert g.evict("tok/a.json") and not (f.dir / "tok/a.json").exists() and not g.evict("tok/a.json")
+    assert g.file("tok/a.json").read_text() == "a" and g.downloaded == ["tok/a.json"]
+    with pytest.raises(storage.KeyNotFoundError, match="nope.txt is not in its MANIFEST.json"):
+        f.file("nope.txt")
+    # the whole directory: a copy that verifies like fetch_dir's, reusing what the cache holds
+    whole = g.all()
+    assert storage.verify_dir(whole)["files"].keys() == {"tok/a.json", "tok/b.json", "packed/s0.bin"}
+    assert g.downloaded == ["tok/a.json", "packed/s0.bin"]
+
+
+def test_remote_files_refuse_a_file_that_does_not_match_the_manifest(tmp_path: Path) -> None:
+    uri = _remote(tmp_path, {"a.bin": "abc"})
+    f = storage.RemoteFiles(uri, tmp_path / "node")
+    (Path(uri) / "a.bin").write_text("abd")  # same size, other bytes
+    with pytest.raises(storage.IntegrityError, match=r"a.bin does not match its MANIFEST.json: sha256"):
+        f.file("a.bin")
+    (Path(uri) / "a.bin").write_text("ab")
+    with pytest.raises(storage.IntegrityError, match="2 bytes instead of 3"):
+        f.file("a.bin")
+    assert not any(p.is_file() for p in f.dir.rglob("*"))  # nothing half-written stays behind
+
+
+def test_remote_files_of_data_published_anew_go_to_a_new_cache(tmp_path: Path) -> None:
+    uri = _remote(tmp_path, {"a.txt": "one"})
+    first = storage.RemoteFiles(uri, tmp_path / "node")
+    first.file("a.txt")
+    uri = _remote(tmp_path, {"a.txt": "two"})
+    second = storage.RemoteFiles(uri, tmp_path / "node")
+    assert second.dir != first.dir and second.dir.parent == first.dir.parent
+    assert second.file("a.txt").read_text() == "two"
+    with pytest.raises(storage.NotPublishedError):
+        storage.RemoteFiles(str(tmp_path / "src"), tmp_path / "node")

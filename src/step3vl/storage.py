@@ -849,3 +849,116 @@ def fetch_dir(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+# --------------------------------------------------------------------------- a node's files of a remote directory
+
+NODE_CACHE_ENV = "STEP3VL_TRAINJOB_DATA"  # where a node keeps what it fetched of remote data (default: the temp dir)
+
+
+def node_cache_root() -> Path:
+    """The node-local folder that :class:`RemoteFiles` caches under: ``$STEP3VL_TRAINJOB_DATA``, else the temp dir
+    (a pod's own)."""
+    return Path(os.environ.get(NODE_CACHE_ENV) or Path(tempfile.gettempdir(), "step3vl-trainjob-data"))
+
+
+class RemoteFiles:
+    """The files of a directory published on S3, each downloaded when first asked for into a local cache shared by
+    the node's processes, and verified against the directory's manifest: a TrainJob streams the shards it reads
+    instead of copying the whole dataset to every node.
+
+    The cache is ``<root>/<hash of the URI>/<hash of its manifest>``, so data published anew under the same URI
+    gets a cache of its own. A file is downloaded under a lock of its own, checked (size and sha256) and renamed
+    into place: a file present in the cache is a verified one. :meth:`evict` removes one under the same lock, so
+    never while another process holds it (:meth:`hold`).
+    """
+
+    def __init__(self, uri: str, root: str | os.PathLike[str] | None = None) -> None:
+        self.uri = str(uri).rstrip("/")
+        self.store = open_store(self.uri)
+        try:
+            raw = self.store.read_bytes(MANIFEST_NAME)
+        except KeyNotFoundError:
+            raise NotPublishedError(f"{self.store.uri} is not published: no {MANIFEST_NAME}") from None
+        self.manifest = _parse_manifest(raw, self.store.uri)
+        base = Path(root) if root is not None else node_cache_root()
+        self.dir = base / hashlib.sha256(self.uri.encode()).hexdigest()[:16] / hashlib.sha256(raw).hexdigest()[:16]
+        self._locks = self.dir.parent / f"{self.dir.name}.locks"  # beside the tree, which holds data files only
+        self.downloaded: list[str] = []  # by this process, in order
+
+    def _entry(self, rel: str) -> dict[str, Any]:
+        entry = self.manifest["files"].get(rel)
+        if entry is None:
+            raise KeyNotFoundError(f"{self.store.uri}: {rel} is not in its {MANIFEST_NAME}")
+        return entry
+
+    def _lock(self, rel: str) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self._locks / (rel.replace("/", "%") + ".lock"))
+
+    @contextlib.contextmanager
+    def hold(self, rel: str) -> Iterator[Path]:
+        """The verified local copy of ``rel``, downloaded if it is not in the cache; not evicted while held."""
+        entry = self._entry(rel)
+        dest = self.dir / rel
+        with self._lock(rel):
+            if dest.is_file() and dest.stat().st_size == entry["size"]:
+                os.utime(dest)  # recently used: eviction goes by modification time
+            else:
+                self._download(rel, dest, entry)
+            yield dest
+
+    def file(self, rel: str) -> Path:
+        """The verified local copy of ``rel`` (see :meth:`hold`; it may be evicted once returned)."""
+        with self.hold(rel) as path:
+            return path
+
+    def _download(self, rel: str, dest: Path, entry: dict[str, Any]) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}{TMP_MARK}{uuid.uuid4().hex}"
+        try:
+            self.store.download_file(rel, tmp)
+            size = tmp.stat().st_size
+            digest = _sha256_file(tmp) if size == entry["size"] else None
+            if digest != entry["sha256"]:
+                raise IntegrityError(
+                    f"{self.store.uri}/{rel} does not match its {MANIFEST_NAME}: "
+                    + (f"sha256 {digest} instead of {entry['sha256']}" if digest else
+                       f"{size} bytes instead of {entry['size']}"), [rel])
+            os.rename(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.downloaded.append(rel)
+
+    def files(self, prefix: str) -> Path:
+        """Every file under the folder ``prefix`` (``"tokenizer/"``), fetched a few at a time; its local folder."""
+        prefix = prefix.rstrip("/") + "/"
+        rels = [rel for rel in self.manifest["files"] if rel.startswith(prefix)]
+        if not rels:
+            raise KeyNotFoundError(f"{self.store.uri}: no file under {prefix} in its {MANIFEST_NAME}")
+        with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
+            list(pool.map(self.file, rels))
+        return self.dir / prefix
+
+    def all(self) -> Path:
+        """The whole directory, as :func:`fetch_dir` gives it (its manifest included): files already in the cache
+        are kept, the others downloaded."""
+        with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
+            list(pool.map(self.file, self.manifest["files"]))
+        with file_lock(self._locks / f"{MANIFEST_NAME}.lock"):
+            if not (self.dir / MANIFEST_NAME).is_file():
+                tmp = self.dir / f".{MANIFEST_NAME}{TMP_MARK}{uuid.uuid4().hex}"
+                tmp.write_bytes(_manifest_bytes(self.manifest))
+                os.replace(tmp, self.dir / MANIFEST_NAME)
+        return self.dir
+
+    def evict(self, rel: str) -> bool:
+        """Remove ``rel`` from the cache (waiting while another process holds it); whether it was there. A whole
+        copy (:meth:`all`) loses its manifest with it."""
+        self._entry(rel)
+        with self._lock(rel):
+            path = self.dir / rel
+            if not path.is_file():
+                return False
+            (self.dir / MANIFEST_NAME).unlink(missing_ok=True)
+            path.unlink()
+            return True

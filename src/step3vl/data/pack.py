@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -49,6 +49,9 @@ from step3vl.model.tokenizer import (
     PATCH_NEWLINE,
     PATCH_START,
 )
+
+if TYPE_CHECKING:
+    from step3vl.storage import RemoteFiles
 
 log = logging.getLogger(__name__)
 
@@ -328,14 +331,30 @@ class PackedBatch:
 
 
 class PackedDataset:
-    """Random access to packed rows, one shard in memory at a time (plus the one being switched to)."""
+    """Random access to packed rows, one shard in memory at a time (plus the one being switched to).
 
-    def __init__(self, path: str | Path, processor: ImageProcessor) -> None:
+    ``path`` is a local packed set, verified whole on opening; or, with ``files`` (the :class:`RemoteFiles` of a
+    data directory on S3), the set's folder in it (``"packed/pretrain_broad"``): shards are then downloaded and
+    verified when first read, and at most ``keep_shards`` of the set stay on the node's disk (the least recently
+    used go first), so a node never holds a dataset larger than that.
+    """
+
+    def __init__(self, path: str | Path, processor: ImageProcessor, *, files: RemoteFiles | None = None,
+                 keep_shards: int = 4) -> None:
         from step3vl.storage import verify_dir
 
-        self.path = Path(path)
-        verify_dir(self.path)
-        self.index = json.loads((self.path / INDEX_FILE).read_text())
+        self._files, self.keep_shards = files, keep_shards
+        if files is None:
+            self.path = Path(path)
+            verify_dir(self.path)
+            index_text = (self.path / INDEX_FILE).read_text()
+        else:
+            if keep_shards < 2:
+                raise ValueError(f"keep_shards={keep_shards}: a batch can span two shards, so keep at least 2")
+            self._prefix = str(path).strip("/") + "/"
+            self.path = files.dir / self._prefix
+            index_text = files.file(self._prefix + INDEX_FILE).read_text()
+        self.index = json.loads(index_text)
         if self.index.get("format") != PACK_FORMAT:
             raise DataError(f"{self.path}: not a packed dataset (format {self.index.get('format')!r})")
         self.processor = processor
@@ -357,8 +376,30 @@ class PackedDataset:
         if i not in self._cache:
             if len(self._cache) >= 2:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[i] = load_file(str(self.path / self.index["shards"][i]["file"]))
+            name = self.index["shards"][i]["file"]
+            if self._files is None:
+                self._cache[i] = load_file(str(self.path / name))
+            else:
+                with self._files.hold(self._prefix + name) as local:
+                    self._cache[i] = load_file(str(local))  # read into memory: the file may be evicted after
+                self._evict(keep=name)
         return self._cache[i]
+
+    def _evict(self, keep: str) -> None:
+        """Leave at most ``keep_shards`` of this set's shards on the node's disk, the most recently used."""
+        assert self._files is not None
+        names = {s["file"] for s in self.index["shards"]}
+        present = [p for p in self.path.iterdir() if p.name in names and p.name != keep]
+
+        def last_used(p: Path) -> int:
+            try:
+                return p.stat().st_mtime_ns
+            except FileNotFoundError:  # another rank of the node evicted it meanwhile
+                return -1
+
+        present.sort(key=last_used, reverse=True)
+        for p in present[self.keep_shards - 1:]:
+            self._files.evict(self._prefix + p.name)
 
     def batch(self, refs: list[tuple[int, int]]) -> PackedBatch:
         """Collate rows ``[(shard, row), ...]`` into a batch; views re-indexed batch-wide."""

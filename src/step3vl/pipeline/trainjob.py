@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any, Callable
 from step3vl.errors import Step3VLError
 from step3vl.pipeline.cluster import DEFAULT, ClusterSettings
 from step3vl.pipeline.images import TRAINER_RUNTIME
+from step3vl.storage import NODE_CACHE_ENV
 
 log = logging.getLogger("step3vl.pipeline")
 
@@ -46,7 +46,8 @@ CALL_ENV = "STEP3VL_CALL"  # the stage call a TrainJob runs (JSON)
 RUN_ENV = "STEP3VL_MLFLOW_RUN_ID"  # the component's stage run: rank 0 logs the stage's metrics into it
 NODES_ENV = "STEP3VL_TRAINJOB_NODES"
 GPUS_ENV = "STEP3VL_TRAINJOB_GPUS_PER_NODE"
-DATA_ENV = "STEP3VL_TRAINJOB_DATA"  # where a node keeps its one copy of the data (default: the temp dir)
+DATA_ENV = NODE_CACHE_ENV  # where a node keeps its one copy of the data (default: the temp dir)
+STREAMING = {"step3vl.stages.train:run_training"}  # stage functions that take an s3:// data_dir and stream it
 NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 _NAME_OK = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
@@ -277,7 +278,9 @@ def exec_call(spec: dict[str, Any]) -> dict[str, Any]:
     for part in qualname.split("."):
         fn = getattr(fn, part)
     arguments = dict(spec["arguments"])
-    if is_s3_uri(str(arguments.get("data_dir", ""))):
+    # pre-training and SFT stream the packed shards they read from S3 (step3vl.stages.train); the RL stages read
+    # prompt sets and images from a copy of the whole data directory
+    if is_s3_uri(str(arguments.get("data_dir", ""))) and spec["fn"] not in STREAMING:
         arguments["data_dir"] = str(node_copy(arguments["data_dir"]))
     cfg = load_config(spec["config_yaml"], source="the TrainJob's call")
     run_id, rank0 = os.environ.get(RUN_ENV, ""), int(os.environ.get("RANK", "0")) == 0
@@ -300,15 +303,13 @@ def exec_call(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def node_copy(uri: str) -> Path:
-    """A verified local copy of the published directory ``uri``, one per node for all its ranks: the first rank
-    to take the lock downloads it, the others reuse it while its manifest is the remote one. Under
-    ``$STEP3VL_TRAINJOB_DATA`` (default: the temp dir, a pod's own)."""
-    from step3vl.storage import fetch_dir, file_lock
+    """A verified local copy of the published directory ``uri``, one per node for all its ranks: each file is
+    downloaded once, by whichever rank asks first, into the node's cache (:class:`step3vl.storage.RemoteFiles`,
+    under ``$STEP3VL_TRAINJOB_DATA``, default the pod's temp dir); data published anew gets a new copy."""
+    from step3vl.storage import RemoteFiles
 
-    root = Path(os.environ.get(DATA_ENV) or Path(tempfile.gettempdir(), "step3vl-trainjob-data"))
-    target = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    with file_lock(f"{target}.lock", on_wait=lambda: log.info("waiting for this node's copy of %s", uri)):
-        return fetch_dir(uri, target, overwrite=True, deep_reuse=False)
+    log.info("this node's copy of %s", uri)
+    return RemoteFiles(uri).all()
 
 
 def _write(uri: str, text: str) -> None:

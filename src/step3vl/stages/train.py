@@ -44,6 +44,9 @@ def run_training(
 ) -> TrainStageOutputs:
     """Train ``stage`` on the packed sets in ``data_dir`` (data prep output), from ``init_uri`` if given.
 
+    ``data_dir`` is a local folder, or the ``s3://`` URI of one (a TrainJob): its tokenizer is then fetched and
+    its packed shards stream into the node's cache as they are read (:class:`step3vl.storage.RemoteFiles`).
+
     Checkpoints go to ``ckpt_uri`` (default ``<out_uri>/checkpoints``); a run finding valid checkpoints
     there resumes from the latest. Orchestrators pass a location that outlives one task attempt.
     ``register`` also registers the model as a version of ``tracking.registered_model`` (needs an active
@@ -57,27 +60,37 @@ def run_training(
     from step3vl.model.loading import checkpoint_config, new_model
     from step3vl.model.processor import ImageProcessor
     from step3vl.model.tokenizer import load_tokenizer
-    from step3vl.storage import join_uri
+    from step3vl.storage import RemoteFiles, is_s3_uri, join_uri
     from step3vl.train.loop import full_state_dict, seed_everything, train
 
     tcfg: TrainConfig = getattr(cfg, stage)
-    data_dir = Path(data_dir)
-    tok_dir = data_dir / "tokenizer"
-    tok = load_tokenizer(tok_dir)
     processor = ImageProcessor(cfg.model.vision)
+    if is_s3_uri(str(data_dir)):
+        # a TrainJob: the tokenizer is fetched, the packed shards stream into the node's cache as they are read
+        files = RemoteFiles(str(data_dir))
+        tok_dir = files.files("tokenizer")
+
+        def packed(name: str) -> PackedDataset:
+            return PackedDataset(f"packed/{name}", processor, files=files)
+    else:
+        tok_dir = Path(data_dir) / "tokenizer"
+
+        def packed(name: str) -> PackedDataset:
+            return PackedDataset(Path(data_dir) / "packed" / name, processor)
+    tok = load_tokenizer(tok_dir)
     seed_everything(cfg.seed)
     model = new_model(cfg.model, tok, cfg.seed)
     if init_uri:
         ck = load_checkpoint(init_uri)
         model.load_state_dict(ck.model_state, strict=False)
-    datasets = [PackedDataset(data_dir / "packed" / ph.data, processor) for ph in tcfg.phases]
+    datasets = [packed(ph.data) for ph in tcfg.phases]
     for ph, ds in zip(tcfg.phases, datasets):
         if ds.seq_len != tcfg.seq_len:
             raise ValueError(f"{stage}: packed set {ph.data} has seq_len {ds.seq_len}, config says {tcfg.seq_len}")
     eval_ds = None
     if tcfg.eval_data:
         suffix = "all" if tcfg.loss_on == "all" else "assistant"
-        eval_ds = PackedDataset(data_dir / "packed" / f"{tcfg.eval_data}-{suffix}", processor)
+        eval_ds = packed(f"{tcfg.eval_data}-{suffix}")
     ckpt_config = checkpoint_config(cfg.model, tok, stage=stage)
 
     def on_metrics(m: dict[str, float], step: int) -> None:
