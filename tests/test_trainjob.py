@@ -332,3 +332,61 @@ def test_a_trainjob_stages_curves_artifact_points_at_its_mlflow_run(monkeypatch,
     assert model.metadata["model_uri"] == "s3://b/ck/model"
     assert json.loads(Path(model.path, "REMOTE.json").read_text()) == {"model_uri": "s3://b/ck/model"}
 
+
+
+def test_pod_executor_gives_data_parallel_stages_the_pods_ranks(monkeypatch, micro_cfg):
+    """In-pod, pre-training and SFT run on ``$STEP3VL_LOCAL_PROCS`` ranks (default: one per GPU of the pod); the RL
+    stages, one process, stay in-process; a bad value is named."""
+    from step3vl.pipeline import runtime
+    from step3vl.stages import rl, train
+
+    monkeypatch.delenv(trainjob.EXECUTOR_ENV, raising=False)
+    monkeypatch.setenv(trainjob.LOCAL_PROCS_ENV, "4")
+    assert trainjob.local_processes(train.run_training) == 4 and trainjob.local_processes(rl.run_rl) == 1
+    monkeypatch.setattr(trainjob, "run_local", lambda stage, f, args, kwargs, **kw: ("local", stage, kw["nprocs"]))
+    st = runtime.Stage("pretrain", micro_cfg, "run-1", 0.0, config_yaml="{}")
+    assert st.execute(train.run_training, "pretrain", data_dir="/d", out_uri="/o", work_uri="/w") == (
+        "local", "pretrain", 4)
+    for bad in ("0", "two"):
+        monkeypatch.setenv(trainjob.LOCAL_PROCS_ENV, bad)
+        with pytest.raises(trainjob.TrainJobError, match=f"STEP3VL_LOCAL_PROCS={bad!r}"):
+            trainjob.local_processes(train.run_training)
+    monkeypatch.delenv(trainjob.LOCAL_PROCS_ENV)
+    assert trainjob.local_processes(train.run_training) == 1  # this machine has no GPU: in-process
+
+
+@pytest.mark.slow
+def test_pod_executor_runs_pretraining_on_the_pods_ranks_logging_into_its_run(micro_data, tmp_path, monkeypatch,
+                                                                               capfd):
+    """A pod with several GPUs: the component runs pre-training on one rank each (``torchrun --standalone``, as a
+    TrainJob's node does); here 2 CPU ranks (DeepSpeed ZeRO-2 on gloo). Rank 0 logs the per-step curves into the
+    component's MLflow run, here a SQLite store on the pod's own disk, which its ranks can reach."""
+    from mlflow import MlflowClient
+
+    from step3vl import config
+    from step3vl.model.loading import load_model
+    from step3vl.pipeline import runtime
+    from step3vl.stages.train import run_training
+
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = config.load(config.PipelineConfig, ROOT / "tests" / "conf" / "micro.yaml", [
+        "pretrain.batch_size=8", "pretrain.micro_batch_size=2", "pretrain.zero_stage=2", "pretrain.eval_data=",
+        "pretrain.checkpoint_every=2", "pretrain.log_every=1", f"tracking.uri={db}",
+        "pretrain.phases=[{data: pretrain_broad, steps: 4, lr_start: 1.0e-3, lr_end: 1.0e-3}]",
+    ])
+    client = MlflowClient(db)
+    run = client.create_run(client.create_experiment("pod"))
+    monkeypatch.delenv(trainjob.EXECUTOR_ENV, raising=False)
+    monkeypatch.setenv(trainjob.LOCAL_PROCS_ENV, "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    st = runtime.Stage("pretrain", cfg, run.info.run_id, 0.0, config_yaml=config.dump_yaml(cfg))
+    ck = str(tmp_path / "checkpoints")
+    out = st.execute(run_training, "pretrain", data_dir=str(micro_data.out_dir), out_uri=str(tmp_path / "out"),
+                     ckpt_uri=ck, progress=False, work_uri=ck)
+    printed = " ".join(capfd.readouterr().out.split())  # the console wraps long lines
+    assert printed.count(f"pretrain: {tmp_path / 'out' / 'model'} after 4 steps") == 2  # one line per rank
+    assert out.result.step == 4 and out.model_uri == str(tmp_path / "out" / "model") and out.trainjob == ""
+    assert Path(out.plot).is_file() and out.metrics["steps"] == 4.0
+    assert load_model(out.model_uri).tokenizer_dir is not None
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "pretrain/loss")] == [1, 2, 3, 4]
+    assert client.get_run(run.info.run_id).data.metrics["pretrain/final_loss"] == out.metrics["final_loss"]

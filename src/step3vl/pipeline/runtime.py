@@ -109,13 +109,19 @@ class Stage:
         self._finish(metrics, values, data, report)
 
     def execute(self, fn: Any, *args: Any, work_uri: str, **kwargs: Any) -> Any:
-        """Run a training stage function: here, or as a Kubeflow Trainer TrainJob when
-        ``$STEP3VL_EXECUTOR=trainjob`` (the cluster build's choice; see :mod:`step3vl.pipeline.trainjob`).
+        """Run a training stage function: here (on one rank per GPU of this pod for pre-training and SFT, or
+        ``$STEP3VL_LOCAL_PROCS`` ranks), or as a Kubeflow Trainer TrainJob when ``$STEP3VL_EXECUTOR=trainjob``
+        (the cluster build's choice; see :mod:`step3vl.pipeline.trainjob`).
         ``work_uri`` (the stage's checkpoint location) is where the job leaves its summary."""
         from step3vl.pipeline import trainjob
 
         if os.environ.get(trainjob.EXECUTOR_ENV, "pod") != "trainjob":
+            nprocs = trainjob.local_processes(fn)
             with _exclusive(work_uri):
+                if nprocs > 1:  # a pod with several GPUs: one rank each, as on a TrainJob's node
+                    return trainjob.run_local(self.name, fn, args, {"cfg": self.cfg, **kwargs},
+                                              config_yaml=self.config_yaml, work_uri=work_uri, nprocs=nprocs,
+                                              run_id=self.mlflow_run_id)
                 return fn(*args, cfg=self.cfg, **kwargs)
         return trainjob.run_remote(self.name, fn, args, {"cfg": self.cfg, **kwargs}, config_yaml=self.config_yaml,
                                    work_uri=work_uri, run_id=self.mlflow_run_id)

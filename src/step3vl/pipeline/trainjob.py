@@ -48,6 +48,10 @@ NODES_ENV = "STEP3VL_TRAINJOB_NODES"
 GPUS_ENV = "STEP3VL_TRAINJOB_GPUS_PER_NODE"
 DATA_ENV = NODE_CACHE_ENV  # where a node keeps its one copy of the data (default: the temp dir)
 STREAMING = {"step3vl.stages.train:run_training"}  # stage functions that take an s3:// data_dir and stream it
+# stage functions whose loop is data-parallel (DeepSpeed under torchrun); the RL stages run as one process
+DATA_PARALLEL = {"step3vl.stages.train:run_training"}
+LOCAL_PROCS_ENV = "STEP3VL_LOCAL_PROCS"  # pod executor: ranks of a training stage in its pod (default: its GPUs)
+LOCAL_ENV = "STEP3VL_LOCAL_LAUNCH"  # set for ranks launched in the component's own pod (run_local)
 NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 _NAME_OK = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
@@ -247,9 +251,12 @@ class Call:
                 "result_uri": self.result_uri}
 
 
-def make_call(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], config_yaml: str, result_uri: str) -> Call:
+def make_call(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], config_yaml: str, result_uri: str,
+              *, uris: bool = True) -> Call:
+    """The call a TrainJob runs. ``uris``: KFP's local artifact paths become the ``s3://`` URIs they mirror (another
+    pod reads them); False keeps them (ranks in the component's own pod, where the launcher uploads them)."""
     bound = inspect.signature(fn).bind(*args, **kwargs)
-    arguments = {k: path_to_uri(v) for k, v in bound.arguments.items() if k != "cfg"}
+    arguments = {k: path_to_uri(v) if uris else v for k, v in bound.arguments.items() if k != "cfg"}
     arguments["progress"] = False
     bad = {k: type(v).__name__ for k, v in arguments.items() if not isinstance(v, (str, int, float, bool, type(None)))}
     if bad:
@@ -261,9 +268,11 @@ def _summary(out: Any) -> dict[str, Any]:
     """What the component needs back from a stage's outputs: the model, its metrics, steps and resume point."""
     inner = getattr(out, "rl", None) or out
     res = getattr(inner, "result", None)
+    plot = getattr(out, "plot", None)
     return {"model_uri": out.model_uri, "metrics": dict(out.metrics),
             "step": getattr(res, "step", getattr(res, "iteration", 0)) if res is not None else 0,
-            "resumed_from": getattr(res, "resumed_from", None) if res is not None else None}
+            "resumed_from": getattr(res, "resumed_from", None) if res is not None else None,
+            "plot": str(plot) if plot else None}
 
 
 def exec_call(spec: dict[str, Any]) -> dict[str, Any]:
@@ -289,10 +298,10 @@ def exec_call(spec: dict[str, Any]) -> dict[str, Any]:
             from step3vl import tracking
 
             uri = tracking.tracking_uri(cfg.tracking)
-            if uri.startswith(("http://", "https://")):
+            if uri.startswith(("http://", "https://")) or os.environ.get(LOCAL_ENV):
                 stage = str(arguments.get("stage") or module.rsplit(".", 1)[-1])
                 stack.enter_context(tracking.attached_run(run_id, uri, stage, cfg.tracking.flush_timeout_s))
-            else:  # a store on the component's own disk: the run is not reachable from here
+            else:  # a store on the component's own disk: the run is not reachable from a TrainJob's pods
                 log.warning("tracking URI %s is not a server: the stage's per-step metrics stay out of MLflow "
                             "run %s", tracking.display_uri(uri), run_id)
         out = fn(cfg=cfg, **arguments)
@@ -346,6 +355,57 @@ def kube_apis() -> tuple[Any, Any]:
     except config.ConfigException:
         config.load_kube_config()
     return client.CustomObjectsApi(), client.ApiextensionsV1Api()
+
+
+def local_processes(fn: Callable[..., Any]) -> int:
+    """Ranks the pod executor runs ``fn`` on in the component's own pod: ``$STEP3VL_LOCAL_PROCS``, else one per GPU
+    the pod sees; 1 (in-process) for stages that are not data-parallel."""
+    if f"{fn.__module__}:{fn.__qualname__}" not in DATA_PARALLEL:
+        return 1
+    env = os.environ.get(LOCAL_PROCS_ENV, "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise TrainJobError(f"${LOCAL_PROCS_ENV}={env!r}: expected a number of processes >= 1")
+        return int(env)
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
+
+
+def run_local(stage: str, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], *, config_yaml: str,
+              work_uri: str, nprocs: int, run_id: str = "") -> Any:
+    """The pod executor on a pod with several GPUs: the stage on ``nprocs`` ranks of this pod (``torchrun
+    --standalone``, one rank per GPU), as a TrainJob's node runs it; rank 0 logs into the component's MLflow run.
+    Returns what :func:`run_remote` returns, with the loss-curve plot."""
+    import shutil
+    import subprocess
+    import sys
+
+    from step3vl.storage import join_uri, open_store
+
+    result_uri = join_uri(work_uri, "local-result.json")
+    parent, key = result_uri.rstrip("/").rsplit("/", 1)
+    store = open_store(parent, create=True)
+    if store.exists(key):  # an earlier attempt's: not this run's answer
+        store.delete_prefix(key)
+    call = make_call(fn, args, kwargs, config_yaml, result_uri, uris=False)
+    exe = shutil.which("step3vl", path=str(Path(sys.executable).parent)) or shutil.which("step3vl")
+    if not exe:
+        raise TrainJobError("the step3vl console script is not installed beside this Python: cannot launch ranks")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update({CALL_ENV: json.dumps(call.to_json()), RUN_ENV: run_id, LOCAL_ENV: "1"})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nprocs),
+           "--no-python", exe, "stage", "exec", stage]
+    log.info("%s: %d ranks in this pod (%s)", stage, nprocs, " ".join(cmd[2:]))
+    p = subprocess.run(cmd, env=env)
+    if p.returncode != 0:
+        raise TrainJobError(f"{stage}: the {nprocs} ranks launched in this pod exited with {p.returncode} "
+                            "(their output is above)")
+    summary = json.loads(_read(result_uri))
+    result = SimpleNamespace(step=summary["step"], iteration=summary["step"], resumed_from=summary["resumed_from"])
+    return SimpleNamespace(model_uri=summary["model_uri"], metrics=summary["metrics"], result=result,
+                           plot=summary.get("plot"), trainjob="")
 
 
 def run_remote(stage: str, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], *, config_yaml: str,
