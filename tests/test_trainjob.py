@@ -377,6 +377,8 @@ def test_pod_executor_runs_pretraining_on_the_pods_ranks_logging_into_its_run(mi
     client = MlflowClient(db)
     run = client.create_run(client.create_experiment("pod"))
     monkeypatch.delenv(trainjob.EXECUTOR_ENV, raising=False)
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):  # MLflow exports what tests set
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv(trainjob.LOCAL_PROCS_ENV, "2")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     st = runtime.Stage("pretrain", cfg, run.info.run_id, 0.0, config_yaml=config.dump_yaml(cfg))
