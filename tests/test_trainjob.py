@@ -375,7 +375,7 @@ def test_pod_executor_runs_pretraining_on_the_pods_ranks_logging_into_its_run(mi
         "pretrain.phases=[{data: pretrain_broad, steps: 4, lr_start: 1.0e-3, lr_end: 1.0e-3}]",
     ])
     client = MlflowClient(db)
-    run = client.create_run(client.create_experiment("pod"))
+    run = client.create_run(client.create_experiment("pod", artifact_location=(tmp_path / "art").as_uri()))
     monkeypatch.delenv(trainjob.EXECUTOR_ENV, raising=False)
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):  # MLflow exports what tests set
         monkeypatch.delenv(var, raising=False)
