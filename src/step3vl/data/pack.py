@@ -320,7 +320,7 @@ class PackedBatch:
         return {"full_attention": mask[:, None]}
 
     def to(self, device: torch.device | str) -> PackedBatch:
-        """The batch with every tensor on ``device`` (asynchronously from pinned memory, where it is pinned)."""
+        """The batch with every tensor on ``device``."""
         moved = {f.name: getattr(self, f.name).to(device, non_blocking=True)
                  for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
         return dataclasses.replace(self, **moved)
@@ -336,7 +336,7 @@ class PackedDataset:
     ``path`` is a local packed set, verified whole on opening; or, with ``files`` (the :class:`RemoteFiles` of a
     data directory on S3), the set's folder in it (``"packed/pretrain_broad"``): shards are then downloaded and
     verified when first read, and at most ``keep_shards`` of the set stay on the node's disk (the least recently
-    used go first), so a node never holds a dataset larger than that.
+    used go first), however large the set is.
     """
 
     def __init__(self, path: str | Path, processor: ImageProcessor, *, files: RemoteFiles | None = None,
