@@ -74,13 +74,14 @@ def test_default_packing_is_next_fit(micro_cfg, micro_data):
     assert ds.index["open_rows"] == 1
 
 
-def test_streamed_dataset_reads_the_same_rows_keeping_few_shards_on_disk(micro_cfg, micro_data, tmp_path: Path) -> None:
+def test_streamed_dataset_reads_the_same_rows_keeping_few_shards_on_disk(micro_cfg, micro_data, tmp_path: Path,
+                                                                         monkeypatch) -> None:
     """A packed set read through RemoteFiles (as a TrainJob reads S3) gives the rows of the local set, downloads a
     shard when first read, and leaves at most ``keep_shards`` of them on the node's disk."""
     import torch
 
     from step3vl.data.pack import PackedDataset
-    from step3vl.storage import RemoteFiles, seal_dir
+    from step3vl.storage import LocalStore, RemoteFiles, seal_dir
 
     proc = ImageProcessor(micro_cfg.model.vision)
     data = tmp_path / "data"
@@ -91,9 +92,13 @@ def test_streamed_dataset_reads_the_same_rows_keeping_few_shards_on_disk(micro_c
     assert n >= 6
     seal_dir(data)
     local = PackedDataset(data / "packed" / "pb", proc)
+    downloaded: list[str] = []
+    real = LocalStore.download_file
+    monkeypatch.setattr(LocalStore, "download_file", lambda self, key, dest: (downloaded.append(key),
+                                                                            real(self, key, dest)))
     files = RemoteFiles(str(data), tmp_path / "node")
     streamed = PackedDataset("packed/pb", proc, files=files, keep_shards=3)
-    assert files.downloaded == ["packed/pb/index.json"] and streamed.shard_rows == local.shard_rows
+    assert downloaded == ["packed/pb/index.json"] and streamed.shard_rows == local.shard_rows
 
     def on_disk() -> list[str]:
         return sorted(p.name for p in streamed.path.glob("pack-*.safetensors"))
@@ -105,7 +110,7 @@ def test_streamed_dataset_reads_the_same_rows_keeping_few_shards_on_disk(micro_c
         assert torch.equal(a.global_pixels, b.global_pixels) and a.view_order == b.view_order, s
         assert len(on_disk()) <= 3
     shards = [f"packed/pb/{s['file']}" for s in index["shards"]]
-    assert files.downloaded[1:] == shards + shards[:1]
+    assert downloaded[1:] == shards + shards[:1]
     assert on_disk() == sorted(p.rsplit("/", 1)[1] for p in shards[n - 2:] + shards[:1])
     with pytest.raises(ValueError, match="keep at least 2"):
         PackedDataset("packed/pb", proc, files=files, keep_shards=1)

@@ -258,7 +258,7 @@ def test_trainjob_chain_on_s3_from_data_to_pacore(prefix: str, micro_cfg: Any, m
     upload_like_kfp(data, f"{prefix}/data")
     pc = replace(micro_cfg.pacore, curriculum=micro_cfg.pacore.curriculum[:1], scaling_per_family=2, scaling_ks=(1, 2))
     config_yaml = dump_yaml(replace(micro_cfg, pacore=pc))
-    monkeypatch.setenv(trainjob.DATA_ENV, str(tmp_path / "node"))
+    monkeypatch.setenv(storage.NODE_CACHE_ENV, str(tmp_path / "node"))
     fetched = count_downloads(monkeypatch, f"{prefix}/data")
 
     init = None
@@ -315,7 +315,7 @@ def test_trainjob_command_as_two_ranks_on_s3(prefix: str, micro_data: Any, tmp_p
                           "ckpt_uri": f"{prefix}/checkpoints", "progress": False},
             "result_uri": f"{prefix}/trainjob-result.json"}
     node = tmp_path / "node"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", trainjob.CALL_ENV: json.dumps(call), trainjob.DATA_ENV: str(node)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", trainjob.CALL_ENV: json.dumps(call), storage.NODE_CACHE_ENV: str(node)}
     for var in ("RANK", "WORLD_SIZE", trainjob.RUN_ENV):
         env.pop(var, None)
     exe = shutil.which("step3vl", path=str(Path(sys.executable).parent))
@@ -347,7 +347,7 @@ def test_node_copy_downloads_once_per_node_and_again_when_the_data_changes(prefi
     (src / "a.txt").write_text("one")
     uri = f"{prefix}/d"
     publish_dir(src, uri)
-    monkeypatch.setenv(trainjob.DATA_ENV, str(tmp_path / "node"))
+    monkeypatch.setenv(storage.NODE_CACHE_ENV, str(tmp_path / "node"))
     got = count_downloads(monkeypatch, uri)
     first = trainjob.node_copy(uri)
     assert trainjob.node_copy(uri) == first and got == ["a.txt"]  # the node's other ranks reuse it

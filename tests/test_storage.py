@@ -405,21 +405,36 @@ def _remote(tmp_path: Path, files: dict[str, str]) -> str:
     return str(tmp_path / "remote")
 
 
-def test_remote_files_download_each_file_once_verified_and_evict(tmp_path: Path) -> None:
+def _count_downloads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The keys any LocalStore downloads from now on (every process-local RemoteFiles of these tests)."""
+    got: list[str] = []
+    real = storage.LocalStore.download_file
+
+    def download_file(self: storage.LocalStore, key: str, local_path: object) -> None:
+        got.append(key)
+        real(self, key, local_path)
+
+    monkeypatch.setattr(storage.LocalStore, "download_file", download_file)
+    return got
+
+
+def test_remote_files_download_each_file_once_verified_and_evict(tmp_path: Path, monkeypatch) -> None:
     uri = _remote(tmp_path, {"tok/a.json": "a", "tok/b.json": "bb", "packed/s0.bin": "000"})
+    got = _count_downloads(monkeypatch)
     f = storage.RemoteFiles(uri, tmp_path / "node")
     assert (f.files("tok") / "b.json").read_text() == "bb"
-    assert sorted(f.downloaded) == ["tok/a.json", "tok/b.json"]  # only what was asked for
+    assert sorted(got) == ["tok/a.json", "tok/b.json"]  # only what was asked for
+    got.clear()
     g = storage.RemoteFiles(uri, tmp_path / "node")  # another rank of the node
-    assert g.file("tok/a.json") == f.dir / "tok/a.json" and g.downloaded == []
+    assert g.file("tok/a.json") == f.dir / "tok/a.json" and got == []
     assert g.evict("tok/a.json") and not (f.dir / "tok/a.json").exists() and not g.evict("tok/a.json")
-    assert g.file("tok/a.json").read_text() == "a" and g.downloaded == ["tok/a.json"]
+    assert g.file("tok/a.json").read_text() == "a" and got == ["tok/a.json"]
     with pytest.raises(storage.KeyNotFoundError, match="nope.txt is not in its MANIFEST.json"):
         f.file("nope.txt")
     # the whole directory: a copy that verifies like fetch_dir's, reusing what the cache holds
     whole = g.all()
     assert storage.verify_dir(whole)["files"].keys() == {"tok/a.json", "tok/b.json", "packed/s0.bin"}
-    assert g.downloaded == ["tok/a.json", "packed/s0.bin"]
+    assert got == ["tok/a.json", "packed/s0.bin"]
 
 
 def test_remote_files_refuse_a_file_that_does_not_match_the_manifest(tmp_path: Path) -> None:

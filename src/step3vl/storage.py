@@ -798,16 +798,13 @@ def publish_dir(
 
 
 def fetch_dir(
-    uri: str | os.PathLike[str], local_dir: str | os.PathLike[str] | None = None, *, overwrite: bool = False,
-    deep_reuse: bool = True,
+    uri: str | os.PathLike[str], local_dir: str | os.PathLike[str] | None = None, *, overwrite: bool = False
 ) -> Path:
     """A verified local copy of a published directory.
 
     A local ``uri`` is verified and returned as is (or copied to ``local_dir`` if one is given).
     An S3 ``uri`` is downloaded to ``local_dir`` (a fresh temporary directory if None); a
     ``local_dir`` already holding the same verified manifest is reused without downloading.
-    ``deep_reuse=False`` checks that copy's files by presence only, not by hashing them again: for a copy
-    this node fetched (verified then) and published by rename.
     """
     store = open_store(uri)
     if isinstance(store, LocalStore):
@@ -825,7 +822,7 @@ def fetch_dir(
         target = Path(local_dir).absolute()
         if (target / MANIFEST_NAME).is_file():
             with contextlib.suppress(StorageError):
-                if (verify_dir(target) if deep_reuse else verify_published(target, deep=False)) == manifest:
+                if verify_dir(target) == manifest:
                     return target
         if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
             raise StorageError(f"cannot fetch {store.uri} into {target}: it exists with other content")
@@ -876,15 +873,11 @@ class RemoteFiles:
     def __init__(self, uri: str, root: str | os.PathLike[str] | None = None) -> None:
         self.uri = str(uri).rstrip("/")
         self.store = open_store(self.uri)
-        try:
-            raw = self.store.read_bytes(MANIFEST_NAME)
-        except KeyNotFoundError:
-            raise NotPublishedError(f"{self.store.uri} is not published: no {MANIFEST_NAME}") from None
-        self.manifest = _parse_manifest(raw, self.store.uri)
+        self.manifest = read_manifest(self.uri)
         base = Path(root) if root is not None else node_cache_root()
-        self.dir = base / hashlib.sha256(self.uri.encode()).hexdigest()[:16] / hashlib.sha256(raw).hexdigest()[:16]
+        version = hashlib.sha256(_manifest_bytes(self.manifest)).hexdigest()[:16]
+        self.dir = base / hashlib.sha256(self.uri.encode()).hexdigest()[:16] / version
         self._locks = self.dir.parent / f"{self.dir.name}.locks"  # beside the tree, which holds data files only
-        self.downloaded: list[str] = []  # by this process, in order
 
     def _entry(self, rel: str) -> dict[str, Any]:
         entry = self.manifest["files"].get(rel)
@@ -927,7 +920,6 @@ class RemoteFiles:
             os.rename(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
-        self.downloaded.append(rel)
 
     def files(self, prefix: str) -> Path:
         """Every file under the folder ``prefix`` (``"tokenizer/"``), fetched a few at a time; its local folder."""
