@@ -173,21 +173,3 @@ def test_stage_run_that_loses_the_server_fails_loudly_without_minutes_of_retries
     assert mlflow.active_run() is None
     assert len(list((tmp_path / "home" / "tracking-journal").glob("*.jsonl"))) == 1
 
-
-def test_attaching_to_a_run_the_store_does_not_have_fails_at_once(tmp_path, monkeypatch):
-    """A wrong run id or store handed to a TrainJob's rank 0 is named before any work, instead of being taken
-    for a lost server and retried until the flush timeout (300 s by default)."""
-    monkeypatch.setenv("STEP3VL_HOME", str(tmp_path / "home"))
-    uri = f"sqlite:///{tmp_path / 'other.db'}"
-    client = mlflow.MlflowClient(uri)
-    run = client.create_run(client.create_experiment("x", artifact_location=(tmp_path / "art").as_uri()))
-    t0 = time.monotonic()
-    with pytest.raises(tracking.TrackingRunMissing, match="MLflow run 0123abcd does not exist in sqlite:///"):
-        with tracking.attached_run("0123abcd", uri, "pretrain", flush_timeout_s=300):
-            pytest.fail("the body must not run")
-    assert time.monotonic() - t0 < 30 and tracking._SINK is None
-    journals = tmp_path / "home" / "tracking-journal"
-    assert not journals.exists() or not any(journals.iterdir())  # nothing journaled for a run that is not there
-    with tracking.attached_run(run.info.run_id, uri, "pretrain", flush_timeout_s=30):
-        tracking.log_metrics({"pretrain/loss": 1.0}, step=1)
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "pretrain/loss")] == [1.0]

@@ -392,3 +392,46 @@ def test_pod_executor_runs_pretraining_on_the_pods_ranks_logging_into_its_run(mi
     assert load_model(out.model_uri).tokenizer_dir is not None
     assert [m.step for m in client.get_metric_history(run.info.run_id, "pretrain/loss")] == [1, 2, 3, 4]
     assert client.get_run(run.info.run_id).data.metrics["pretrain/final_loss"] == out.metrics["final_loss"]
+
+
+def test_ranks_told_a_run_the_store_does_not_have_fail_before_any_work(tmp_path, monkeypatch):
+    """A wrong run id or store handed to the ranks (a TrainJob's, or a pod's own) is named before the stage runs,
+    instead of being taken for a lost server and retried until the flush timeout (300 s by default)."""
+    import time
+
+    import mlflow
+    import yaml
+
+    from step3vl import tracking
+    from step3vl.stages import rl
+
+    monkeypatch.setenv("STEP3VL_HOME", str(tmp_path / "home"))
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    uri = f"sqlite:///{tmp_path / 'other.db'}"
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("x", artifact_location=(tmp_path / "art").as_uri()))
+    ran: list[str] = []
+
+    def fake_stage(stage, cfg, data_dir, init_uri, out_uri, *, ckpt_uri=None, progress=True):
+        ran.append(stage)
+        tracking.log_metrics({f"{stage}/loss": 1.0}, step=1)
+        return SimpleNamespace(model_uri=out_uri + "/model", metrics={}, result=SimpleNamespace(iteration=1))
+
+    fake_stage.__module__, fake_stage.__qualname__ = "step3vl.stages.rl", "run_rl"
+    monkeypatch.setattr(rl, "run_rl", fake_stage)
+    monkeypatch.setenv(trainjob.LOCAL_ENV, "1")  # ranks in the component's pod: a SQLite store is reachable
+    call = {"fn": "step3vl.stages.rl:run_rl", "config_yaml": yaml.safe_dump({"tracking": {"uri": uri}}),
+            "arguments": {"stage": "rlvr", "data_dir": str(tmp_path), "init_uri": "a", "out_uri": str(tmp_path / "o")},
+            "result_uri": str(tmp_path / "result.json")}
+    monkeypatch.setenv(trainjob.RUN_ENV, "0123abcd")
+    t0 = time.monotonic()
+    with pytest.raises(tracking.TrackingRunMissing, match="MLflow run 0123abcd does not exist in sqlite:///"):
+        trainjob.exec_call(call)
+    assert time.monotonic() - t0 < 30 and ran == [] and tracking._SINK is None
+    journals = tmp_path / "home" / "tracking-journal"
+    assert not journals.exists() or not any(journals.iterdir())  # nothing journaled for a run that is not there
+    monkeypatch.setenv(trainjob.RUN_ENV, run.info.run_id)
+    trainjob.exec_call(call)
+    assert ran == ["rlvr"]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "rlvr/loss")] == [1.0]

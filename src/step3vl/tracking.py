@@ -534,7 +534,6 @@ def attached_run(run_id: str, uri: str, stage: str, flush_timeout_s: float) -> I
     global _SINK
     if _SINK is not None:
         raise RuntimeError(f"attached_run({run_id}): a stage run's sink is already active ({_SINK.run_id})")
-    _refuse_missing_run(run_id, uri, stage)
     sink = _SINK = MetricSink(run_id, uri, stage)
     ok = False
     try:
@@ -549,24 +548,34 @@ def attached_run(run_id: str, uri: str, stage: str, flush_timeout_s: float) -> I
                 raise
 
 
-def _refuse_missing_run(run_id: str, uri: str, stage: str) -> None:
-    """Refuse, before any work, a run the store says does not exist (a wrong run id or tracking URI handed to a
-    TrainJob or to a pod's ranks): the sink would take every refused point for a lost server and retry until its
-    flush timeout. A store that does not answer is not judged here: the sink journals and retries, as designed."""
+def require_run(run_id: str, uri: str, stage: str) -> None:
+    """Refuse, before any work, a run the store says does not exist: a run id handed to another process (a
+    TrainJob's or a pod's ranks) with a wrong tracking URI. Their sink would take every refused point for a lost
+    server and retry until its flush timeout. A store that does not answer is not judged here: the sink journals
+    and retries, as designed."""
     if not _reachable(uri):
         return
     from mlflow.exceptions import MlflowException
 
+    with _one_http_attempt(timeout_s=10):
+        try:
+            _client(uri).get_run(run_id)
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise TrackingRunMissing(
+                    f"{stage}: MLflow run {run_id} does not exist in {display_uri(uri)}; check the tracking URI the "
+                    "stage was given (MLFLOW_TRACKING_URI, tracking.uri)") from None
+        except Exception:  # noqa: BLE001, S110 (not answering now: the sink's retries deal with that)
+            pass
+
+
+@contextlib.contextmanager
+def _one_http_attempt(timeout_s: float) -> Iterator[None]:
+    """MLflow's HTTP client without its minutes of retries, for the block."""
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(int(timeout_s)))
     try:
-        _client(uri).get_run(run_id)
-    except MlflowException as e:
-        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise TrackingRunMissing(f"{stage}: MLflow run {run_id} does not exist in {display_uri(uri)}; check the "
-                                     "tracking URI the stage was given (MLFLOW_TRACKING_URI, tracking.uri)") from None
-    except Exception:  # noqa: BLE001, S110 (not answering now: the sink's retries deal with that)
-        pass
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
@@ -580,15 +589,8 @@ def _end_run_without_server() -> None:
     attempt at marking it FAILED; a replay marks it later otherwise."""
     import mlflow
 
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="3")
-    try:
-        mlflow.end_run("FAILED")  # pops the active run first, then tries the server once
-    except Exception:  # noqa: BLE001, S110 (the server is gone: that is the point)
-        pass
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with _one_http_attempt(timeout_s=3):
+        try:
+            mlflow.end_run("FAILED")  # pops the active run first, then tries the server once
+        except Exception:  # noqa: BLE001, S110 (the server is gone: that is the point)
+            pass

@@ -8,7 +8,8 @@ runtime are there (:func:`preflight`), follows the job's conditions to ``Complet
 (:func:`follow`) and reads back what rank 0 wrote. In the job every node runs
 ``torchrun --no-python step3vl stage exec <stage>`` (the runtime's command plus our args), which
 calls the same ``step3vl.stages`` function with the same arguments (:func:`exec_call`):
-artifact paths become their ``s3://`` URIs, the data directory is fetched to local disk once per node.
+artifact paths become their ``s3://`` URIs; pre-training and SFT stream the packed shards they read into the
+node's cache, the RL stages read a copy of the data directory made once per node.
 
 Nothing here needs a cluster to test: the Kubernetes APIs are passed in.
 """
@@ -32,7 +33,6 @@ from typing import Any, Callable
 from step3vl.errors import Step3VLError
 from step3vl.pipeline.cluster import DEFAULT, ClusterSettings
 from step3vl.pipeline.images import TRAINER_RUNTIME
-from step3vl.storage import NODE_CACHE_ENV
 
 log = logging.getLogger("step3vl.pipeline")
 
@@ -46,10 +46,9 @@ CALL_ENV = "STEP3VL_CALL"  # the stage call a TrainJob runs (JSON)
 RUN_ENV = "STEP3VL_MLFLOW_RUN_ID"  # the component's stage run: rank 0 logs the stage's metrics into it
 NODES_ENV = "STEP3VL_TRAINJOB_NODES"
 GPUS_ENV = "STEP3VL_TRAINJOB_GPUS_PER_NODE"
-DATA_ENV = NODE_CACHE_ENV  # where a node keeps its one copy of the data (default: the temp dir)
-STREAMING = {"step3vl.stages.train:run_training"}  # stage functions that take an s3:// data_dir and stream it
-# stage functions whose loop is data-parallel (DeepSpeed under torchrun); the RL stages run as one process
-DATA_PARALLEL = {"step3vl.stages.train:run_training"}
+# the training loop's stages (pre-training, SFT): data-parallel under torchrun (one rank per GPU), and they stream
+# the packed shards they read from an s3:// data_dir; the RL stages are one process on a copy of the data
+TRAINING_LOOP = {"step3vl.stages.train:run_training"}
 LOCAL_PROCS_ENV = "STEP3VL_LOCAL_PROCS"  # pod executor: ranks of a training stage in its pod (default: its GPUs)
 LOCAL_ENV = "STEP3VL_LOCAL_LAUNCH"  # set for ranks launched in the component's own pod (run_local)
 NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -287,9 +286,8 @@ def exec_call(spec: dict[str, Any]) -> dict[str, Any]:
     for part in qualname.split("."):
         fn = getattr(fn, part)
     arguments = dict(spec["arguments"])
-    # pre-training and SFT stream the packed shards they read from S3 (step3vl.stages.train); the RL stages read
-    # prompt sets and images from a copy of the whole data directory
-    if is_s3_uri(str(arguments.get("data_dir", ""))) and spec["fn"] not in STREAMING:
+    # the RL stages read prompt sets and images from a copy of the whole data directory; the training loop streams
+    if is_s3_uri(str(arguments.get("data_dir", ""))) and spec["fn"] not in TRAINING_LOOP:
         arguments["data_dir"] = str(node_copy(arguments["data_dir"]))
     cfg = load_config(spec["config_yaml"], source="the TrainJob's call")
     run_id, rank0 = os.environ.get(RUN_ENV, ""), int(os.environ.get("RANK", "0")) == 0
@@ -300,6 +298,7 @@ def exec_call(spec: dict[str, Any]) -> dict[str, Any]:
             uri = tracking.tracking_uri(cfg.tracking)
             if uri.startswith(("http://", "https://")) or os.environ.get(LOCAL_ENV):
                 stage = str(arguments.get("stage") or module.rsplit(".", 1)[-1])
+                tracking.require_run(run_id, uri, stage)  # the id came from the environment: check it first
                 stack.enter_context(tracking.attached_run(run_id, uri, stage, cfg.tracking.flush_timeout_s))
             else:  # a store on the component's own disk: the run is not reachable from a TrainJob's pods
                 log.warning("tracking URI %s is not a server: the stage's per-step metrics stay out of MLflow "
@@ -360,7 +359,7 @@ def kube_apis() -> tuple[Any, Any]:
 def local_processes(fn: Callable[..., Any]) -> int:
     """Ranks the pod executor runs ``fn`` on in the component's own pod: ``$STEP3VL_LOCAL_PROCS``, else one per GPU
     the pod sees; 1 (in-process) for stages that are not data-parallel."""
-    if f"{fn.__module__}:{fn.__qualname__}" not in DATA_PARALLEL:
+    if f"{fn.__module__}:{fn.__qualname__}" not in TRAINING_LOOP:
         return 1
     env = os.environ.get(LOCAL_PROCS_ENV, "").strip()
     if env:
@@ -403,9 +402,14 @@ def run_local(stage: str, fn: Callable[..., Any], args: tuple, kwargs: dict[str,
         raise TrainJobError(f"{stage}: the {nprocs} ranks launched in this pod exited with {p.returncode} "
                             "(their output is above)")
     summary = json.loads(_read(result_uri))
+    return _outputs(summary, plot=summary["plot"], trainjob="")
+
+
+def _outputs(summary: dict[str, Any], *, plot: str | None, trainjob: str) -> SimpleNamespace:
+    """A stage's outputs as the component publishes them, from the summary its rank 0 wrote (:func:`_summary`)."""
     result = SimpleNamespace(step=summary["step"], iteration=summary["step"], resumed_from=summary["resumed_from"])
-    return SimpleNamespace(model_uri=summary["model_uri"], metrics=summary["metrics"], result=result,
-                           plot=summary.get("plot"), trainjob="")
+    return SimpleNamespace(model_uri=summary["model_uri"], metrics=summary["metrics"], result=result, plot=plot,
+                           trainjob=trainjob)
 
 
 def run_remote(stage: str, fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], *, config_yaml: str,
@@ -427,7 +431,5 @@ def run_remote(stage: str, fn: Callable[..., Any], args: tuple, kwargs: dict[str
     create(custom, body)
     log.info("%s: TrainJob %s/%s (%d node(s))", stage, namespace, name, body["spec"]["trainer"]["numNodes"])
     follow(custom, name, namespace, timeout_s=settings.resources(stage).timeout_s, poll_s=poll_s)
-    summary = json.loads(_read(result_uri))
-    result = SimpleNamespace(step=summary["step"], iteration=summary["step"], resumed_from=summary["resumed_from"])
-    return SimpleNamespace(model_uri=summary["model_uri"], metrics=summary["metrics"], result=result, plot=None,
-                           trainjob=name)
+    # the plot stayed in the job's pods: the curves are in the component's MLflow run
+    return _outputs(json.loads(_read(result_uri)), plot=None, trainjob=name)
