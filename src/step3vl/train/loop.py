@@ -17,6 +17,7 @@ the ZeRO stage from config; each rank takes an interleaved slice of every global
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -122,11 +123,6 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _partitioned(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The parameters DeepSpeed ZeRO-3 has partitioned: each rank holds a shard, the module an empty placeholder."""
-    return [p for p in model.parameters() if hasattr(p, "ds_id")]
-
-
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's whole state dict: a collective under ZeRO that every rank must call (then rank 0 saves what it
     returns). Under ZeRO the trainable parameters are the optimizer's fp32 master weights, gathered from the ranks'
@@ -135,12 +131,12 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if not zero.managed(list(model.parameters())):
         return model.state_dict()
     masters = zero.gather_master_weights(model)
-    frozen = [p for p in _partitioned(model) if not p.requires_grad]
-    if not frozen:
-        return {k: masters[k] if k in masters else v.detach().clone() for k, v in model.state_dict().items()}
-    import deepspeed
+    frozen = [p for p in zero.partitioned(model) if not p.requires_grad]
+    with contextlib.ExitStack() as stack:
+        if frozen:
+            import deepspeed
 
-    with deepspeed.zero.GatheredParameters(frozen, modifier_rank=None):
+            stack.enter_context(deepspeed.zero.GatheredParameters(frozen, modifier_rank=None))
         return {k: masters[k] if k in masters else v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -169,16 +165,16 @@ def forward_loss_sum(model: torch.nn.Module, batch: PackedBatch, precision: str)
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, ds: PackedDataset, *, max_rows: int, micro: int, precision: str,
-                  device: torch.device | None = None) -> float:
-    """Mean token loss over the first ``max_rows`` rows of a packed held-out set (fixed, so comparable); batches go
-    to ``device`` (the model's) when given."""
+                  device: torch.device | str = "cpu") -> float:
+    """Mean token loss over the first ``max_rows`` rows of a packed held-out set (fixed, so comparable), its batches
+    on ``device`` (the model's)."""
     was = model.training
     model.eval()
     refs = [(s, r) for s in range(ds.n_shards) for r in range(ds.shard_rows[s])][:max_rows]
     total, n = 0.0, 0
     for i in range(0, len(refs), micro):
         b = ds.batch(refs[i : i + micro])
-        total += float(forward_loss_sum(model, b.to(device) if device is not None else b, precision))
+        total += float(forward_loss_sum(model, b.to(device), precision))
         n += b.n_loss_tokens
     model.train(was)
     return total / max(n, 1)
@@ -278,7 +274,7 @@ def train(
         # every rank: gathering ZeRO's partitions is a collective
         state = full_state_dict(model)
         if partitioned:
-            opt_state = zero.gather_optimizer_state(engine, optimizer, [decay, no_decay])
+            opt_state = zero.gather_optimizer_state(engine, [decay, no_decay])
         if rank != 0:
             return
         if not partitioned:
@@ -297,7 +293,7 @@ def train(
             overwrite=True,
         )
 
-    zero3 = bool(_partitioned(model))
+    zero3 = bool(zero.partitioned(model))
 
     def do_eval(at: int) -> None:
         # rank 0 evaluates; under ZeRO-3 every rank runs the same forward (it gathers shards collectively)

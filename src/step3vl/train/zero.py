@@ -25,6 +25,11 @@ def managed(params: list[torch.nn.Parameter]) -> bool:
     return any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in params)
 
 
+def partitioned(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters DeepSpeed ZeRO-3 has partitioned: each rank holds a shard, the module an empty placeholder."""
+    return [p for p in model.parameters() if hasattr(p, "ds_id")]
+
+
 def _shape(p: torch.nn.Parameter) -> torch.Size:
     return p.ds_shape if hasattr(p, "ds_id") else p.shape  # ZeRO-3 leaves an empty placeholder in p
 
@@ -62,14 +67,14 @@ def _relink(zero_optimizer: Any) -> None:
         zero_optimizer._lazy_init_hp_params_optimizer_state()
 
 
-def gather_optimizer_state(engine: Any, optimizer: torch.optim.Optimizer,
-                           groups: list[list[torch.nn.Parameter]]) -> dict[str, Any]:
+def gather_optimizer_state(engine: Any, groups: list[list[torch.nn.Parameter]]) -> dict[str, Any]:
     """The ZeRO-partitioned AdamW state as ``torch.optim.AdamW(groups).state_dict()`` would hold it (CPU tensors).
 
-    ``optimizer`` is the torch optimizer given to ``deepspeed.initialize``; ``groups`` its parameter groups as
-    they were before. A collective: every rank calls it and gets the whole state."""
+    ``groups`` are the parameter groups the torch optimizer had before ``deepspeed.initialize``. A collective:
+    every rank calls it and gets the whole state."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
+    optimizer = engine.optimizer.optimizer  # the torch AdamW, stepping DeepSpeed's flat partitions
     step = _step(optimizer)
     if step is not None:
         _relink(engine.optimizer)
