@@ -193,9 +193,11 @@ def _private_cpu(t: torch.Tensor, seen: set[tuple[str, int]]) -> torch.Tensor:
     everything else is written without one.
     """
     t = t.detach()
+    if t.device.type != "cpu":
+        return t.to("cpu", copy=True).contiguous()  # a copy of its own, whatever it shares on its device
     storage = (t.device.type, t.untyped_storage().data_ptr())
     whole = t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes
-    if storage in seen or not whole or t.device.type != "cpu":
+    if storage in seen or not whole:
         t = t.to("cpu", copy=True).contiguous()
     seen.add(storage)
     return t

@@ -40,8 +40,10 @@ def new_model(cfg: ModelConfig, tokenizer: Any, seed: int) -> Any:
     return build_model(cfg, image_token_id(tokenizer))
 
 
-def load_model(uri: str, *, local_dir: str | Path | None = None) -> LoadedModel:
-    """Load a checkpoint (path, ``s3://`` or ``models:/NAME@alias``) verified, onto CPU, in eval mode."""
+def load_model(uri: str, *, local_dir: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a checkpoint (path, ``s3://`` or ``models:/NAME@alias``) verified, onto ``device``, in eval mode.
+
+    The stages pass :func:`step3vl.devices.default_device` (the process's GPU where there is one)."""
     from step3vl.checkpoint import CheckpointError, load_checkpoint
     from step3vl.model.processor import ImageProcessor
     from step3vl.model.tokenizer import load_tokenizer
@@ -63,5 +65,5 @@ def load_model(uri: str, *, local_dir: str | Path | None = None) -> LoadedModel:
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {uri} does not match its config: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
-    model.eval()
+    model.to(device).eval()
     return LoadedModel(model, tok, ImageProcessor(cfg.vision), cfg, uri, Path(ck.tokenizer_dir))

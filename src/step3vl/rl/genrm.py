@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from step3vl.devices import module_device, to_device
 from step3vl.rl.rollout import Completion, Prompt, SamplingParams, encode_prompt, merge_images
 
 JUDGE_QUESTION = "Which response is better? Answer A or B."
@@ -166,9 +167,10 @@ class GenRM:
 
     @classmethod
     def load(cls, uri: str, **kwargs: Any) -> GenRM:
+        from step3vl.devices import default_device
         from step3vl.model.loading import load_model
 
-        lm = load_model(uri)
+        lm = load_model(uri, device=default_device())
         for p in lm.model.parameters():
             p.requires_grad_(False)
         return cls(lm.model, lm.tokenizer, lm.processor, **kwargs)
@@ -227,13 +229,16 @@ class GenRM:
             for r, s in enumerate(seqs):
                 input_ids[r, : len(s)] = torch.tensor(s)
                 attn[r, : len(s)] = 1
-            images = merge_images([enc[i][1] for i in rows], self.processor.vision)
+            dev = module_device(model)
+            images = to_device(merge_images([enc[i][1] for i in rows], self.processor.vision), dev)
             pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            ends = attn.sum(-1) - 1
             was = model.training
             model.eval()
-            o = model(input_ids, images=images, attention_mask=attn, position_ids=pos, return_logits=False)
+            o = model(input_ids.to(dev), images=images, attention_mask=attn.to(dev), position_ids=pos.to(dev),
+                      return_logits=False)
             model.train(was)
-            last = o.hidden_states[torch.arange(len(seqs)), attn.sum(-1) - 1]
+            last = o.hidden_states[torch.arange(len(seqs), device=dev), ends.to(dev)]
             logits = model.lm_head(last).float()[:, self.letter_ids]
             for r, p in zip(rows, logits.softmax(-1)[:, 0].tolist()):
                 probs[r] = p

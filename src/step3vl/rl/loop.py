@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from step3vl.config import RLConfig
+from step3vl.devices import module_device, to_device
 from step3vl.rl.rollout import Completion, Prompt, SamplingParams, merge_images
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,15 @@ class RolloutBatch:
     prompt_index: list[int]  # per sequence, index of its prompt in the iteration
 
     def select(self, idx: list[int], processed: list[Any], vision: Any) -> RolloutBatch:
+        """The sequences ``idx``, with their prompts' images (``processed``, one per prompt) on the batch's device."""
+        images = merge_images([processed[self.prompt_index[i]] for i in idx], vision)
         return RolloutBatch(self.input_ids[idx], self.attention_mask[idx], self.response_mask[idx],
-                            merge_images([processed[self.prompt_index[i]] for i in idx], vision),
-                            [self.prompt_index[i] for i in idx])
+                            to_device(images, self.input_ids.device), [self.prompt_index[i] for i in idx])
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        """The batch with its tensors and images on ``device``."""
+        return RolloutBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
+                            to_device(self.images, device), self.prompt_index)
 
 
 def build_batch(enc: list[tuple[list[int], Any]], completions: list[list[Completion]], pad_id: int, eos_id: int,
@@ -138,6 +145,7 @@ class RLResult:
     resumed_from: int | None = None
     seconds: float = 0.0
     timing: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"  # where rollouts and updates ran: the model's device
 
 
 def rl_train(
@@ -172,7 +180,8 @@ def rl_train(
     if not records:
         raise ValueError("RL needs at least one prompt record")
     estimator = get_adv_est(cfg.algorithm)
-    value_head = ValueHead(model.cfg.text.hidden_size) if cfg.algorithm == "gae" else None
+    dev = module_device(model)  # rollouts, old log-probs and updates all run where the model is
+    value_head = ValueHead(model.cfg.text.hidden_size).to(dev) if cfg.algorithm == "gae" else None
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": params, "lr": cfg.lr}]
     if value_head is not None:
@@ -244,10 +253,10 @@ def rl_train(
             extras = {k: [v[i] for i in rows] for k, v in extras.items()}
 
         enc = [encode_prompt(p, tokenizer, processor) for p in prompts]
-        batch = build_batch(enc, completions, pad_id, eos_id, processor.vision)
+        batch = build_batch(enc, completions, pad_id, eos_id, processor.vision).to(dev)
         processed = [e[1] for e in enc]
-        group_ids = torch.tensor(batch.prompt_index)
-        r = torch.tensor(rewards, dtype=torch.float32)
+        group_ids = torch.tensor(batch.prompt_index, device=dev)
+        r = torch.tensor(rewards, dtype=torch.float32, device=dev)
         with torch.no_grad():
             old_lp, old_v, _ = sequence_logprobs(model, batch, value_head)
             ref_lp = sequence_logprobs(ref_model, batch)[0] if ref_model is not None else None
@@ -307,7 +316,7 @@ def rl_train(
     if bar is not None:
         bar.close()
     return RLResult(iteration=it, history=history, resumed_from=resumed_from,
-                    seconds=time.perf_counter() - t_start, timing=timing)
+                    seconds=time.perf_counter() - t_start, timing=timing, device=str(dev))
 
 
 def _informative_groups(rewards: Sequence[float], rollouts: int) -> list[bool]:

@@ -17,6 +17,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from step3vl.devices import generator, module_device, sample_on, to_device
 from step3vl.errors import Step3VLError
 
 
@@ -63,6 +64,10 @@ class _Images:
     global_pixels: torch.Tensor
     crop_pixels: torch.Tensor
     view_order: list[tuple[str, int]]
+
+    def to(self, device: torch.device | str) -> _Images:
+        """The same images with their pixels on ``device``."""
+        return _Images(self.global_pixels.to(device), self.crop_pixels.to(device), self.view_order)
 
 
 def merge_images(parts: Sequence[Any], vision: Any) -> _Images | None:
@@ -132,7 +137,10 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 
 
 class TorchEngine:
-    """Batched KV-cache sampling on the training model itself (CPU or one GPU)."""
+    """Batched KV-cache sampling on the training model itself, on the model's device (the CPU or one GPU).
+
+    Token bookkeeping (stops, texts) stays on the host: each decoding step brings its sampled tokens and their
+    log-probs back in one transfer."""
 
     def __init__(self, model: Any, tokenizer: Any, processor: Any, *, max_batch: int = 512) -> None:
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
@@ -152,13 +160,59 @@ class TorchEngine:
     def sync_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """The torch engine samples from the live training model: nothing to copy."""
 
+    def _prefill_inputs(self, enc: list[tuple[list[int], Any]]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """Left-padded prompt ids, attention mask, positions and merged images, on the model's device."""
+        dev = module_device(self.model)
+        lens = [len(ids) for ids, _ in enc]
+        L = max(lens)
+        ids = torch.full((len(enc), L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(enc), L), dtype=torch.long)
+        for r, (toks, _) in enumerate(enc):
+            ids[r, L - len(toks):] = torch.tensor(toks)
+            mask[r, L - len(toks):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        images = merge_images([im for _, im in enc], self.processor.vision)
+        return ids.to(dev), mask.to(dev), pos.to(dev), to_device(images, dev)
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, images: Any,
+                cache: Any) -> torch.Tensor:
+        """Run the prompts through the model into ``cache``; the float32 logits of their next token."""
+        o = self.model(ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                       inputs_embeds=self.model.embed(ids, images), return_logits=False)
+        return self.model.lm_head(o.hidden_states[:, -1]).float()
+
+    def _sample(self, last: torch.Tensor, params: SamplingParams, gen: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next tokens (greedy or sampled) and their temperature-1 log-probs over the tokens that may be
+        generated; ``last`` (the logits) loses its banned tokens in place."""
+        if self.banned.device != last.device:
+            self.banned = self.banned.to(last.device)  # once: an index on the host would copy at every step
+        last[:, self.banned] = float("-inf")
+        logp = torch.log_softmax(last, dim=-1)
+        if params.temperature <= 0:
+            nxt = last.argmax(-1)
+        else:
+            probs = _filter_logits(_tempered(last, params.temperature), params.top_k, params.top_p).softmax(-1)
+            nxt = sample_on(probs, gen)
+        return nxt, logp.gather(-1, nxt[:, None]).squeeze(-1)
+
+    def _decode(self, feed: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step: feed one token per row at ``pos``; the next logits and the grown attention mask."""
+        mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)], dim=1)
+        o = self.model(feed[:, None], attention_mask=mask, position_ids=pos[:, None], cache=cache, use_cache=True,
+                       return_logits=False)
+        return self.model.lm_head(o.hidden_states[:, -1]).float(), mask
+
     def generate(self, prompts: Sequence[Prompt], n: int = 1, params: SamplingParams = SamplingParams()
                  ) -> list[list[Completion]]:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         out: list[list[Completion]] = []
         per_chunk = max(1, self.max_batch // n)
-        gen = torch.Generator().manual_seed(params.seed % 2**64 if params.seed is not None else torch.seed() % 2**63)
+        gen = generator(module_device(self.model),
+                        params.seed % 2**64 if params.seed is not None else torch.seed() % 2**63)
         for i in range(0, len(prompts), per_chunk):
             out.extend(self._generate_chunk(list(prompts[i : i + per_chunk]), n, params, gen))
         return out
@@ -172,21 +226,11 @@ class TorchEngine:
         model.eval()
         enc = [encode_prompt(p, self.tokenizer, self.processor) for p in prompts]
         lens = [len(ids) for ids, _ in enc]
-        L = max(lens)
-        ids = torch.full((len(enc), L), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(enc), L), dtype=torch.long)
-        for r, (toks, _) in enumerate(enc):
-            ids[r, L - len(toks):] = torch.tensor(toks)
-            mask[r, L - len(toks):] = 1
-        images = merge_images([im for _, im in enc], self.processor.vision)
-        embeds = model.embed(ids, images)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos, images = self._prefill_inputs(enc)
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.model.config)
-        o = model(ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, inputs_embeds=embeds,
-                  return_logits=False)
-        last = model.lm_head(o.hidden_states[:, -1]).float()
+        last = self._prefill(ids, mask, pos, images, cache)
         # share each prompt's prefill across its n samples
         if n > 1:
             cache.batch_repeat_interleave(n)
@@ -195,30 +239,24 @@ class TorchEngine:
             pos = pos.repeat_interleave(n, 0)
         B = last.shape[0]
         next_pos = pos[:, -1] + 1
-        done = torch.zeros(B, dtype=torch.bool)
+        done = torch.zeros(B, dtype=torch.bool)  # on the host, like the token lists
         tokens: list[list[int]] = [[] for _ in range(B)]
         logps: list[list[float]] = [[] for _ in range(B)]
         finish = ["length"] * B
         texts = [""] * B
         for t in range(params.max_tokens):
-            last[:, self.banned] = float("-inf")
-            logp = torch.log_softmax(last, dim=-1)
-            if params.temperature <= 0:
-                nxt = last.argmax(-1)
-            else:
-                probs = _filter_logits(_tempered(last, params.temperature), params.top_k, params.top_p).softmax(-1)
-                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-            chosen_lp = logp.gather(-1, nxt[:, None]).squeeze(-1)
+            nxt, chosen_lp = self._sample(last, params, gen)
+            nxt_host, lp_host = nxt.tolist(), chosen_lp.tolist()  # one device-to-host transfer per step
             for b in range(B):
                 if done[b]:
                     continue
-                tok = int(nxt[b])
+                tok = nxt_host[b]
                 if tok in self.eos_ids:
                     done[b] = True
                     finish[b] = "stop"
                     continue
                 tokens[b].append(tok)
-                logps[b].append(float(chosen_lp[b]))
+                logps[b].append(lp_host[b])
                 if params.stop:
                     text = self.tokenizer.decode(tokens[b], skip_special_tokens=True)
                     hit = [text.index(s) for s in params.stop if s in text]
@@ -228,11 +266,7 @@ class TorchEngine:
                         finish[b] = "stop"
             if bool(done.all()) or t == params.max_tokens - 1:
                 break
-            feed = nxt.masked_fill(done, self.pad_id)
-            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
-            o = model(feed[:, None], attention_mask=mask, position_ids=next_pos[:, None], cache=cache,
-                      use_cache=True, return_logits=False)
-            last = model.lm_head(o.hidden_states[:, -1]).float()
+            last, mask = self._decode(nxt.masked_fill(done.to(nxt.device), self.pad_id), mask, next_pos, cache)
             next_pos = next_pos + 1
         model.train(was_training)
         results: list[list[Completion]] = []

@@ -85,7 +85,7 @@ class ServedModel:
 
     @classmethod
     def from_loaded(cls, loaded: Any, name: str = "") -> "ServedModel":
-        """Wrap ``step3vl.model.loading.load_model``'s result in the embedded torch engine (CPU)."""
+        """Wrap ``step3vl.model.loading.load_model``'s result in the embedded torch engine, on the model's device."""
         from step3vl.rl.rollout import TorchEngine
 
         engine = TorchEngine(loaded.model, loaded.tokenizer, loaded.processor)
@@ -423,9 +423,10 @@ def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI
 
 def load_served(model_uri: str, name: str = "") -> ServedModel:
     """Load a checkpoint (path, ``s3://``, ``models:/NAME@alias``) for serving on CPU."""
+    from step3vl.devices import default_device
     from step3vl.model.loading import load_model
 
-    return ServedModel.from_loaded(load_model(model_uri), name)
+    return ServedModel.from_loaded(load_model(model_uri, device=default_device()), name)
 
 
 def serve(model_uri: str, *, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConfig = ServeConfig(),

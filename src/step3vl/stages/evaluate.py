@@ -61,6 +61,7 @@ def evaluate_models(cfg: PipelineConfig, data_dir: str | Path, models: dict[str,
     from step3vl.eval import contamination
     from step3vl.eval.modes import check_mode, run_mode
     from step3vl.eval.suite import load_records
+    from step3vl.devices import default_device
     from step3vl.model.loading import load_model
     from step3vl.progress import track
     from step3vl.rl.rollout import TorchEngine
@@ -78,7 +79,7 @@ def evaluate_models(cfg: PipelineConfig, data_dir: str | Path, models: dict[str,
     seconds: dict[str, float] = {}
     for label, uri in models.items():
         t0 = time.perf_counter()
-        lm = load_model(uri)
+        lm = load_model(uri, device=default_device())
         engine = TorchEngine(lm.model, lm.tokenizer, lm.processor)
         results[label] = {}
         mine: dict[str, float] = {}

@@ -184,13 +184,14 @@ def _scaling(cfg: PipelineConfig, data_dir: Path, model_uri: str, out: Path, log
     """The trained model's accuracy-vs-rollouts curve (PaCoRe, majority, pass@K) as a plot + metrics."""
     from step3vl.eval.scaling import plot_scaling, scaling_curve
     from step3vl.eval.suite import EVAL_SAMPLING, load_records
+    from step3vl.devices import default_device
     from step3vl.model.loading import load_model
     from step3vl.rl.rollout import TorchEngine
 
     pc = cfg.pacore
     ds = data_dir / "raw" / pc.scaling_data
     recs = load_records(ds, per_family=pc.scaling_per_family, families=set(pc.scaling_families))
-    lm = load_model(model_uri)
+    lm = load_model(model_uri, device=default_device())
     curves = scaling_curve(TorchEngine(lm.model, lm.tokenizer, lm.processor), recs, ds, pc.scaling_ks,
                            replace(EVAL_SAMPLING, seed=cfg.seed), seed=cfg.seed, progress=progress)
     (out / "scaling.json").write_text(json.dumps(curves, indent=1, sort_keys=True))
@@ -227,6 +228,7 @@ def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root:
          stop_after: tuple[int, str] | None) -> PaCoReOutputs:
     from step3vl.checkpoint import save_checkpoint
     from step3vl.data.pack import PackedDataset, pack_dataset
+    from step3vl.devices import default_device
     from step3vl.eval.suite import load_records
     from step3vl.model.loading import checkpoint_config, load_model
     from step3vl.rl.rollout import TorchEngine
@@ -262,7 +264,7 @@ def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root:
             continue
         t0 = time.perf_counter()
         seed_everything(cfg.seed)
-        lm = load_model(current)
+        lm = load_model(current, device=default_device())
         tok_dir = str(lm.tokenizer_dir)
         ckpt_config = checkpoint_config(lm.cfg, lm.tokenizer, stage="pacore")
         # 1. message sets from the current policy (+ the warm-up set: synthesis and plain problems)

@@ -70,6 +70,7 @@ def run_rl(
     """Run an RL stage from ``init_uri`` on the prompt set named by its config (or ``records``)."""
     from step3vl.checkpoint import save_checkpoint
     from step3vl.eval.suite import load_records, to_prompt
+    from step3vl.devices import default_device
     from step3vl.model.loading import checkpoint_config, load_model
     from step3vl.rl.loop import rl_train
     from step3vl.rl.rollout import make_engine
@@ -80,7 +81,7 @@ def run_rl(
     rl: RLConfig = rl_cfg or getattr(cfg, stage)
     data_dir = Path(data_dir)
     seed_everything(cfg.seed)
-    lm = load_model(init_uri)
+    lm = load_model(init_uri, device=default_device())
     model = lm.model
     model.train()
     ds_dir = Path(records_dir) if records_dir else data_dir / "raw" / rl.data

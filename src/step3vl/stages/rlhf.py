@@ -201,6 +201,7 @@ def run(
     ``<ckpt_uri>/policy``, so a killed stage neither retrains a finished judge nor restarts RL.
     """
     from step3vl.eval.suite import EVAL_SAMPLING, GREEDY, evaluate, load_records, to_prompt
+    from step3vl.devices import default_device
     from step3vl.model.loading import load_model
     from step3vl.rl.genrm import GenRM, ReferenceAnswers, RLHFReward, pairwise_accuracy
     from step3vl.rl.rollout import TorchEngine
@@ -224,7 +225,7 @@ def run(
     metrics.update({f"genrm_{k}": v for k, v in acc.items()})
     t2 = time.perf_counter()
 
-    base = load_model(init_uri)
+    base = load_model(init_uri, device=default_device())
     for p in base.model.parameters():
         p.requires_grad_(False)
     base_engine = TorchEngine(base.model, base.tokenizer, base.processor)
@@ -241,7 +242,7 @@ def run(
     if rl.result.iteration < cfg.rlhf.iterations:
         return out  # interrupted on purpose: no final policy to compare
 
-    policy = load_model(rl.model_uri)
+    policy = load_model(rl.model_uri, device=default_device())
     policy_engine = TorchEngine(policy.model, policy.tokenizer, policy.processor)
     ev_dir = data_dir / "raw" / "eval"
     ev = load_records(ev_dir)

@@ -32,6 +32,7 @@ import torch
 
 from step3vl.config import TrainConfig
 from step3vl.data.pack import PackedBatch, PackedDataset
+from step3vl.devices import default_device
 from step3vl.train import zero
 
 log = logging.getLogger(__name__)
@@ -140,13 +141,6 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {k: masters[k] if k in masters else v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def device() -> torch.device:
-    """Where this process trains: its GPU when CUDA is available (``LOCAL_RANK``'s under torchrun), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def forward_loss_sum(model: torch.nn.Module, batch: PackedBatch, precision: str) -> torch.Tensor:
     """Sum (not mean) of token losses of one micro-batch under the packed block-diagonal mask."""
     # autocast on the batch's device: CUDA, or the CPU (which also stands in for devices without autocast, e.g. meta)
@@ -210,7 +204,7 @@ def train(
     if len(datasets) != len(cfg.phases):
         raise ValueError(f"{len(cfg.phases)} phases but {len(datasets)} datasets")
     rank, world = _dist()
-    dev = device()
+    dev = default_device()
     if dev.type == "cuda":
         torch.cuda.set_device(dev)  # DeepSpeed and NCCL take the current device
     phase_steps = [cfg.steps_for(p) for p in cfg.phases]
