@@ -173,3 +173,68 @@ def test_stage_run_that_loses_the_server_fails_loudly_without_minutes_of_retries
     assert mlflow.active_run() is None
     assert len(list((tmp_path / "home" / "tracking-journal").glob("*.jsonl"))) == 1
 
+
+
+def _drain(sink):
+    deadline = time.monotonic() + 10
+    while sink.backlog and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not sink.backlog
+
+
+def test_records_the_store_refuses_are_set_aside_at_once_and_the_rest_still_go(flaky, monkeypatch):
+    """A store that answers with an error no retry can fix (here: a value it rejects) is not a lost server: the
+    refused batch is set aside at once, later ones are still sent, and close() says so without waiting for its
+    timeout, keeping the refused records in a journal that replay leaves alone."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    def send(client, run_id, batch):
+        if any(m.get("key") == "sft/bad" for m in batch):
+            raise MlflowException("Got invalid value for metric 'sft/bad'", error_code=INVALID_PARAMETER_VALUE)
+        flaky.send(client, run_id, batch)
+
+    monkeypatch.setattr(tracking, "_send", send)
+    uri = "http://mlflow.example:5000"
+    sink = tracking.MetricSink("run5", uri, "sft")
+    for step, metrics in enumerate(({"sft/loss": 1.0}, {"sft/bad": 2.0}, {"sft/loss": 0.5}), 1):
+        sink.log_metrics(metrics, step=step)
+        _drain(sink)  # one batch each
+    assert sink.lost_since is None and sink.refused == 1
+    t0 = time.monotonic()
+    with pytest.raises(tracking.TrackingRefused) as err:
+        sink.close(timeout=60)
+    assert time.monotonic() - t0 < 5
+    kept = sink.path.with_name(sink.path.name + tracking.REFUSED_SUFFIX)
+    msg = str(err.value)
+    assert "refused 1 " in msg and "INVALID_PARAMETER_VALUE" in msg and "sft/bad" in msg and "run5" in msg
+    assert str(kept) in msg
+    assert flaky.received == [("sft/loss", 1, 1.0), ("sft/loss", 3, 0.5)]
+    lines = [json.loads(x) for x in kept.read_text().splitlines()]
+    assert [x["n"] for x in lines if x["kind"] == "refused"] == [1] and not sink.path.exists()
+    assert tracking.replay_journals(uri) == [] and kept.exists()
+
+
+def test_stage_whose_run_is_deleted_mid_stage_fails_at_once_naming_it(tmp_path, monkeypatch):
+    """A real store: the stage's run deleted while it trains refuses every later point. The stage ends with
+    TrackingRefused within seconds (not after flush_timeout_s of retries), its run popped, nothing to replay."""
+    monkeypatch.setenv("STEP3VL_HOME", str(tmp_path / "home"))
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.preflight(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    client.create_experiment("deleted", artifact_location=str(tmp_path / "artifacts"))
+    cfg = TrackingConfig(uri=uri, experiment="deleted", flush_timeout_s=300)
+    t0 = time.monotonic()
+    with pytest.raises(tracking.TrackingRefused, match="must be in the 'active' state") as err:
+        with tracking.stage_run("rlvr", cfg) as run:
+            tracking.log_metrics({"rlvr/reward": 0.1}, step=1)
+            _drain(tracking._SINK)
+            client.delete_run(run.info.run_id)
+            tracking.log_metrics({"rlvr/reward": 0.2}, step=2)
+    assert time.monotonic() - t0 < 30
+    assert run.info.run_id in str(err.value) and mlflow.active_run() is None
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "rlvr/reward")] == [1]
+    assert tracking.replay_journals(uri) == []
+    assert len(list((tmp_path / "home" / "tracking-journal").glob("*" + tracking.REFUSED_SUFFIX))) == 1

@@ -208,6 +208,23 @@ class TrackingRunMissing(Step3VLError):
     """The tracking store answers but has no run with the id a stage was told to log into."""
 
 
+class TrackingRefused(Step3VLError):
+    """The tracking store answered a stage's records with an error that no retry can fix (its run deleted
+    mid-stage, a value it rejects): they are kept in a journal of their own, which is never replayed."""
+
+
+# MLflow error codes of a store that answered, and will answer the same to the same request: not a lost server
+REFUSED_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "INVALID_STATE", "BAD_REQUEST",
+                           "PERMISSION_DENIED", "UNAUTHENTICATED", "ENDPOINT_NOT_FOUND"})
+REFUSED_SUFFIX = ".refused"  # a journal of refused records: kept for people, never replayed
+
+
+def _refusal(e: BaseException) -> str | None:
+    """The MLflow error code if ``e`` is a store's answer that retrying cannot change, else None."""
+    code = getattr(e, "error_code", None)
+    return code if code in REFUSED_CODES else None
+
+
 def journal_dir() -> Path:
     return home() / "tracking-journal"
 
@@ -223,6 +240,11 @@ class MetricSink:
     naming the server and the journal. The journal outlives the process (a SIGKILL included): it is
     flock-ed while its writer lives, and :func:`replay_journals` sends what was never acknowledged and
     marks a run still RUNNING as FAILED.
+
+    A store that answers with an error no retry can fix (:data:`REFUSED_CODES`: the run deleted mid-stage, a
+    rejected value) is not a lost server: those records are set aside at once, the rest still go, and
+    :meth:`close` raises :class:`TrackingRefused` without waiting, keeping the journal under
+    ``<run_id>.jsonl.refused``.
     """
 
     BATCH = 1000  # MLflow's per-request limit on metrics
@@ -247,6 +269,8 @@ class MetricSink:
         self._abandoned = False  # close() gave up: the journal is the record now, the worker stops
         self.lost_since: float | None = None
         self.last_error = ""
+        self.refused = 0  # records the store refused for good
+        self.refusal = ""  # its first refusal, for the error
         self.sent_after_loss = 0
         self._client = _client(uri)
         self._thread = threading.Thread(target=self._work, name=f"mlflow-sink-{stage}", daemon=True)
@@ -310,6 +334,12 @@ class MetricSink:
             try:
                 _send(self._client, self.run_id, batch)
             except Exception as e:  # noqa: BLE001 (any failure to reach the store: keep the points, retry)
+                code = _refusal(e)
+                if code is not None:  # the store answered, and will answer the same: set the batch aside
+                    delay = 1.0
+                    if not self._done(batch, redact(display_uri(f"{code}: {str(e)[:300]}"))):
+                        return
+                    continue
                 if self.lost_since is None:
                     self.lost_since = time.monotonic()
                     self.last_error = redact(display_uri(f"{type(e).__name__}: {str(e)[:200]}"))
@@ -320,19 +350,35 @@ class MetricSink:
                 delay = min(delay * 2, 15.0)
                 continue
             delay = 1.0
-            with self._cv:
-                if self._abandoned:  # sent after close() gave up: a replay may send it again (rare duplicates)
-                    return
-                del self._pending[: len(batch)]
-                self._acked += len(batch)
-                self._write({"kind": "ack", "n": self._acked})
-                if self.lost_since is not None:
+            if not self._done(batch):
+                return
+
+    def _done(self, batch: list[dict[str, Any]], refused: str | None = None) -> bool:
+        """Acknowledge the batch at the head of the backlog: sent, or (``refused``: the store's answer) set
+        aside. False when :meth:`close` gave up meanwhile (the worker stops)."""
+        with self._cv:
+            if self._abandoned:  # sent after close() gave up: a replay may send it again (rare duplicates)
+                return False
+            del self._pending[: len(batch)]
+            self._acked += len(batch)
+            if refused is not None:
+                self._write({"kind": "refused", "n": len(batch), "error": refused})
+                if not self.refused:
+                    self.refusal = refused
+                    _log().warning("MLflow at %s refused records of %s for run %s (%s); the stage goes on, and "
+                                   "they are kept in %s", display_uri(self.uri), self.stage, self.run_id, refused,
+                                   self.path)
+                self.refused += len(batch)
+            self._write({"kind": "ack", "n": self._acked})
+            if self.lost_since is not None:
+                if refused is None:
                     self.sent_after_loss += len(batch)
-                    if not self._pending:
-                        _log().warning("MLflow tracking server %s answers again: sent %d journaled points of %s",
-                                       display_uri(self.uri), self.sent_after_loss, self.stage)
-                        self.lost_since = None
-                self._cv.notify_all()
+                if not self._pending:
+                    _log().warning("MLflow tracking server %s answers again: sent %d journaled points of %s",
+                                   display_uri(self.uri), self.sent_after_loss, self.stage)
+                    self.lost_since = None
+            self._cv.notify_all()
+            return True
 
     def close(self, timeout: float) -> None:
         """Wait up to ``timeout`` s for every point to be sent; delete the journal when all were.
@@ -352,8 +398,15 @@ class MetricSink:
         if left == 0:
             self._thread.join(timeout=5)
             self._f.close()
-            self.path.unlink(missing_ok=True)
-            return
+            if not self.refused:
+                self.path.unlink(missing_ok=True)
+                return
+            kept = self.path.with_name(self.path.name + REFUSED_SUFFIX)
+            self.path.replace(kept)  # out of replay's way: the store would refuse them again
+            raise TrackingRefused(
+                f"MLflow at {display_uri(self.uri)} refused {self.refused} metric/artifact records of {self.stage} "
+                f"for run {self.run_id} ({self.refusal}); the stage's work is done and its checkpoints are kept; "
+                f"the refused records are in {kept}")
         self._f.close()  # releases the lock: a later replay may now send the backlog
         raise TrackingLost(
             f"MLflow tracking server {display_uri(self.uri)} went away during {self.stage} and did not come back "
@@ -521,6 +574,12 @@ def stage_run(
     finally:
         if sink is not None and sink.abandoned:
             _end_run_without_server()  # the server is gone: no minutes of retries
+        elif sink is not None and sink.refused:
+            try:
+                mlflow.end_run(status)  # pops the run first; a deleted run refuses this too, and that is said
+            except Exception as e:  # noqa: BLE001
+                if _refusal(e) is None:
+                    raise
         else:
             mlflow.end_run(status)
 
@@ -530,7 +589,8 @@ def attached_run(run_id: str, uri: str, stage: str, flush_timeout_s: float) -> I
     """Route :func:`log_metrics`/:func:`log_artifact` into the run ``run_id`` through a journaled
     :class:`MetricSink`, leaving the run itself open: :func:`stage_run` inside its own run, a TrainJob's rank 0
     inside its component's. Raises :class:`TrackingLost` when the body succeeded but its points could not be
-    sent; after a body that failed, its own error wins (``sink.abandoned`` tells)."""
+    sent, :class:`TrackingRefused` when the store refused some; after a body that failed, its own error wins
+    (``sink.abandoned`` and ``sink.refused`` tell)."""
     global _SINK
     if _SINK is not None:
         raise RuntimeError(f"attached_run({run_id}): a stage run's sink is already active ({_SINK.run_id})")
@@ -543,7 +603,7 @@ def attached_run(run_id: str, uri: str, stage: str, flush_timeout_s: float) -> I
         _SINK = None
         try:
             sink.close(flush_timeout_s)
-        except TrackingLost:
+        except (TrackingLost, TrackingRefused):
             if ok:
                 raise
 

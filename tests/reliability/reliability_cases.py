@@ -90,6 +90,13 @@ CASES: tuple[Case, ...] = (
          (R + "test_reliability_mlflow.py::test_tracking_server_lost_mid_stage",
           "tests/test_tracking_sink.py::test_server_lost_then_back_mid_stage_loses_nothing_and_never_blocks",
           "tests/test_tracking_sink.py::test_replay_sends_only_what_was_never_acknowledged_and_marks_the_run_failed")),
+    Case("mlflow-refuses-mid-stage", "tracking", "MLflow answers a stage's records with an error no retry fixes",
+         "the stage's run deleted mid-stage (SQLite store); a metric value the store rejects (one batch of three)",
+         "the refused records are set aside at once and the rest still sent; the stage fails within seconds "
+         "(not after its flush timeout) naming the run, the store's error and the journal the refused records "
+         "are kept in, which replay leaves alone",
+         ("tests/test_tracking_sink.py::test_stage_whose_run_is_deleted_mid_stage_fails_at_once_naming_it",
+          "tests/test_tracking_sink.py::test_records_the_store_refuses_are_set_aside_at_once_and_the_rest_still_go")),
     # ------------------------------------------------------------------ data
     Case("bad-data-gate", "data", "Bad records: every failure class of the data gate",
          "missing/undecodable images, tag count mismatch, duplicate ids, empty turns, missing answers, "
