@@ -2,7 +2,8 @@
 
 Launched by tests/test_deepspeed.py on the same global batch: plainly (one process, plain torch) and
 under torchrun with 2 processes (DeepSpeed ZeRO-2 or ZeRO-3 on gloo). Args: data_dir out_dir [zero_stage];
-$DS_OVERRIDES (a JSON list) adds config overrides, $DS_STOP_AFTER stops after that step.
+$DS_OVERRIDES (a JSON list) adds config overrides, $DS_STOP_AFTER stops after that step; $DS_GATHER_PROBE has every
+rank print how many tensors it kept of each gather.
 """
 
 import json
@@ -23,6 +24,23 @@ cfg = config.load(config.PipelineConfig, root / "conf/micro.yaml", [
     *json.loads(os.environ.get("DS_OVERRIDES", "[]")),
 ])
 stop = int(os.environ["DS_STOP_AFTER"]) if os.environ.get("DS_STOP_AFTER") else None
+if os.environ.get("DS_GATHER_PROBE"):  # every rank prints how much of each gather it kept
+    from step3vl.train import loop, zero
+
+    rank = os.environ.get("RANK", "0")
+    full_state_dict, gather_optimizer_state = loop.full_state_dict, zero.gather_optimizer_state
+
+    def probe_model(model, keep=True):
+        out = full_state_dict(model, keep=keep)
+        print(f"GATHERED rank={rank} model={len(out)}", flush=True)
+        return out
+
+    def probe_optimizer(engine, groups, keep=True):
+        out = gather_optimizer_state(engine, groups, keep=keep)
+        print(f"GATHERED rank={rank} optimizer={len(out['state'])}", flush=True)
+        return out
+
+    loop.full_state_dict, zero.gather_optimizer_state = probe_model, probe_optimizer
 res = run_training("pretrain", cfg, data_dir, out_dir, progress=False, stop_after_step=stop)
 
 if os.environ.get("RANK", "0") == "0":

@@ -109,8 +109,9 @@ def run_training(
     out = TrainStageOutputs(model_uri=join_uri(out_uri, "model"), result=result)
     if stop_after_step is not None and result.step < sum(tcfg.steps_for(p) for p in tcfg.phases):
         return out  # interrupted on purpose: no final model
-    state = full_state_dict(model)  # every rank: under ZeRO the weights are gathered from all of them
-    if int(os.environ.get("RANK", "0")) != 0:
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    state = full_state_dict(model, keep=rank0)  # every rank: under ZeRO the weights are gathered from all of them
+    if not rank0:
         return out  # under torchrun only rank 0 publishes
     save_checkpoint(out.model_uri, model_state=state, config=ckpt_config,
                     tokenizer_dir=str(tok_dir), extra_meta={"stage": stage, "step": result.step}, overwrite=True)

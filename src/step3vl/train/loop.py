@@ -124,20 +124,23 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's whole state dict: a collective under ZeRO that every rank must call (then rank 0 saves what it
-    returns). Under ZeRO the trainable parameters are the optimizer's fp32 master weights, gathered from the ranks'
-    partitions (the module holds them rounded to bf16, or only a ZeRO-3 placeholder); ZeRO-3's other partitioned
-    parameters are gathered too. Otherwise it is ``model.state_dict()``."""
+def full_state_dict(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The model's whole state dict: a collective under ZeRO that every rank must call; the rank that saves it
+    passes ``keep`` (the others take part and get an empty dict, holding no copy). Under ZeRO the trainable
+    parameters are the optimizer's fp32 master weights, gathered from the ranks' partitions (the module holds them
+    rounded to bf16, or only a ZeRO-3 placeholder); ZeRO-3's other partitioned parameters are gathered too.
+    Otherwise it is ``model.state_dict()``."""
     if not zero.managed(list(model.parameters())):
-        return model.state_dict()
-    masters = zero.gather_master_weights(model)
+        return model.state_dict() if keep else {}
+    masters = zero.gather_master_weights(model, keep=keep)
     frozen = [p for p in zero.partitioned(model) if not p.requires_grad]
     with contextlib.ExitStack() as stack:
         if frozen:
             import deepspeed
 
             stack.enter_context(deepspeed.zero.GatheredParameters(frozen, modifier_rank=None))
+        if not keep:
+            return {}
         return {k: masters[k] if k in masters else v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -266,9 +269,9 @@ def train(
 
     def save(at: int) -> None:
         # every rank: gathering ZeRO's partitions is a collective
-        state = full_state_dict(model)
+        state = full_state_dict(model, keep=rank == 0)
         if partitioned:
-            opt_state = zero.gather_optimizer_state(engine, [decay, no_decay])
+            opt_state = zero.gather_optimizer_state(engine, [decay, no_decay], keep=rank == 0)
         if rank != 0:
             return
         if not partitioned:

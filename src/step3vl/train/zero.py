@@ -7,8 +7,9 @@ puts them back after ``deepspeed.initialize``. A checkpoint taken on N ranks the
 ranks, and on M ranks or in one process up to the order of floating-point reductions; it stays
 safetensors, like every other step3vl checkpoint (DeepSpeed's own checkpoints are pickles).
 
-Every function here is a collective under ZeRO: all ranks call it, in the same order. Gathering holds
-the whole optimizer state on every rank one parameter at a time, and all of it on rank 0 (which saves it).
+Every function here is a collective under ZeRO: all ranks call it, in the same order. Gathering holds each
+parameter's whole state on every rank, one parameter at a time; only the rank that saves (``keep``) copies
+them out, so the whole optimizer state is held on that rank alone, not on every rank of a node.
 """
 
 from __future__ import annotations
@@ -67,11 +68,12 @@ def _relink(zero_optimizer: Any) -> None:
         zero_optimizer._lazy_init_hp_params_optimizer_state()
 
 
-def gather_optimizer_state(engine: Any, groups: list[list[torch.nn.Parameter]]) -> dict[str, Any]:
+def gather_optimizer_state(engine: Any, groups: list[list[torch.nn.Parameter]], keep: bool = True
+                           ) -> dict[str, Any]:
     """The ZeRO-partitioned AdamW state as ``torch.optim.AdamW(groups).state_dict()`` would hold it (CPU tensors).
 
     ``groups`` are the parameter groups the torch optimizer had before ``deepspeed.initialize``. A collective:
-    every rank calls it and gets the whole state."""
+    every rank calls it; a rank with ``keep`` False takes part but keeps no tensor (its ``state`` is empty)."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
     optimizer = engine.optimizer.optimizer  # the torch AdamW, stepping DeepSpeed's flat partitions
@@ -88,15 +90,19 @@ def gather_optimizer_state(engine: Any, groups: list[list[torch.nn.Parameter]]) 
                     full = safe_get_full_optimizer_state(p, key)
                     if full is None:
                         raise ValueError(f"parameter #{i} {tuple(_shape(p))} has no ZeRO partition of {key}")
-                    entry[key] = full.detach().reshape(_shape(p)).to("cpu", copy=True)
-                state[i] = entry
+                    if keep:
+                        entry[key] = full.detach().reshape(_shape(p)).to("cpu", copy=True)
+                    del full
+                if keep:
+                    state[i] = entry
                 i += 1
     return {"state": state, "param_groups": _hyper(optimizer, groups)}
 
 
-def gather_master_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def gather_master_weights(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
     """The fp32 master weights of the trainable parameters, by state-dict name (tied names included): the values
-    the optimizer updates, which the module holds only rounded (bf16) or partitioned (ZeRO-3). A collective."""
+    the optimizer updates, which the module holds only rounded (bf16) or partitioned (ZeRO-3). A collective; a
+    rank with ``keep`` False takes part and gets an empty dict."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     by_param: dict[int, torch.Tensor] = {}
@@ -108,9 +114,10 @@ def gather_master_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             full = safe_get_full_fp32_param(p)
             if full is None:
                 raise ValueError(f"{name} has no ZeRO fp32 master partition")
-            by_param[id(p)] = full.detach().reshape(_shape(p)).to("cpu", copy=True)
+            by_param[id(p)] = full.detach().reshape(_shape(p)).to("cpu", copy=True) if keep else torch.empty(0)
+            del full
         out[name] = by_param[id(p)]
-    return out
+    return out if keep else {}
 
 
 def _set_full(engine_optimizer: Any, p: torch.nn.Parameter, value: torch.Tensor, key: str | None) -> None:
