@@ -435,6 +435,30 @@ def test_remote_files_download_each_file_once_verified_and_evict(tmp_path: Path,
     whole = g.all()
     assert storage.verify_dir(whole)["files"].keys() == {"tok/a.json", "tok/b.json", "packed/s0.bin"}
     assert got == ["tok/a.json", "packed/s0.bin"]
+    # a whole copy is pinned: a streaming rank's eviction cannot leave its manifest over a missing file
+    assert not f.evict("packed/s0.bin") and storage.verify_dir(whole)
+
+
+def test_a_whole_copy_made_while_a_rank_evicts_stays_whole(tmp_path: Path, monkeypatch) -> None:
+    """all() pins its version before fetching: an eviction racing it (here: run between all()'s downloads and
+    its manifest) removes nothing, so the manifest it writes covers files that are there."""
+    uri = _remote(tmp_path, {"a.bin": "a", "b.bin": "bb"})
+    streaming = storage.RemoteFiles(uri, tmp_path / "node")
+    streaming.file("a.bin")
+    whole = storage.RemoteFiles(uri, tmp_path / "node")
+    real_file = storage.RemoteFiles.file
+    evicted: list[bool] = []
+
+    def file_then_evict(self: storage.RemoteFiles, rel: str) -> Path:
+        path = real_file(self, rel)
+        if self is whole:
+            evicted.append(streaming.evict(rel))  # the other rank, right after this file arrived
+        return path
+
+    monkeypatch.setattr(storage.RemoteFiles, "file", file_then_evict)
+    d = whole.all()
+    assert evicted == [False, False]
+    assert storage.verify_dir(d)["files"].keys() == {"a.bin", "b.bin"}
 
 
 def test_remote_files_refuse_a_file_that_does_not_match_the_manifest(tmp_path: Path) -> None:

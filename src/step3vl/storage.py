@@ -867,7 +867,8 @@ class RemoteFiles:
     The cache is ``<root>/<hash of the URI>/<hash of its manifest>``, so data published anew under the same URI
     gets a cache of its own. A file is downloaded under a lock of its own, checked (size and sha256) and renamed
     into place: a file present in the cache is a verified one. :meth:`evict` removes one under the same lock, so
-    never while another process holds it (:meth:`hold`).
+    never while another process holds it (:meth:`hold`), and never from a version some process asked for whole
+    (:meth:`all` pins it first).
     """
 
     def __init__(self, uri: str, root: str | os.PathLike[str] | None = None) -> None:
@@ -931,9 +932,16 @@ class RemoteFiles:
             list(pool.map(self.file, rels))
         return self.dir / prefix
 
+    @property
+    def _pin(self) -> Path:
+        return self._locks / "whole.pin"
+
     def all(self) -> Path:
         """The whole directory, as :func:`fetch_dir` gives it (its manifest included): files already in the cache
-        are kept, the others downloaded."""
+        are kept, the others downloaded. The version is pinned first, so a streaming process's :meth:`evict`
+        cannot take a file from under the manifest written at the end."""
+        self._locks.mkdir(parents=True, exist_ok=True)
+        self._pin.touch()
         with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
             list(pool.map(self.file, self.manifest["files"]))
         with file_lock(self._locks / f"{MANIFEST_NAME}.lock"):
@@ -944,13 +952,12 @@ class RemoteFiles:
         return self.dir
 
     def evict(self, rel: str) -> bool:
-        """Remove ``rel`` from the cache (waiting while another process holds it); whether it was there. A whole
-        copy (:meth:`all`) loses its manifest with it."""
+        """Remove ``rel`` from the cache (waiting while another process holds it); whether it was removed. A version
+        pinned by :meth:`all` (a whole copy some process uses, or is making) keeps its files."""
         self._entry(rel)
         with self._lock(rel):
             path = self.dir / rel
-            if not path.is_file():
+            if not path.is_file() or self._pin.exists():
                 return False
-            (self.dir / MANIFEST_NAME).unlink(missing_ok=True)
             path.unlink()
             return True
