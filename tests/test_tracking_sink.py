@@ -153,7 +153,8 @@ def test_stage_run_routes_metrics_through_the_sink_and_ends_finished(tmp_path, m
     assert tracking._SINK is None
     client = mlflow.MlflowClient()
     assert [m.step for m in client.get_metric_history(run.info.run_id, "pretrain/loss")] == [1, 2, 3, 4, 5]
-    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    got = client.get_run(run.info.run_id)
+    assert got.info.status == "FINISHED" and got.data.tags["step3vl.device"] == "cpu"  # where it computed
     assert not list((tmp_path / "home" / "tracking-journal").glob("*.jsonl"))
 
 

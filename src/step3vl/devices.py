@@ -18,6 +18,14 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def describe() -> str:
+    """What this process computes on, for people (an MLflow tag): ``cpu``, or ``cuda: 8 x NVIDIA H200``."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    n = torch.cuda.device_count()
+    return f"cuda: {n} x {torch.cuda.get_device_name(0)}"
+
+
 def module_device(module: torch.nn.Module) -> torch.device:
     """The device of a module's parameters (the CPU for a module without any)."""
     p = next(module.parameters(), None)

@@ -559,7 +559,9 @@ def stage_run(
 
     preflight(tracking_uri(cfg))  # seconds, not MLflow's minutes of retries; sends journals a lost server left
     setup(cfg)
-    tags = {"step3vl.stage": stage}
+    from step3vl.devices import describe
+
+    tags = {"step3vl.stage": stage, "step3vl.device": describe()}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = mlflow.start_run(run_name=stage, tags=tags, nested=mlflow.active_run() is not None)
