@@ -238,7 +238,6 @@ def rl_train(
         t0 = time.perf_counter()
         sp = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_response_tokens,
                             seed=seed * 100_003 + it)
-        engine.sync_weights(model.state_dict())  # an engine of its own (vLLM) samples from the current policy
         completions = engine.generate(prompts, cfg.rollouts, sp)
         t1 = time.perf_counter()
         flat = [c for g in completions for c in g]

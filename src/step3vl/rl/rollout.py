@@ -1,9 +1,8 @@
 """Rollout engines: ``generate(prompts, n, params) -> completions`` with token ids and logprobs.
 
 Backends: ``torch`` (the embedded default: batched sampling with a KV cache, each prompt prefilled
-once and its cache shared by its ``n`` samples) and ``vllm`` (GPU machines, an optional extra:
-``step3vl.rl.vllm_engine``, written against vLLM's API but never run with vLLM). Asking for ``vllm``
-where it is not installed is an error, never a silent switch to torch.
+once and its cache shared by its ``n`` samples) and ``vllm`` (GPU machines; an optional extra).
+Asking for ``vllm`` where it is not installed is an error, never a silent switch to torch.
 
 Logprobs are of the sampled tokens under the model's temperature-1 distribution over the tokens it
 may generate (image placeholders and turn openers are never sampled): the behaviour policy RL
@@ -284,18 +283,21 @@ class TorchEngine:
         return results
 
 
-def make_engine(backend: str, model: Any, tokenizer: Any, processor: Any, *, checkpoint_uri: str | None = None,
-                cfg: Any = None, **kwargs: Any) -> RolloutEngine:
-    """The configured backend. ``torch`` samples from ``model`` itself; ``vllm`` (its own extra/image, else a clear
-    error) serves ``checkpoint_uri`` (the weights ``model`` starts from; ``cfg`` its model config) and is kept in
-    step with ``model`` through ``sync_weights``."""
+def make_engine(backend: str, model: Any, tokenizer: Any, processor: Any, **kwargs: Any) -> RolloutEngine:
+    """The configured backend; ``vllm`` must be installed (its own extra/image), else a clear error."""
     if backend == "torch":
         return TorchEngine(model, tokenizer, processor, **kwargs)
     if backend == "vllm":
-        from step3vl.rl.vllm_engine import VLLMEngine, require_vllm
-
-        require_vllm()
-        if checkpoint_uri is None or cfg is None:
-            raise RolloutError("rollout backend 'vllm' starts from a checkpoint: pass checkpoint_uri and cfg")
-        return VLLMEngine.from_checkpoint(checkpoint_uri, tokenizer, processor, cfg, **kwargs)
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise RolloutError(
+                "rollout backend 'vllm' was asked for but vLLM is not installed in this environment; "
+                "install the step3vl[vllm] extra in its own environment (or use images/serve), or set "
+                "rollout.backend=torch"
+            ) from None
+        raise RolloutError(
+            "rollout backend 'vllm' is not available in this step3vl build yet (the trainer-to-vLLM weight "
+            "sync is unwritten); use rollout.backend=torch for RL, and `step3vl export` + `vllm serve` for serving"
+        )
     raise RolloutError(f"unknown rollout backend '{backend}' (torch, vllm)")

@@ -87,7 +87,7 @@ def run_rl(
     ds_dir = Path(records_dir) if records_dir else data_dir / "raw" / rl.data
     if records is None:
         records = load_records(ds_dir)
-    engine = make_engine(rl.backend, model, lm.tokenizer, lm.processor, checkpoint_uri=init_uri, cfg=lm.cfg)
+    engine = make_engine(rl.backend, model, lm.tokenizer, lm.processor)
     tok_dir = lm.tokenizer_dir
     ckpt_config = checkpoint_config(lm.cfg, lm.tokenizer, stage=stage)
 
