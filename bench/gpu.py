@@ -165,12 +165,8 @@ def rollouts(torch: Any, cfg: Any, work: Path, vllm_python: str | None, *, skip_
                            "dtype": "bfloat16"}
     seed = iter(range(1, 10**6))
 
-    def torch_engine() -> int:
-        torch.set_default_device("cuda")  # the engine builds its batch tensors with the default device
-        try:
-            res = engine.generate(prompts, ROLLOUTS, SamplingParams(max_tokens=MAX_TOKENS, seed=next(seed)))
-        finally:
-            torch.set_default_device("cpu")
+    def torch_engine() -> int:  # the engine puts its batches on the model's device
+        res = engine.generate(prompts, ROLLOUTS, SamplingParams(max_tokens=MAX_TOKENS, seed=next(seed)))
         return sum(len(c.token_ids) for g in res for c in g)
 
     hf = HFGenerate(model, engine)

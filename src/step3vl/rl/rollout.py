@@ -155,6 +155,7 @@ class TorchEngine:
 
         self.banned = torch.tensor(tokenizer.convert_tokens_to_ids(
             [CHAT_START, IMAGE_TOKEN, IMAGE_START, IMAGE_END, IMAGE_PATCH, PATCH_START, PATCH_END, PATCH_NEWLINE]))
+        self._banned = self.banned  # its copy on the model's device
         self.stats: dict[str, float] = {"prompt_tokens": 0, "generated_tokens": 0, "seconds": 0.0}
 
     def sync_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -186,9 +187,9 @@ class TorchEngine:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """The next tokens (greedy or sampled) and their temperature-1 log-probs over the tokens that may be
         generated; ``last`` (the logits) loses its banned tokens in place."""
-        if self.banned.device != last.device:
-            self.banned = self.banned.to(last.device)  # once: an index on the host would copy at every step
-        last[:, self.banned] = float("-inf")
+        if self._banned.device != last.device:
+            self._banned = self.banned.to(last.device)  # once: an index on the host would copy at every step
+        last[:, self._banned] = float("-inf")
         logp = torch.log_softmax(last, dim=-1)
         if params.temperature <= 0:
             nxt = last.argmax(-1)
