@@ -52,6 +52,31 @@ def require_single_process(stage: str) -> None:
                            f"process; launch it once (a TrainJob of one node and one process per node)")
 
 
+def require_fits(stage: str, model: Any, rl: RLConfig, device: Any) -> None:
+    """The RL stages train on one GPU: refuse at once, with the numbers, a policy whose training state cannot fit
+    there beside what is already on it, rather than run out of memory at the first update, after the rollouts.
+    Counts the fp32 gradients and AdamW moments (12 bytes per trainable parameter) and the frozen KL reference (4
+    more) against the GPU's free memory; activations come on top, so passing is necessary, not sufficient."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return
+    from step3vl.errors import Step3VLError
+
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ref = sum(p.numel() for p in model.parameters()) if rl.kl_coef > 0 else 0
+    need = 12 * n + 4 * ref
+    free, total = torch.cuda.mem_get_info(device)
+    if need > free:
+        gib = 1024**3
+        raise Step3VLError(
+            f"{stage}: the policy's training state needs at least {need / gib:.1f} GiB more on {device} ({n:,} "
+            f"trainable parameters x 12 B for fp32 gradients and AdamW moments"
+            + (f", + {ref:,} x 4 B for the frozen KL reference" if ref else "")
+            + f"), which has {free / gib:.1f} GiB free of {total / gib:.1f} GiB; the RL stages run as one process on "
+            "one GPU, so this model needs a GPU with more memory, or kl_coef 0")
+
+
 def run_rl(
     stage: str,
     cfg: PipelineConfig,
@@ -83,6 +108,7 @@ def run_rl(
     seed_everything(cfg.seed)
     lm = load_model(init_uri, device=default_device())
     model = lm.model
+    require_fits(stage, model, rl, default_device())
     model.train()
     ds_dir = Path(records_dir) if records_dir else data_dir / "raw" / rl.data
     if records is None:
