@@ -30,12 +30,14 @@ def tiny_cfg() -> ModelConfig:
     return config.load(ModelConfig, CONF / "model/tiny.yaml")
 
 
-# runs the CLI, then reports the peak resident memory of its own process (RUSAGE_CHILDREN in the test would be
-# the largest of every child the test process ever had, and a forked child counts its parent's pages)
-_PEAK = ("import resource, runpy, sys\n"
+# runs the CLI, then reports the peak resident memory of its own address space (VmHWM, kB). getrusage's ru_maxrss
+# will not do: Linux carries it across exec, so a child started from the test process starts at the test's size
+_PEAK = ("import runpy, sys\n"
          "sys.argv = ['step3vl'] + sys.argv[1:]\n"
          "try:\n    runpy.run_module('step3vl.cli', run_name='__main__')\n"
-         "finally:\n    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+         "finally:\n"
+         "    print(next(ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM:')),"
+         " file=sys.stderr)\n")
 
 
 def test_10b_info_cli_matches_recipe():
