@@ -138,24 +138,27 @@ def test_training_loop_trains_on_the_process_device(micro_cfg, micro_data, start
 def test_rl_stage_refuses_a_policy_whose_training_state_cannot_fit_its_gpu(micro_cfg, start, monkeypatch):
     """On a GPU the RL stage checks, before any rollout, that the fp32 gradients and AdamW moments (12 B per
     trainable parameter) and the KL reference (4 B per parameter) fit the GPU's free memory; on the CPU it does not
-    ask. (The GPU is faked: only its free memory is read.)"""
+    ask. (The GPU is faked: the model's device and the GPU's free memory are all that is read.)"""
+    from step3vl import devices
     from step3vl.errors import Step3VLError
     from step3vl.model.loading import load_model
     from step3vl.stages.rl import require_fits
 
     model = load_model(start).model
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    gpu = torch.device("cuda", 0)
+    on = {"device": torch.device("cuda", 0)}
     free = {"bytes": 0}
+    monkeypatch.setattr(devices, "module_device", lambda m: on["device"])
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 141 * 1024**3))
     with_kl = dataclasses.replace(micro_cfg.rlvr, kl_coef=0.05)
     free["bytes"] = 16 * n - 1
     with pytest.raises(Step3VLError, match=r"rlvr: the policy's training state needs at least .* GiB more on cuda:0 "
                                            rf"\({n:,} trainable parameters x 12 B .* frozen KL reference\)"):
-        require_fits("rlvr", model, with_kl, gpu)
+        require_fits("rlvr", model, with_kl)
     free["bytes"] = 16 * n
-    require_fits("rlvr", model, with_kl, gpu)  # exactly enough
+    require_fits("rlvr", model, with_kl)  # exactly enough
     free["bytes"] = 12 * n
-    require_fits("rlvr", model, dataclasses.replace(with_kl, kl_coef=0.0), gpu)  # no reference to hold
+    require_fits("rlvr", model, dataclasses.replace(with_kl, kl_coef=0.0))  # no reference to hold
     free["bytes"] = 0
-    require_fits("rlvr", model, with_kl, torch.device("cpu"))  # the CPU is not judged
+    on["device"] = torch.device("cpu")
+    require_fits("rlvr", model, with_kl)  # the CPU is not judged

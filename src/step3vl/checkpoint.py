@@ -123,7 +123,7 @@ class _Encoder:
 
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
-        self._storages: set[tuple[str, int]] = set()
+        self._storages: set[int] = set()
 
     def _key(self, path: str) -> str:
         key = path or "root"
@@ -186,7 +186,7 @@ def _join(path: str, key: Any) -> str:
     return f"{path}/{key}" if path else str(key)
 
 
-def _private_cpu(t: torch.Tensor, seen: set[tuple[str, int]]) -> torch.Tensor:
+def _private_cpu(t: torch.Tensor, seen: set[int]) -> torch.Tensor:
     """``t`` detached on CPU, contiguous and not sharing storage with anything already in ``seen``.
 
     safetensors refuses tensors that share memory (tied weights, views); those get their own copy,
@@ -195,7 +195,7 @@ def _private_cpu(t: torch.Tensor, seen: set[tuple[str, int]]) -> torch.Tensor:
     t = t.detach()
     if t.device.type != "cpu":
         return t.to("cpu", copy=True).contiguous()  # a copy of its own, whatever it shares on its device
-    storage = (t.device.type, t.untyped_storage().data_ptr())
+    storage = t.untyped_storage().data_ptr()
     whole = t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes
     if storage in seen or not whole:
         t = t.to("cpu", copy=True).contiguous()
@@ -248,7 +248,7 @@ def decode_state(document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> 
 def _model_tensors(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU, contiguous, storage-private tensors: tied weights (shared storage) get their own copy."""
     out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[str, int]] = set()
+    seen: set[int] = set()
     for name, t in model_state.items():
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"model_state[{name!r}] is a {type(t).__name__}, not a tensor")

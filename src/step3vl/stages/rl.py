@@ -52,14 +52,18 @@ def require_single_process(stage: str) -> None:
                            f"process; launch it once (a TrainJob of one node and one process per node)")
 
 
-def require_fits(stage: str, model: Any, rl: RLConfig, device: Any) -> None:
-    """The RL stages train on one GPU: refuse at once, with the numbers, a policy whose training state cannot fit
-    there beside what is already on it, rather than run out of memory at the first update, after the rollouts.
-    Counts the fp32 gradients and AdamW moments (12 bytes per trainable parameter) and the frozen KL reference (4
-    more) against the GPU's free memory; activations come on top, so passing is necessary, not sufficient."""
+def require_fits(stage: str, model: Any, rl: RLConfig) -> None:
+    """The RL stages train on one GPU, the model's: refuse at once, with the numbers, a policy whose training state
+    cannot fit there beside what is already on it, rather than run out of memory at the first update, after the
+    rollouts. Counts the fp32 gradients and AdamW moments (12 bytes per trainable parameter) and the frozen KL
+    reference (4 more) against the GPU's free memory; activations come on top, so passing is necessary, not
+    sufficient."""
     import torch
 
-    if getattr(device, "type", str(device)) != "cuda":
+    from step3vl.devices import module_device
+
+    device = module_device(model)
+    if device.type != "cuda":
         return
     from step3vl.errors import Step3VLError
 
@@ -108,7 +112,7 @@ def run_rl(
     seed_everything(cfg.seed)
     lm = load_model(init_uri, device=default_device())
     model = lm.model
-    require_fits(stage, model, rl, default_device())
+    require_fits(stage, model, rl)
     model.train()
     ds_dir = Path(records_dir) if records_dir else data_dir / "raw" / rl.data
     if records is None:

@@ -105,7 +105,7 @@ def gather_master_weights(model: torch.nn.Module, keep: bool = True) -> dict[str
     rank with ``keep`` False takes part and gets an empty dict."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    by_param: dict[int, torch.Tensor] = {}
+    by_param: dict[int, torch.Tensor | None] = {}  # one gather per parameter, however many names it has
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if not p.requires_grad:
@@ -114,10 +114,11 @@ def gather_master_weights(model: torch.nn.Module, keep: bool = True) -> dict[str
             full = safe_get_full_fp32_param(p)
             if full is None:
                 raise ValueError(f"{name} has no ZeRO fp32 master partition")
-            by_param[id(p)] = full.detach().reshape(_shape(p)).to("cpu", copy=True) if keep else torch.empty(0)
+            by_param[id(p)] = full.detach().reshape(_shape(p)).to("cpu", copy=True) if keep else None
             del full
-        out[name] = by_param[id(p)]
-    return out if keep else {}
+        if keep:
+            out[name] = by_param[id(p)]
+    return out
 
 
 def _set_full(engine_optimizer: Any, p: torch.nn.Parameter, value: torch.Tensor, key: str | None) -> None:
