@@ -23,19 +23,9 @@ def _prompts():
             Prompt([{"role": "user", "content": "<image>\nWhat colour is the shape?"}], [img])]
 
 
-@pytest.fixture(scope="module")
-def start(micro_cfg, micro_data, tmp_path_factory):
-    """A random micro policy saved like a stage output."""
-    from step3vl.checkpoint import save_checkpoint
-    from step3vl.model.loading import checkpoint_config, new_model
-    from step3vl.model.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(micro_data.tokenizer_dir)
-    uri = str(tmp_path_factory.mktemp("start") / "model")
-    save_checkpoint(uri, model_state=new_model(micro_cfg.model, tok, 0).state_dict(),
-                    config=checkpoint_config(micro_cfg.model, tok, stage="sft"),
-                    tokenizer_dir=str(micro_data.tokenizer_dir))
-    return uri
+@pytest.fixture
+def start(init_model) -> str:
+    return str(init_model)
 
 
 def test_a_cpu_tensor_beside_the_second_devices_fails(monkeypatch):

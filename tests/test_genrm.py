@@ -209,16 +209,10 @@ def test_heldout_pairs_never_share_a_prompt_with_training(micro_cfg, micro_data)
 
 
 @pytest.mark.slow
-def test_rlhf_stage_end_to_end_and_resume(micro_cfg, micro_data, tmp_path):
-    from step3vl.checkpoint import save_checkpoint
-    from step3vl.model.loading import checkpoint_config, new_model
-    from step3vl.model.tokenizer import load_tokenizer
+def test_rlhf_stage_end_to_end_and_resume(micro_cfg, micro_data, init_model, tmp_path):
     from step3vl.stages import rlhf
 
-    tok = load_tokenizer(micro_data.tokenizer_dir)
-    init = str(tmp_path / "init")
-    save_checkpoint(init, model_state=new_model(micro_cfg.model, tok, 0).state_dict(),
-                    config=checkpoint_config(micro_cfg.model, tok, stage="sft"), tokenizer_dir=micro_data.tokenizer_dir)
+    init = str(init_model)
     s = GenRMSettings(steps=3, batch_size=4, warmup_steps=1, heldout_pairs=6, winrate_per_family=2)
     out = rlhf.run(micro_cfg, micro_data.out_dir, init, str(tmp_path / "rlhf"), progress=False, settings=s)
     m = out.metrics

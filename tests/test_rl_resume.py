@@ -6,21 +6,6 @@ import pytest
 from sigkill import at_once, killed_and_rerun, published, stage_cmd, uninterrupted
 
 
-@pytest.fixture(scope="module")
-def init_model(micro_cfg, micro_data, tmp_path_factory):
-    """A (random) starting policy saved like a stage output."""
-    from step3vl.checkpoint import save_checkpoint
-    from step3vl.model.loading import checkpoint_config, new_model
-    from step3vl.model.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(micro_data.tokenizer_dir)
-    model = new_model(micro_cfg.model, tok, 0)
-    uri = tmp_path_factory.mktemp("init") / "model"
-    save_checkpoint(str(uri), model_state=model.state_dict(), config=checkpoint_config(micro_cfg.model, tok, stage="sft"),
-                    tokenizer_dir=str(micro_data.tokenizer_dir))
-    return uri
-
-
 @pytest.mark.slow
 def test_rlvr_sigkill_and_resume_is_bit_identical(micro_data, init_model, tmp_path):
     # the tiny config's RLVR path: dynamic sampling (2x prompts rolled out) and a KL term to a frozen reference

@@ -23,20 +23,6 @@ RLHF_SET = ("--set", "rlhf.genrm_steps=2", "--set", "rlhf.genrm_heldout_pairs=4"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def init_model(micro_cfg, micro_data, tmp_path_factory) -> Path:
-    """A random starting policy saved like a stage output."""
-    from step3vl.checkpoint import save_checkpoint
-    from step3vl.model.loading import checkpoint_config, new_model
-    from step3vl.model.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(micro_data.tokenizer_dir)
-    uri = tmp_path_factory.mktemp("init") / "model"
-    save_checkpoint(str(uri), model_state=new_model(micro_cfg.model, tok, 0).state_dict(),
-                    config=checkpoint_config(micro_cfg.model, tok, stage="sft"), tokenizer_dir=micro_data.tokenizer_dir)
-    return uri
-
-
 def test_sft_sigkill_and_resume_is_bit_identical(micro_data, init_model, tmp_path, reliability):
     data = micro_data.out_dir
     kill_at = random.Random(SEED).randint(1, 3)  # of the 4 checkpoints (every 2 of 8 steps)
