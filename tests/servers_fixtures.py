@@ -9,6 +9,7 @@ Missing Ceph binaries fail the tests rather than skip them: ``make test`` instal
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from servers.radosgw import INSTALL_HINT, RadosGW, S3Server, missing_binaries
@@ -31,9 +32,12 @@ def radosgw_server() -> Iterator[RadosGW]:
 
 
 @pytest.fixture
-def s3_env(radosgw_server: RadosGW, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    """``AWS_*`` set for the running radosgw (restarted if a previous test stopped it), bucket created."""
-    from step3vl.storage import open_store
+def s3_env(radosgw_server: RadosGW, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> S3Server:
+    """``AWS_*`` set for the running radosgw (restarted if a previous test stopped it), bucket created; the node's
+    cache of what is fetched from S3 (``s3://`` checkpoints, streamed data) in the test's own folder."""
+    from step3vl.storage import NODE_CACHE_ENV, open_store
+
+    monkeypatch.setenv(NODE_CACHE_ENV, str(tmp_path / "node-cache"))
 
     server = radosgw_server.start()
     for key, value in server.env().items():

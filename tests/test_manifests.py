@@ -98,6 +98,30 @@ def test_runtime_is_the_one_the_pipeline_names():
     assert node["template"]["spec"]["template"]["spec"]["containers"][0]["image"] == TRAINER_IMAGE
 
 
+def _gib(quantity: str) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]i?)?", quantity)
+    assert m, f"unparsed quantity {quantity!r}"
+    return float(m.group(1)) * units.get(m.group(2) or "", 1) / 2**30
+
+
+def test_trainjob_node_temp_space_holds_a_10b_resume():
+    """A TrainJob node's /tmp holds the node's cache (the stage's starting model, the checkpoint it resumed from)
+    and rank 0's staging of the checkpoint it saves; at 64Gi a 10B stage was evicted at its first checkpoint."""
+    from step3vl import config
+    from step3vl.config import ModelConfig
+    from step3vl.model.info import model_info
+
+    need = model_info(config.load(ModelConfig, ROOT / "conf/model/step3vl-10b.yaml")).storage["trainjob_node_tmp_gib"]
+    objs = mc.kustomize_build(ROOT / "manifests" / "overlays" / "gpu-cluster")
+    (rt,) = [o for o in objs if o["kind"] == "ClusterTrainingRuntime"]
+    pod = rt["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/tmp"]
+    (vol,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    have = _gib(vol["emptyDir"]["sizeLimit"])
+    assert have >= 1.1 * need, f"/tmp holds {have:.0f} GiB; a 10B node needs {need:.0f} GiB + streamed shards"
+
+
 # --------------------------------------------------------------------------- the four planted violations
 
 

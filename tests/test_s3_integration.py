@@ -5,6 +5,7 @@ Fails, never skips, when Ceph is not installed: ``make test`` runs scripts/insta
 
 from __future__ import annotations
 
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -16,12 +17,19 @@ from servers.radosgw import RadosGW, S3Server
 from servers_fixtures import S3_TEST_BUCKET
 
 from step3vl import storage
-from step3vl.checkpoint import checkpoint_uri, latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from step3vl.checkpoint import (
+    checkpoint_uri,
+    latest_valid_checkpoint,
+    load_checkpoint,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
 from step3vl.storage import (
     MANIFEST_NAME,
     IntegrityError,
     KeyNotFoundError,
     NotPublishedError,
+    RemoteFiles,
     S3Store,
     StorageError,
     fetch_dir,
@@ -206,6 +214,77 @@ def test_corrupt_object_is_refused_and_skipped(prefix: str, tmp_path: Path) -> N
         load_checkpoint(uri, tmp_path / "dl")
 
 
+def count_streams(monkeypatch: pytest.MonkeyPatch, under: str) -> list[str]:
+    """The keys S3Store streams without downloading them (a deep verification in place) under ``under``."""
+    got: list[str] = []
+    real = S3Store.iter_bytes
+
+    def iter_bytes(self: S3Store, key: str, *args: Any, **kwargs: Any) -> Any:
+        if self.uri.startswith(under):
+            got.append(key)
+        return real(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(S3Store, "iter_bytes", iter_bytes)
+    return got
+
+
+def test_resuming_ranks_share_one_verified_copy_of_the_newest_checkpoint(prefix: str, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each resuming rank used to stream the newest checkpoint once to verify it, then download it again into a
+    temporary folder of its own that was never removed. Now the node's ranks share one copy in the node's cache,
+    each file downloaded once and verified as it arrives."""
+    ckpts = f"{prefix}/ckpts"
+    run = small_run()
+    save_checkpoint(checkpoint_uri(ckpts, 1), **run)
+    newest = checkpoint_uri(ckpts, 2)
+    save_checkpoint(newest, **run)
+    node, tmp = tmp_path / "node", tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv(storage.NODE_CACHE_ENV, str(node))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    got, streamed = count_downloads(monkeypatch, ckpts), count_streams(monkeypatch, ckpts)
+    first = load_latest_checkpoint(ckpts)  # one rank of the node
+    second = load_latest_checkpoint(ckpts)  # another
+    assert first is not None and second is not None
+    assert first.uri == second.uri == newest and first.path == second.path == RemoteFiles(newest).dir
+    assert first.path.is_relative_to(node)
+    assert sorted(got) == sorted(read_manifest(newest)["files"]) and streamed == []
+    assert list(tmp.iterdir()) == []
+    torch.testing.assert_close(second.model_state, run["model_state"])
+    assert second.train_state["step"] == 2
+    torch.testing.assert_close(second.train_state["optimizer"]["state"], run["train_state"]["optimizer"]["state"])
+
+
+def test_a_resume_skips_a_corrupt_newest_checkpoint_but_not_an_unreachable_store(
+        prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    ckpts = f"{prefix}/ckpts"
+    run = small_run()
+    save_checkpoint(checkpoint_uri(ckpts, 1), **run)
+    newest = checkpoint_uri(ckpts, 2)
+    save_checkpoint(newest, **run)
+    store = open_store(newest)
+    data = bytearray(store.read_bytes("model.safetensors"))
+    data[-1] ^= 0xFF
+    store.write_bytes("model.safetensors", bytes(data))
+    with caplog.at_level("WARNING", logger="step3vl.checkpoint"):
+        ck = load_latest_checkpoint(ckpts)
+    assert ck is not None and ck.uri == checkpoint_uri(ckpts, 1)
+    assert f"skipping checkpoint {newest}" in caplog.text and "model.safetensors does not match" in caplog.text
+    assert not (RemoteFiles(newest).dir / "model.safetensors").exists()  # nothing unverified stays in the cache
+    # a store that does not answer is not a corrupt checkpoint: the run must not fall back, or start over
+    real = S3Store.download_file
+
+    def unreachable(self: S3Store, key: str, local_path: Any) -> None:
+        if key == "train_state.safetensors":
+            raise StorageError(f"S3 endpoint {self.uri} unreachable")
+        real(self, key, local_path)
+
+    monkeypatch.setattr(S3Store, "download_file", unreachable)
+    save_checkpoint(checkpoint_uri(ckpts, 3), **run)
+    with pytest.raises(StorageError, match="unreachable"):
+        load_latest_checkpoint(ckpts)
+
+
 def test_publish_dir_and_fetch_reuses_verified_copy(prefix: str, tmp_path: Path) -> None:
     src = tmp_path / "dataset"
     (src / "shards").mkdir(parents=True)
@@ -292,7 +371,8 @@ def test_trainjob_chain_on_s3_from_data_to_pacore(prefix: str, micro_cfg: Any, m
 @pytest.mark.slow
 def test_trainjob_command_as_two_ranks_on_s3(prefix: str, micro_data: Any, tmp_path: Path) -> None:
     """What a pre-training TrainJob runs, for real: ``torchrun --no-python step3vl stage exec pretrain`` on two
-    ranks (DeepSpeed ZeRO-2 on gloo), the call in ``$STEP3VL_CALL``, data and outputs on S3 only."""
+    ranks (DeepSpeed ZeRO-2 on gloo), the call in ``$STEP3VL_CALL``, data and outputs on S3 only. The first
+    attempt stops after its step-2 checkpoint; the retry resumes from it, both ranks from the node's one copy."""
     import json
     import os
     import shutil
@@ -314,28 +394,47 @@ def test_trainjob_command_as_two_ranks_on_s3(prefix: str, micro_data: Any, tmp_p
             "arguments": {"stage": "pretrain", "data_dir": f"{prefix}/data", "out_uri": f"{prefix}/pretrain",
                           "ckpt_uri": f"{prefix}/checkpoints", "progress": False},
             "result_uri": f"{prefix}/trainjob-result.json"}
-    node = tmp_path / "node"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", trainjob.CALL_ENV: json.dumps(call), storage.NODE_CACHE_ENV: str(node)}
-    for var in ("RANK", "WORLD_SIZE", trainjob.RUN_ENV):
-        env.pop(var, None)
+    node, tmp = tmp_path / "node", tmp_path / "tmp"
+    tmp.mkdir()
     exe = shutil.which("step3vl", path=str(Path(sys.executable).parent))
     assert exe, "the step3vl console script is not installed in this venv"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                        "--no-python", exe, "stage", "exec", "pretrain"], capture_output=True, text=True, env=env,
-                       timeout=900)
-    assert p.returncode == 0, p.stderr[-5000:]
+
+    def attempt(arguments: dict[str, Any], port: int) -> str:
+        spec = {**call, "arguments": {**call["arguments"], **arguments}}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", trainjob.CALL_ENV: json.dumps(spec),
+               storage.NODE_CACHE_ENV: str(node), "TMPDIR": str(tmp)}
+        for var in ("RANK", "WORLD_SIZE", trainjob.RUN_ENV):
+            env.pop(var, None)
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                            "--master_port", str(port), "--no-python", exe, "stage", "exec", "pretrain"],
+                           capture_output=True, text=True, env=env, timeout=900)
+        assert p.returncode == 0, p.stderr[-5000:]
+        return p.stderr
+
+    attempt({"stop_after_step": 2}, 29533)
+    logs = attempt({}, 29534)  # a port of its own: the first attempt's may not be free again yet
     summary = json.loads(open_store(prefix).read_bytes("trainjob-result.json"))
     assert summary["model_uri"] == f"{prefix}/pretrain/model" and summary["step"] == 4
     assert summary["metrics"]["steps"] == 4.0
     published = [k for k in open_store(f"{prefix}/checkpoints").list() if k.endswith(MANIFEST_NAME)]
     assert published == [f"step-00000{s}/{MANIFEST_NAME}" for s in (2, 4)]  # by rank 0 only
+    assert logs.count(f"resuming from {prefix}/checkpoints/step-000002 at step 2") == 2, logs[-3000:]
     assert load_model(summary["model_uri"]).tokenizer_dir is not None
     # the data sits once in the node's shared place, and only what pre-training reads: the tokenizer and its set
-    (cache,) = [d for d in node.iterdir() if d.is_dir()]
-    (copy,) = [d for d in cache.iterdir() if d.is_dir() and not d.name.endswith(".locks")]
-    held = sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file())
-    assert held == sorted([*(f"tokenizer/{p.name}" for p in (data / "tokenizer").iterdir()),
-                           "packed/pretrain_broad/index.json", "packed/pretrain_broad/pack-00000.safetensors"]), held
+    copies = {RemoteFiles(u, node).dir for u in (f"{prefix}/data", f"{prefix}/checkpoints/step-000002")}
+    assert {d for d in node.glob("*/*") if d.is_dir() and not d.name.endswith(".locks")} == copies
+
+    def held(d: Path) -> list[str]:
+        return sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
+
+    data_copy = RemoteFiles(f"{prefix}/data", node).dir
+    assert held(data_copy) == sorted([*(f"tokenizer/{p.name}" for p in (data / "tokenizer").iterdir()),
+                                      "packed/pretrain_broad/index.json",
+                                      "packed/pretrain_broad/pack-00000.safetensors"]), held(data_copy)
+    # the checkpoint both ranks resumed from: one whole copy for the node, and none in a rank's temp dir
+    resumed = f"{prefix}/checkpoints/step-000002"
+    assert held(RemoteFiles(resumed, node).dir) == sorted([*read_manifest(resumed)["files"], MANIFEST_NAME])
+    assert not list(tmp.glob("step3vl-fetch-*")), list(tmp.iterdir())
 
 
 def test_node_copy_downloads_once_per_node_and_again_when_the_data_changes(prefix: str, tmp_path: Path,

@@ -1,6 +1,7 @@
 """The one training loop: schedule, data order, packing isolation, every parameter trains, exact resume."""
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,6 +148,23 @@ def test_sigkill_and_resume_is_bit_identical(micro_data, tmp_path):
     want = got.pop("reference")
     for name, d in got.items():
         assert d == want, f"{name}: killed after {kill_at[name]} checkpoints"
+
+
+def test_checkpoint_and_model_files_are_the_sizes_model_info_plans_with(micro_cfg, micro_data, tmp_path):
+    """``model info``'s storage rows size a cluster's temp space (the TrainJob's /tmp): a stage's model file is
+    4 bytes a parameter, a checkpoint 12 (AdamW's two moments), as written here."""
+    from step3vl.checkpoint import latest_valid_checkpoint
+    from step3vl.model.info import model_info
+    from step3vl.stages.train import run_training
+
+    out = run_training("pretrain", micro_cfg, micro_data.out_dir, str(tmp_path / "pretrain"), progress=False)
+    plan = {k: v * 2**30 for k, v in model_info(micro_cfg.model).storage.items()}
+    model_file = (tmp_path / "pretrain" / "model" / "model.safetensors").stat().st_size
+    ckpt = Path(latest_valid_checkpoint(str(tmp_path / "pretrain" / "checkpoints")))
+    ckpt_size = sum((ckpt / f).stat().st_size for f in ("model.safetensors", "train_state.safetensors"))
+    assert out.model_uri.endswith("/model")
+    assert model_file == pytest.approx(plan["model_file_gib"], rel=0.01)
+    assert ckpt_size == pytest.approx(plan["checkpoint_gib"], rel=0.01)
 
 
 def test_stage_logs_to_mlflow_and_registers_its_model(micro_cfg, micro_data, tmp_path, monkeypatch):

@@ -13,7 +13,12 @@ The training state is any nesting of dicts (keys of any JSON scalar type, e.g. t
 ids of an optimizer ``state_dict``), lists, tuples, tensors, numpy arrays/scalars, bytes and JSON
 values; it is rebuilt exactly, so optimizer, scheduler, RNG states, step and data position
 round-trip bit for bit. Checkpoints of a run live under ``<root>/step-000123/``;
-:func:`latest_valid_checkpoint` picks the newest one that verifies.
+:func:`load_latest_checkpoint` loads the newest one that verifies (what a resuming run does), and
+:func:`latest_valid_checkpoint` names it.
+
+An ``s3://`` checkpoint is loaded from the node's cache (:class:`step3vl.storage.RemoteFiles`): the ranks of
+a node, and later loads of the same checkpoint, share one copy, each file downloaded once and verified as it
+arrives.
 """
 
 from __future__ import annotations
@@ -36,7 +41,11 @@ import torch
 from step3vl.storage import (
     MANIFEST_NAME,
     TMP_MARK,
+    IntegrityError,
+    KeyNotFoundError,
     LocalStore,
+    NotPublishedError,
+    RemoteFiles,
     StorageError,
     fetch_dir,
     is_s3_uri,
@@ -65,6 +74,11 @@ class CheckpointError(StorageError):
     """A checkpoint is malformed, unsafe (pickle files) or its state cannot be encoded."""
 
 
+# What makes one checkpoint unusable, so that a resume falls back to the one before it. Anything else (an
+# unreachable store above all) is raised: a run must not start over because its store did not answer.
+UNUSABLE = (IntegrityError, NotPublishedError, KeyNotFoundError, CheckpointError)
+
+
 @dataclass
 class Checkpoint:
     """A loaded, verified checkpoint."""
@@ -75,6 +89,7 @@ class Checkpoint:
     model_state: dict[str, torch.Tensor]
     train_state: Any | None
     tokenizer_dir: Path | None
+    uri: str = ""  # where it was loaded from (``path`` is its local copy)
 
 
 def step_dir_name(step: int) -> str:
@@ -356,10 +371,11 @@ def _build_and_publish(build: Path, store: Any, dest_uri: str, *, model_state: d
 
 
 def load_checkpoint(uri: str | os.PathLike[str], local_dir: str | os.PathLike[str] | None = None) -> Checkpoint:
-    """Verify and load a checkpoint (downloading an ``s3://`` one to ``local_dir`` or a temp dir).
+    """Verify and load a checkpoint: a local one in place, an ``s3://`` one downloaded to ``local_dir`` or else
+    into the node's cache (:class:`step3vl.storage.RemoteFiles`, shared by the node's processes and reused).
 
     Refuses, with an error naming the file, a checkpoint that is unpublished, corrupt, partial, or
-    holds pickle-format files. Tensors are loaded on CPU.
+    holds pickle-format files. Tensors are loaded on CPU (mapped from the files, not copied).
     """
     from safetensors.torch import load_file
 
@@ -370,7 +386,12 @@ def load_checkpoint(uri: str | os.PathLike[str], local_dir: str | os.PathLike[st
         root = Path(uri.removeprefix("file://"))
         if root.is_dir():
             _refuse_pickles([p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()], uri)
-    path = fetch_dir(uri, local_dir)
+    if is_s3_uri(uri) and local_dir is None:
+        # one copy per node: every rank of a resuming run loads the same checkpoint, and a private copy each
+        # (never removed) would multiply a 10B run's ~120 GB by the ranks of the node
+        path = RemoteFiles(uri).all()
+    else:
+        path = fetch_dir(uri, local_dir)
     manifest = read_manifest(path)
     _refuse_pickles(list(manifest["files"]), uri)
     for required in (MODEL_FILE, CONFIG_FILE):
@@ -405,6 +426,7 @@ def load_checkpoint(uri: str | os.PathLike[str], local_dir: str | os.PathLike[st
         model_state=model_state,
         train_state=train_state,
         tokenizer_dir=tokenizer if tokenizer.is_dir() else None,
+        uri=uri,
     )
 
 
@@ -415,25 +437,44 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
-def latest_valid_checkpoint(root_uri: str | os.PathLike[str], *, deep: bool = True) -> str | None:
-    """URI of the highest ``step-NNNNNN`` checkpoint under ``root_uri`` that verifies, or None.
-
-    A newer checkpoint that fails verification (corrupt, partial, unpublished, pickle files) is
-    skipped with a warning. ``deep=False`` checks presence of every file instead of hashing it.
-    """
+def _step_uris(root_uri: str | os.PathLike[str]) -> list[str]:
+    """The URIs of the ``step-NNNNNN`` folders under ``root_uri``, newest first."""
     store = open_store(root_uri)
     steps = []
     for entry in store.list(recursive=False):
         m = STEP_DIR_RE.match(entry)
         if m:
             steps.append((int(m.group(1)), entry.rstrip("/")))
-    for _step, name in sorted(steps, reverse=True):
-        uri = store.uri_of(name)
+    return [store.uri_of(name) for _step, name in sorted(steps, reverse=True)]
+
+
+def latest_valid_checkpoint(root_uri: str | os.PathLike[str], *, deep: bool = True) -> str | None:
+    """URI of the highest ``step-NNNNNN`` checkpoint under ``root_uri`` that verifies, or None.
+
+    A newer checkpoint that fails verification (corrupt, partial, unpublished, pickle files) is
+    skipped with a warning. ``deep=False`` checks presence of every file instead of hashing it (on S3,
+    hashing streams every object: a run that goes on to load it uses :func:`load_latest_checkpoint`).
+    """
+    for uri in _step_uris(root_uri):
         try:
             manifest = verify_published(uri, deep=deep)
             _refuse_pickles(list(manifest["files"]), uri)
-        except StorageError as e:
+        except UNUSABLE as e:
             log.warning("skipping checkpoint %s: %s", uri, e)
             continue
         return uri
+    return None
+
+
+def load_latest_checkpoint(root_uri: str | os.PathLike[str]) -> Checkpoint | None:
+    """The highest ``step-NNNNNN`` checkpoint under ``root_uri`` that loads verified (:func:`load_checkpoint`), or
+    None. A newer one that is corrupt, partial, unpublished or unsafe is skipped with a warning; an unreachable
+    store is an error. Each byte is read once: where :func:`latest_valid_checkpoint` and then
+    :func:`load_checkpoint` read an ``s3://`` checkpoint twice (hashing it in place, then downloading it), this
+    verifies every file as it downloads it."""
+    for uri in _step_uris(root_uri):
+        try:
+            return load_checkpoint(uri)
+        except UNUSABLE as e:
+            log.warning("skipping checkpoint %s: %s", uri, e)
     return None

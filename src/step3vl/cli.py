@@ -71,6 +71,8 @@ def model_info_cmd(
     t.add_row("image_tokens_per_image", str(info.image_tokens_per_image))
     for k, v in info.memory.items():
         t.add_row(f"{k} (ZeRO-3, {info.gpus} GPUs)", f"{v:.2f}")
+    for k, v in info.storage.items():
+        t.add_row(f"{k} (on disk)", f"{v:.2f}")
     console.print(t)
 
 

@@ -10,12 +10,16 @@ Formulas (stated so a reader can check them):
 - activations per GPU with full activation checkpointing = L·b·s·h·2 (checkpointed layer inputs)
   + b·s·h·34 (one layer recomputed, flash attention: no s² term; Korthikanti et al. 2022)
   + b·s·V·4 (fp32 logits for the loss) + 2 layers of gathered bf16 parameters (ZeRO-3 prefetch).
+- a stage's model file = 4·P bytes (fp32 weights; a tied embedding is stored under both its names, +4·V·h);
+  a training checkpoint = the model file + 8·P (AdamW's two fp32 moments; the recipe trains every parameter).
+- a TrainJob node's temp space at its peak = the model file (the stage's starting model) + 2 checkpoints: the one
+  it resumed from (one copy per node, in the node's cache) and the one rank 0 builds before uploading it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +46,7 @@ class ModelInfo:
     memory: dict[str, float]
     formulas: dict[str, str]
     decoder: dict[str, Any]
+    storage: dict[str, float] = field(default_factory=dict)  # GiB on disk: model file, checkpoint, a node's temp
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -115,12 +120,22 @@ def model_info(cfg: ModelConfig, *, gpus: int = 8, seq_len: int = 4096, micro_ba
         "gathered_params_gib_per_gpu": gathered / GIB,
         "total_gib_per_gpu": per_gpu / GIB,
     }
+    model_file = 4 * (total + (embed if t.tie_word_embeddings else 0))
+    checkpoint = model_file + 8 * total
+    storage = {
+        "model_file_gib": model_file / GIB,
+        "checkpoint_gib": checkpoint / GIB,
+        "trainjob_node_tmp_gib": (model_file + 2 * checkpoint) / GIB,
+    }
     formulas = {
         "flops_per_token": "6*N_dec_matmul + 12*L*d_attn*seq",
         "vision_flops_per_image": "sum over views of 6*N_vis*T + 12*L_v*w*T^2 + conv/projector matmuls",
         "model_states": "16 bytes * total_params / gpus  (ZeRO-3, bf16 + fp32 master + Adam m,v)",
         "activations": "L*b*s*h*2 + 34*b*s*h + 4*b*s*V  (full activation checkpointing, flash attention)",
         "gathered_params": "2 layers * 2 bytes * params/layer  (ZeRO-3 prefetch)",
+        "model_file": "4 bytes * total_params (+ 4 * V*h for a tied embedding, stored under both names)",
+        "checkpoint": "model_file + 8 bytes * total_params  (AdamW m, v in fp32)",
+        "trainjob_node_tmp": "model_file + 2 * checkpoint  (starting model + checkpoint resumed from + one being saved)",
     }
     return ModelInfo(
         name=cfg.name,
@@ -137,6 +152,7 @@ def model_info(cfg: ModelConfig, *, gpus: int = 8, seq_len: int = 4096, micro_ba
         micro_batch=micro_batch,
         memory=memory,
         formulas=formulas,
+        storage=storage,
         decoder={
             "layers": t.num_hidden_layers,
             "hidden_size": t.hidden_size,

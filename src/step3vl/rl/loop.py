@@ -169,8 +169,7 @@ def rl_train(
     from step3vl.checkpoint import (
         capture_rng_state,
         checkpoint_uri,
-        latest_valid_checkpoint,
-        load_checkpoint,
+        load_latest_checkpoint,
         restore_rng_state,
         save_checkpoint,
     )
@@ -197,9 +196,9 @@ def rl_train(
     eos_id = int(tokenizer.convert_tokens_to_ids("<|im_end|>"))
     it, history, resumed_from = 0, [], None
 
-    latest = latest_valid_checkpoint(ckpt_root)
-    if latest is not None:
-        ck = load_checkpoint(latest)
+    ck = load_latest_checkpoint(ckpt_root)
+    if ck is not None:
+        latest = ck.uri
         st = ck.train_state or {}
         model.load_state_dict(ck.model_state, strict=False)
         optimizer.load_state_dict(st["optimizer"])

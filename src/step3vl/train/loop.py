@@ -198,8 +198,7 @@ def train(
     from step3vl.checkpoint import (
         capture_rng_state,
         checkpoint_uri,
-        latest_valid_checkpoint,
-        load_checkpoint,
+        load_latest_checkpoint,
         restore_rng_state,
         save_checkpoint,
     )
@@ -218,10 +217,10 @@ def train(
     samplers = [RowSampler(ds, seed * 1000 + i) for i, ds in enumerate(datasets)]
 
     step, history, eval_history, resumed_from = 0, [], [], None
-    latest = latest_valid_checkpoint(ckpt_root)
-    ck, st, fresh_optimizer = None, {}, False
-    if latest is not None:
-        ck = load_checkpoint(latest)
+    # every rank loads it: on S3 from the node's one copy (downloaded once, verified as it arrives)
+    ck, st, fresh_optimizer = load_latest_checkpoint(ckpt_root), {}, False
+    latest = ck.uri if ck is not None else None
+    if ck is not None:
         st = ck.train_state or {}
         if "optimizer" not in st:
             raise ValueError(f"{latest} has no optimizer state: not a training checkpoint")
