@@ -336,7 +336,8 @@ def test_trainjob_chain_on_s3_from_data_to_pacore(prefix: str, micro_cfg: Any, m
     assert (data / MANIFEST_NAME).is_file()  # data prep seals its output last
     upload_like_kfp(data, f"{prefix}/data")
     pc = replace(micro_cfg.pacore, curriculum=micro_cfg.pacore.curriculum[:1], scaling_per_family=2, scaling_ks=(1, 2))
-    config_yaml = dump_yaml(replace(micro_cfg, pacore=pc))
+    cfg = replace(micro_cfg, pacore=pc)
+    config_yaml = dump_yaml(cfg)
     monkeypatch.setenv(storage.NODE_CACHE_ENV, str(tmp_path / "node"))
     fetched = count_downloads(monkeypatch, f"{prefix}/data")
 
@@ -357,8 +358,18 @@ def test_trainjob_chain_on_s3_from_data_to_pacore(prefix: str, micro_cfg: Any, m
         assert load_model(init).tokenizer_dir is not None, stage  # the next stage starts from it
         assert json.loads(open_store(f"{prefix}/results").read_bytes(f"{stage}.json")) == summary
 
-    # one copy of the data for the node, downloaded once and reused by every stage
-    assert sorted(fetched) == sorted(storage.read_manifest(f"{prefix}/data")["files"])
+    # one copy for the node of what the stages read, each file downloaded once: the training loop's shards, and
+    # the sets the RL stages name; not the raw sets only data prep reads (pre-training's, SFT's)
+    from step3vl.stages import pacore, rl, rlhf
+
+    files = storage.read_manifest(f"{prefix}/data")["files"]
+    sets = {*rl.data_sets(cfg, {"stage": "rlvr"}), *rlhf.data_sets(cfg, {}), *pacore.data_sets(cfg, {})}
+    assert len(fetched) == len(set(fetched)), sorted(fetched)
+    assert {f for f in fetched if f.startswith("raw/")} == {f for f in files if f.split("/")[:2] in
+                                                            [["raw", name] for name in sets]}
+    unread = {f.split("/")[1] for f in files if f.startswith("raw/")} - sets
+    assert {"pretrain_broad", "pretrain_hq"} <= unread, unread
+    assert {f.split("/")[0] for f in fetched} == {"tokenizer", "packed", "raw"}
     # PaCoRe's report sits beside its model: the metrics and the accuracy-vs-rollouts curve
     out = open_store(f"{prefix}/pacore")
     metrics = json.loads(out.read_bytes("metrics.json"))

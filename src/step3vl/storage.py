@@ -936,12 +936,16 @@ class RemoteFiles:
     def _pin(self) -> Path:
         return self._locks / "whole.pin"
 
+    def pin(self) -> None:
+        """Keep this version's files from :meth:`evict` (a copy some process reads whole, or in named folders)."""
+        self._locks.mkdir(parents=True, exist_ok=True)
+        self._pin.touch()
+
     def all(self) -> Path:
         """The whole directory, as :func:`fetch_dir` gives it (its manifest included): files already in the cache
         are kept, the others downloaded. The version is pinned first, so a streaming process's :meth:`evict`
         cannot take a file from under the manifest written at the end."""
-        self._locks.mkdir(parents=True, exist_ok=True)
-        self._pin.touch()
+        self.pin()
         with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
             list(pool.map(self.file, self.manifest["files"]))
         with file_lock(self._locks / f"{MANIFEST_NAME}.lock"):

@@ -9,7 +9,8 @@ runtime are there (:func:`preflight`), follows the job's conditions to ``Complet
 ``torchrun --no-python step3vl stage exec <stage>`` (the runtime's command plus our args), which
 calls the same ``step3vl.stages`` function with the same arguments (:func:`exec_call`):
 artifact paths become their ``s3://`` URIs; pre-training and SFT stream the packed shards they read into the
-node's cache, the RL stages read a copy of the data directory made once per node.
+node's cache, the RL stages read a copy of the data sets they name (``data_sets`` in their module) made once per
+node.
 
 Nothing here needs a cluster to test: the Kubernetes APIs are passed in.
 """
@@ -47,7 +48,7 @@ RUN_ENV = "STEP3VL_MLFLOW_RUN_ID"  # the component's stage run: rank 0 logs the 
 NODES_ENV = "STEP3VL_TRAINJOB_NODES"
 GPUS_ENV = "STEP3VL_TRAINJOB_GPUS_PER_NODE"
 # the training loop's stages (pre-training, SFT): data-parallel under torchrun (one rank per GPU), and they stream
-# the packed shards they read from an s3:// data_dir; the RL stages are one process on a copy of the data
+# the packed shards they read from an s3:// data_dir; the RL stages are one process on a copy of their data sets
 TRAINING_LOOP = {"step3vl.stages.train:run_training"}
 LOCAL_PROCS_ENV = "STEP3VL_LOCAL_PROCS"  # pod executor: ranks of a training stage in its pod (default: its GPUs)
 LOCAL_ENV = "STEP3VL_LOCAL_LAUNCH"  # set for ranks launched in the component's own pod (run_local)
@@ -282,14 +283,21 @@ def exec_call(spec: dict[str, Any]) -> dict[str, Any]:
     module, _, qualname = spec["fn"].partition(":")
     if not module.startswith("step3vl.stages."):
         raise TrainJobError(f"refusing to run {spec['fn']}: not a step3vl stage function")
-    fn: Any = importlib.import_module(module)
+    stage_module = importlib.import_module(module)
+    fn: Any = stage_module
     for part in qualname.split("."):
         fn = getattr(fn, part)
     arguments = dict(spec["arguments"])
-    # the RL stages read prompt sets and images from a copy of the whole data directory; the training loop streams
-    if is_s3_uri(str(arguments.get("data_dir", ""))) and spec["fn"] not in TRAINING_LOOP:
-        arguments["data_dir"] = str(node_copy(arguments["data_dir"]))
     cfg = load_config(spec["config_yaml"], source="the TrainJob's call")
+    # the RL stages read prompt sets and images from the node's copy of the sets they name (not of the whole data
+    # directory: at 10B its pre-training data alone is terabytes); the training loop streams its shards
+    if is_s3_uri(str(arguments.get("data_dir", ""))) and spec["fn"] not in TRAINING_LOOP:
+        data_sets = getattr(stage_module, "data_sets", None)
+        if data_sets is None:
+            raise TrainJobError(f"{spec['fn']}: its module names no data_sets(cfg, arguments), the sets of the data "
+                                "directory it reads, so a TrainJob node cannot tell what to copy")
+        folders = [f"raw/{name}" for name in data_sets(cfg, arguments)]
+        arguments["data_dir"] = str(node_copy(arguments["data_dir"], folders))
     run_id, rank0 = os.environ.get(RUN_ENV, ""), int(os.environ.get("RANK", "0")) == 0
     with contextlib.ExitStack() as stack:
         if run_id and rank0:  # the per-step curves reach the component's run, as when the stage runs in its pod
@@ -310,14 +318,22 @@ def exec_call(spec: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def node_copy(uri: str) -> Path:
-    """A verified local copy of the published directory ``uri``, one per node for all its ranks: each file is
-    downloaded once, by whichever rank asks first, into the node's cache (:class:`step3vl.storage.RemoteFiles`,
-    under ``$STEP3VL_TRAINJOB_DATA``, default the pod's temp dir); data published anew gets a new copy."""
+def node_copy(uri: str, folders: list[str] | None = None) -> Path:
+    """A verified local copy of the published directory ``uri``, or of its ``folders`` only (its other files are
+    not there), one per node for all its ranks: each file is downloaded once, by whichever rank asks first, into
+    the node's cache (:class:`step3vl.storage.RemoteFiles`, under ``$STEP3VL_TRAINJOB_DATA``, default the pod's temp
+    dir); data published anew gets a new copy."""
     from step3vl.storage import RemoteFiles
 
-    log.info("this node's copy of %s", uri)
-    return RemoteFiles(uri).all()
+    files = RemoteFiles(uri)
+    if folders is None:
+        log.info("this node's copy of %s", uri)
+        return files.all()
+    log.info("this node's copy of %s: %s", uri, ", ".join(folders))
+    files.pin()
+    for folder in folders:
+        files.files(folder)
+    return files.dir
 
 
 def _write(uri: str, text: str) -> None:

@@ -209,6 +209,15 @@ def warmup_config(pc: PaCoReConfig, steps: int, sft: TrainConfig) -> TrainConfig
     )
 
 
+def data_sets(cfg: PipelineConfig, arguments: dict[str, Any]) -> list[str]:
+    """The sets of the data directory :func:`run` reads (``raw/<name>``): the PaCoRe prompts, the warm-up's plain
+    problems (``solver_data``) and the accuracy-vs-rollouts curve's (``scaling_data``). A TrainJob node copies
+    these, not the whole directory."""
+    pc = cfg.pacore
+    sets = [pc.data, pc.solver_data, pc.scaling_data if pc.scaling_per_family else ""]
+    return list(dict.fromkeys(s for s in sets if s))
+
+
 def run(cfg: PipelineConfig, data_dir: str | Path, init_uri: str, out_uri: str, *, ckpt_uri: str | None = None,
         progress: bool = True, stop_after: tuple[int, str] | None = None) -> PaCoReOutputs:
     """PaCoRe training from ``init_uri``; ``stop_after=(step, "messages"|"sft"|"rl")`` ends early (tests)."""

@@ -81,6 +81,12 @@ def require_fits(stage: str, model: Any, rl: RLConfig) -> None:
             "one GPU, so this model needs a GPU with more memory, or kl_coef 0")
 
 
+def data_sets(cfg: PipelineConfig, arguments: dict[str, Any]) -> list[str]:
+    """The sets of the data directory ``run_rl`` reads (``raw/<name>``), for ``arguments`` (its call): its prompt set.
+    A TrainJob node copies these, not the whole directory (:func:`step3vl.pipeline.trainjob.exec_call`)."""
+    return [getattr(cfg, arguments["stage"]).data]
+
+
 def run_rl(
     stage: str,
     cfg: PipelineConfig,

@@ -183,6 +183,12 @@ def win_rate(genrm: Any, prompts: list[Any], policy: list[str], base: list[str])
             "ties": float(sum(s == 0.5 for s in score)), "n": float(len(p))}
 
 
+def data_sets(cfg: PipelineConfig, arguments: dict[str, Any]) -> list[str]:
+    """The sets of the data directory :func:`run` reads (``raw/<name>``): the preference pairs (GenRM), the RL
+    prompts and ``eval`` (the before/after comparison). A TrainJob node copies these, not the whole directory."""
+    return list(dict.fromkeys([preference_set(cfg), cfg.rlhf.data, "eval"]))
+
+
 def run(
     cfg: PipelineConfig,
     data_dir: str | Path,
