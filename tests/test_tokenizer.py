@@ -64,6 +64,23 @@ def _run(script: str, **env: str) -> str:
 # --------------------------------------------------------------------------- build
 
 
+def test_a_streamed_corpus_trains_the_same_tokenizer_as_a_list():
+    """Data prep streams its corpus (every training text) into the trainer instead of listing it in memory."""
+    from step3vl.model.tokenizer import default_corpus
+
+    lines = list(default_corpus(0))
+    consumed = []
+
+    def stream():
+        for line in lines:
+            consumed.append(line)
+            yield line
+
+    streamed = build_tokenizer(CFG, corpus=stream()).backend_tokenizer.to_str()
+    assert len(consumed) == len(lines)  # read once, through
+    assert streamed == build_tokenizer(CFG, corpus=lines).backend_tokenizer.to_str()
+
+
 def test_two_builds_write_identical_files(tok, tmp_path):
     save_tokenizer(tok, tmp_path / "a")
     save_tokenizer(build_tokenizer(CFG), tmp_path / "b")

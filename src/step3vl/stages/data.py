@@ -187,7 +187,7 @@ def run(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True, log_
 
     # tokenizer trained on the training text only (never on eval sets)
     train_dirs = [raw[n] for n, s in cfg.data.sets.items() if s.split == "train"]
-    tok = build_tokenizer(cfg.model.tokenizer, corpus=list(_corpus(train_dirs)))
+    tok = build_tokenizer(cfg.model.tokenizer, corpus=_corpus(train_dirs))  # streamed, never held whole
     save_tokenizer(tok, out / "tokenizer")
     processor = ImageProcessor(cfg.model.vision)
     count = token_counter(tok, processor)
