@@ -70,6 +70,28 @@ def test_evaluate_models_stage_family_mode_table(micro_cfg, micro_data, checkpoi
     assert again.plot is None  # one model: no progression
 
 
+def test_evaluate_models_holds_one_model_at_a_time(micro_cfg, micro_data, checkpoints, tmp_path, monkeypatch):
+    """Each model is let go before the next one loads: the evaluate pod's GPU holds one at a time (at 10B in fp32,
+    38 GiB rather than 76 while the next one loads)."""
+    import weakref
+
+    from step3vl.model import loading
+    from step3vl.stages.evaluate import evaluate_models
+
+    alive, real = [], loading.load_model
+
+    def load(uri, **kw):
+        assert all(ref() is None for ref in alive), "the previous model is still held"
+        lm = real(uri, **kw)
+        alive.append(weakref.ref(lm.model))
+        return lm
+
+    monkeypatch.setattr(loading, "load_model", load)
+    evaluate_models(micro_cfg, micro_data.out_dir, checkpoints, tmp_path / "ev", modes=("greedy",), per_family=1,
+                    progress=False)
+    assert len(alive) == 2
+
+
 def test_modes_and_their_hooks(micro_cfg):
     from step3vl import config
     from step3vl.eval import modes, suite

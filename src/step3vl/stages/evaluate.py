@@ -95,6 +95,7 @@ def evaluate_models(cfg: PipelineConfig, data_dir: str | Path, models: dict[str,
         metrics.update(mine if single else {f"{label}/{k}": v for k, v in mine.items()})
         (out / label).mkdir(exist_ok=True)
         (out / label / "metrics.json").write_text(json.dumps(mine, indent=1, sort_keys=True))
+        del engine, lm  # let go of this model before the next one loads: one at a time on the GPU
 
     cont = None
     if cfg.eval.contamination_check:
