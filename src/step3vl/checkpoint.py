@@ -45,7 +45,6 @@ from step3vl.storage import (
     KeyNotFoundError,
     LocalStore,
     NotPublishedError,
-    RemoteFiles,
     StorageError,
     fetch_dir,
     is_s3_uri,
@@ -89,7 +88,7 @@ class Checkpoint:
     model_state: dict[str, torch.Tensor]
     train_state: Any | None
     tokenizer_dir: Path | None
-    uri: str = ""  # where it was loaded from (``path`` is its local copy)
+    uri: str  # where it was loaded from (``path`` is its local copy)
 
 
 def step_dir_name(step: int) -> str:
@@ -386,12 +385,9 @@ def load_checkpoint(uri: str | os.PathLike[str], local_dir: str | os.PathLike[st
         root = Path(uri.removeprefix("file://"))
         if root.is_dir():
             _refuse_pickles([p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()], uri)
-    if is_s3_uri(uri) and local_dir is None:
-        # one copy per node: every rank of a resuming run loads the same checkpoint, and a private copy each
-        # (never removed) would multiply a 10B run's ~120 GB by the ranks of the node
-        path = RemoteFiles(uri).all()
-    else:
-        path = fetch_dir(uri, local_dir)
+    # without local_dir, an s3:// checkpoint comes from the node's one copy: every rank of a resuming run loads the
+    # same checkpoint, and a private copy each would multiply a 10B run's ~114 GiB by the ranks of the node
+    path = fetch_dir(uri, local_dir)
     manifest = read_manifest(path)
     _refuse_pickles(list(manifest["files"]), uri)
     for required in (MODEL_FILE, CONFIG_FILE):

@@ -803,8 +803,9 @@ def fetch_dir(
     """A verified local copy of a published directory.
 
     A local ``uri`` is verified and returned as is (or copied to ``local_dir`` if one is given).
-    An S3 ``uri`` is downloaded to ``local_dir`` (a fresh temporary directory if None); a
-    ``local_dir`` already holding the same verified manifest is reused without downloading.
+    An S3 ``uri`` is downloaded to ``local_dir``, where a copy holding the same verified manifest is reused
+    without downloading; without one, into the node's cache (:class:`RemoteFiles`): one copy per node, shared
+    by its processes and by later fetches, each file checked as it arrives.
     """
     store = open_store(uri)
     if isinstance(store, LocalStore):
@@ -813,22 +814,20 @@ def fetch_dir(
             return store.root
         publish_dir(store.root, local_dir, read_manifest(store.root)["meta"], overwrite=overwrite)
         return Path(local_dir).absolute()
+    if local_dir is None:
+        return RemoteFiles(uri).all()
 
     manifest = read_manifest(uri)
-    if local_dir is None:
-        target = Path(tempfile.mkdtemp(prefix="step3vl-fetch-"))
-        staging = target
-    else:
-        target = Path(local_dir).absolute()
-        if (target / MANIFEST_NAME).is_file():
-            with contextlib.suppress(StorageError):
-                if verify_dir(target) == manifest:
-                    return target
-        if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-            raise StorageError(f"cannot fetch {store.uri} into {target}: it exists with other content")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.parent / f".{target.name}{TMP_MARK}{uuid.uuid4().hex}"
-        staging.mkdir()
+    target = Path(local_dir).absolute()
+    if (target / MANIFEST_NAME).is_file():
+        with contextlib.suppress(StorageError):
+            if verify_dir(target) == manifest:
+                return target
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise StorageError(f"cannot fetch {store.uri} into {target}: it exists with other content")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}{TMP_MARK}{uuid.uuid4().hex}"
+    staging.mkdir()
     try:
         # many small objects (a dataset's shards and images): latency-bound, so a few requests at once
         with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
@@ -838,10 +837,9 @@ def fetch_dir(
             verify_dir(staging)
         except IntegrityError as e:
             raise IntegrityError(f"{store.uri} (downloaded to {staging}): {e}", e.files) from None
-        if staging is not target:
-            if target.exists():
-                shutil.rmtree(target)
-            os.rename(staging, target)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

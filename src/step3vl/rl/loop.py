@@ -198,7 +198,6 @@ def rl_train(
 
     ck = load_latest_checkpoint(ckpt_root)
     if ck is not None:
-        latest = ck.uri
         st = ck.train_state or {}
         model.load_state_dict(ck.model_state, strict=False)
         optimizer.load_state_dict(st["optimizer"])
@@ -209,7 +208,7 @@ def rl_train(
         sampler.load_state_dict(st["sampler"])
         restore_rng_state(st["rng"])
         it, history, resumed_from = int(st["iteration"]), list(st["history"]), int(st["iteration"])
-        log.warning("resuming from %s at iteration %d", latest, it)
+        log.warning("resuming from %s at iteration %d", ck.uri, it)
 
     def save(at: int) -> None:
         extra = save_extra()

@@ -219,16 +219,15 @@ def train(
     step, history, eval_history, resumed_from = 0, [], [], None
     # every rank loads it: on S3 from the node's one copy (downloaded once, verified as it arrives)
     ck, st, fresh_optimizer = load_latest_checkpoint(ckpt_root), {}, False
-    latest = ck.uri if ck is not None else None
     if ck is not None:
         st = ck.train_state or {}
         if "optimizer" not in st:
-            raise ValueError(f"{latest} has no optimizer state: not a training checkpoint")
+            raise ValueError(f"{ck.uri} has no optimizer state: not a training checkpoint")
         if st["optimizer"] is None:
             # distributed checkpoints of earlier step3vl versions carried weights, step, data position and RNG only
             if not cfg.resume_fresh_optimizer:
                 raise ValueError(
-                    f"{latest} holds no optimizer state (a distributed checkpoint of an earlier step3vl), so it "
+                    f"{ck.uri} holds no optimizer state (a distributed checkpoint of an earlier step3vl), so it "
                     "cannot resume exactly; start a new run from its weights with --init, or set "
                     "resume_fresh_optimizer: true to resume its weights, step, data position and RNG with fresh "
                     "optimizer moments")
@@ -254,7 +253,7 @@ def train(
     if ck is not None:
         if fresh_optimizer:
             log.warning("resuming %s with fresh optimizer moments (resume_fresh_optimizer): not an exact resume",
-                        latest)
+                        ck.uri)
         elif partitioned:
             zero.load_optimizer_state(engine, [decay, no_decay], st["optimizer"], ck.model_state, model)
         else:
@@ -264,7 +263,7 @@ def train(
         restore_rng_state(st["rng"])
         step, history, eval_history = int(st["step"]), list(st["history"]), list(st["eval_history"])
         resumed_from = step
-        log.warning("resuming from %s at step %d", latest, step)
+        log.warning("resuming from %s at step %d", ck.uri, step)
 
     def save(at: int) -> None:
         # every rank: gathering ZeRO's partitions is a collective
