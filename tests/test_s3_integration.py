@@ -73,17 +73,18 @@ def upload_like_kfp(local: Path, uri: str) -> None:
             store.upload_file(Path(dirpath, name), Path(dirpath, name).relative_to(local).as_posix())
 
 
-def count_downloads(monkeypatch: pytest.MonkeyPatch, under: str) -> list[str]:
-    """The keys S3Store downloads from stores under ``under``, from now on."""
+def count_downloads(monkeypatch: pytest.MonkeyPatch, under: str, method: str = "download_file") -> list[str]:
+    """The keys S3Store downloads (or reads with another ``method``, such as ``iter_bytes``: streamed in place to
+    verify them) from stores under ``under``, from now on."""
     got: list[str] = []
-    real = S3Store.download_file
+    real = getattr(S3Store, method)
 
-    def download_file(self: S3Store, key: str, local_path: Any) -> None:
+    def counted(self: S3Store, key: str, *args: Any, **kwargs: Any) -> Any:
         if self.uri.startswith(under):
             got.append(key)
-        real(self, key, local_path)
+        return real(self, key, *args, **kwargs)
 
-    monkeypatch.setattr(S3Store, "download_file", download_file)
+    monkeypatch.setattr(S3Store, method, counted)
     return got
 
 
@@ -214,20 +215,6 @@ def test_corrupt_object_is_refused_and_skipped(prefix: str, tmp_path: Path) -> N
         load_checkpoint(uri, tmp_path / "dl")
 
 
-def count_streams(monkeypatch: pytest.MonkeyPatch, under: str) -> list[str]:
-    """The keys S3Store streams without downloading them (a deep verification in place) under ``under``."""
-    got: list[str] = []
-    real = S3Store.iter_bytes
-
-    def iter_bytes(self: S3Store, key: str, *args: Any, **kwargs: Any) -> Any:
-        if self.uri.startswith(under):
-            got.append(key)
-        return real(self, key, *args, **kwargs)
-
-    monkeypatch.setattr(S3Store, "iter_bytes", iter_bytes)
-    return got
-
-
 def test_resuming_ranks_share_one_verified_copy_of_the_newest_checkpoint(prefix: str, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Each resuming rank used to stream the newest checkpoint once to verify it, then download it again into a
@@ -242,7 +229,7 @@ def test_resuming_ranks_share_one_verified_copy_of_the_newest_checkpoint(prefix:
     tmp.mkdir()
     monkeypatch.setenv(storage.NODE_CACHE_ENV, str(node))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    got, streamed = count_downloads(monkeypatch, ckpts), count_streams(monkeypatch, ckpts)
+    got, streamed = count_downloads(monkeypatch, ckpts), count_downloads(monkeypatch, ckpts, "iter_bytes")
     first = load_latest_checkpoint(ckpts)  # one rank of the node
     second = load_latest_checkpoint(ckpts)  # another
     assert first is not None and second is not None
