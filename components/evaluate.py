@@ -17,5 +17,5 @@ def evaluate(config_yaml: str, mlflow_parent_run_id: str, pipeline_run_name: str
 
     with runtime.stage("evaluate", config_yaml, mlflow_parent_run_id, pipeline_run_name) as st:
         models = runtime.model_dirs(base=base, sft=sft, rlvr=rlvr, rlhf=rlhf, pacore=pacore)
-        out = evaluate_stage.evaluate_models(st.cfg, data.path, models, results.path, progress=False)
+        out = evaluate_stage.evaluate_models(st.cfg, runtime.data_dir(data), models, results.path, progress=False)
         st.publish_eval(out, results, metrics, report, report_html)

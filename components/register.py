@@ -15,6 +15,6 @@ def register(config_yaml: str, mlflow_parent_run_id: str, pipeline_run_name: str
     from step3vl.stages import release
 
     with runtime.stage("register", config_yaml, mlflow_parent_run_id, pipeline_run_name) as st:
-        out = release.run(st.cfg, data.path, runtime.model_dir(model), eval_results.path, stage="pacore",
+        out = release.run(st.cfg, runtime.data_dir(data), runtime.model_dir(model), eval_results.path, stage="pacore",
                           kfp_run_id=kfp_run_id, parent_run_id=mlflow_parent_run_id, run_id=st.mlflow_run_id)
         st.publish_release(out, metrics, decision)

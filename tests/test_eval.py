@@ -21,26 +21,43 @@ def checkpoints(micro_cfg, tmp_path_factory):
             "sft": random_checkpoint(d / "b", micro_cfg.model, seed=1)}
 
 
+def test_data_prep_records_the_content_hashes_of_every_training_set_as_written(micro_cfg, micro_data):
+    from step3vl.data.gate import dataset_hashes
+
+    src = Path(micro_data.out_dir)
+    train = sorted(n for n, s in micro_cfg.data.sets.items() if s.split == "train")
+    assert sorted(p.stem for p in (src / "hashes").glob("*.txt")) == train
+    for name in train:
+        lines = (src / "hashes" / f"{name}.txt").read_text().splitlines()
+        assert lines == sorted(dataset_hashes(src / "raw" / name)), name
+
+
 def test_contamination_check_reports_a_planted_duplicate(micro_data, tmp_path):
+    from step3vl.data.gate import content_hash
+    from step3vl.data.io import DataError
     from step3vl.eval import contamination
 
     src = Path(micro_data.out_dir)
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(src / "data_manifest.json", data)
-    shutil.copytree(src / "raw", data / "raw")
+    shutil.copytree(src / "raw" / "eval", data / "raw" / "eval")
+    shutil.copytree(src / "hashes", data / "hashes")
     clean = contamination.check(data)
     assert clean.count == 0 and clean.n_eval == 70 and "sft_stage1" in clean.train_sets and "eval" not in clean.train_sets
-    # plant one text-only eval record (new id, same content) in a training shard
+    # a training set holding one text-only eval record (new id, same content): its hash is in its hashes file
     line = next(ln for ln in (data / "raw" / "eval").glob("*.jsonl").__next__().read_text().splitlines()
                 if '"task": "text_math"' in ln or '"task":"text_math"' in ln)
     rec = json.loads(line)
-    shard = sorted((data / "raw" / "sft_stage1").glob("*.jsonl"))[0]
-    with shard.open("a") as f:
-        f.write(json.dumps({**rec, "id": "planted-duplicate", "split": "train"}) + "\n")
+    planted = content_hash({**rec, "id": "planted-duplicate", "split": "train"}, data / "raw" / "eval")
+    with (data / "hashes" / "sft_stage1.txt").open("a") as f:
+        f.write(planted + "\n")
     dirty = contamination.check(data)
     assert dirty.count == 1 and dirty.duplicates == {rec["id"]: ["sft_stage1"]}
     assert f"`{rec['id']}` | sft_stage1" in dirty.to_markdown()
+    (data / "hashes" / "pretrain_hq.txt").unlink()
+    with pytest.raises(DataError, match=r"pretrain_hq\.txt: no content hashes of training set pretrain_hq"):
+        contamination.check(data)
 
 
 def test_evaluate_models_stage_family_mode_table(micro_cfg, micro_data, checkpoints, tmp_path):

@@ -452,3 +452,85 @@ def test_node_copy_downloads_once_per_node_and_again_when_the_data_changes(prefi
     (src / "a.txt").write_text("two")
     publish_dir(src, uri, overwrite=True)
     assert (trainjob.node_copy(uri) / "a.txt").read_text() == "two" and got == ["a.txt", "a.txt"]
+
+
+@pytest.mark.slow
+def test_pipeline_with_storage_on_s3_passes_its_data_as_a_pointer(prefix: str, tmp_path: Path) -> None:
+    """``step3vl run`` (KFP's local runner) with ``storage.root`` on S3: data prep publishes its output there and its
+    ``Dataset`` artifact holds only a pointer (KFP's launcher downloads every input artifact whole into each pod that
+    consumes it); each stage's node fetches what it reads, once: no raw pre-training or SFT set."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from step3vl import config
+    from step3vl.stages import pacore, rl, rlhf
+
+    exe = shutil.which("step3vl", path=str(Path(sys.executable).parent))
+    micro = Path(__file__).parent / "conf" / "micro.yaml"
+    root = f"{prefix}/root"
+    env = {**os.environ, "STEP3VL_HOME": str(tmp_path / ".step3vl")}
+    p = subprocess.run([exe, "run", "--config", str(micro), "--set", f"storage.root={root}", "--json"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    st = json.loads(p.stdout)["stages"]
+    assert {s: v["status"] for s, v in st.items()} == dict.fromkeys(st, "done") and len(st) == 9
+    data = st["data_prep"]["outputs"]["data"]
+    uri = data["metadata"]["data_uri"]
+    assert uri.startswith(f"{root}/data/")
+    assert sorted(os.listdir(data["uri"])) == ["REMOTE.json"]
+    assert json.loads(Path(data["uri"], "REMOTE.json").read_text()) == {"data_uri": uri}
+    from step3vl.pipeline.lineage import data_digest
+
+    assert data["metadata"]["digest"] == data_digest(uri)  # computed on the local folder before it was published
+
+    # what this machine's node cache holds of the data: the sets the RL stages and evaluate read, the hashes the
+    # contamination check reads; no raw set that only data prep reads
+    cfg = config.load(config.PipelineConfig, micro)
+    cache = RemoteFiles(uri).dir
+    held = {f.relative_to(cache).as_posix() for f in cache.rglob("*") if f.is_file()}
+    raw = {f.split("/")[1] for f in held if f.startswith("raw/")}
+    assert raw == {*rl.data_sets(cfg, {"stage": "rlvr"}), *rlhf.data_sets(cfg, {}), *pacore.data_sets(cfg, {}), "eval"}
+    assert not raw & {"pretrain_broad", "pretrain_hq", "sft_stage1", "sft_stage2"}
+    assert {f for f in held if f.startswith("hashes/")} == {f for f in read_manifest(uri)["files"]
+                                                           if f.startswith("hashes/")}
+    assert st["evaluate"]["metrics"]["contamination/duplicates"] == 0
+    assert st["register"]["metrics"]["version"] == 1
+    ckpts = {k.split("/")[0].split("-")[0] for k in open_store(f"{root}/checkpoints").list()}
+    assert {"pretrain", "sft", "rlvr", "rlhf", "pacore"} <= ckpts
+
+
+def test_data_prep_publishes_its_output_once_and_replaces_an_interrupted_upload(prefix: str, micro_data: Any,
+                                                                                tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import shutil
+
+    from step3vl.pipeline.lineage import data_digest
+    from step3vl.stages.data import local_copy, publish, read_data_manifest
+
+    out = tmp_path / "data"
+    shutil.copytree(micro_data.out_dir, out)
+    uri = publish(out, prefix)
+    assert uri == f"{prefix}/data/{data_digest(out)[:16]}"
+    assert verify_published(uri) == read_manifest(out)  # every file, the raw sets' own manifests included
+    assert data_digest(uri) == data_digest(out)
+    assert read_data_manifest(uri) == json.loads((out / "data_manifest.json").read_text())
+
+    uploads = count_downloads(monkeypatch, prefix, "upload_file")
+    assert publish(out, prefix) == uri and uploads == []  # already there: nothing uploaded again
+
+    store = open_store(uri)  # an upload killed before its manifest, leaving a stray object
+    store.delete_prefix(MANIFEST_NAME)
+    store.write_bytes("raw/stray.bin", b"left over")
+    assert publish(out, prefix) == uri
+    assert verify_published(uri) == read_manifest(out) and not store.exists("raw/stray.bin")
+
+    # a stage's node copies only what it names: here the eval set and the hashes
+    fetched = count_downloads(monkeypatch, prefix)
+    local = local_copy(uri, ["eval"], ("hashes",))
+    assert {f.split("/")[0] for f in fetched} == {"raw", "hashes"}
+    assert {f.split("/")[1] for f in fetched if f.startswith("raw/")} == {"eval"}
+    assert sorted(p.name for p in (local / "raw").iterdir()) == ["eval"]

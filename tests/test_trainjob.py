@@ -334,6 +334,36 @@ def test_a_trainjob_stages_curves_artifact_points_at_its_mlflow_run(monkeypatch,
 
 
 
+def test_a_data_prep_published_to_s3_leaves_only_a_pointer_in_its_artifact(micro_cfg, tmp_path):
+    """Data prep's output published to object storage (``storage.root`` on S3): the ``Dataset`` artifact, which
+    KFP's launcher downloads whole into every pod that consumes it, holds only where the data is."""
+    from step3vl.pipeline import runtime
+    from step3vl.stages.data import DataPrepOutputs
+
+    st = runtime.Stage("data_prep", micro_cfg, "run-1", 0.0, config_yaml="{}")
+    art = lambda name: SimpleNamespace(name=name, path=str(tmp_path / name), metadata={},  # noqa: E731
+                                       log_metric=lambda k, v: None)
+    data, metrics, report = art("data"), art("metrics"), art("report")
+    out_dir = Path(data.path)
+    (out_dir / "reports").mkdir(parents=True)
+    (out_dir / "reports" / "eval.md").write_text("## gate PASSED\n")
+    (out_dir / "tokenizer").mkdir()
+    (out_dir / "tokenizer" / "tokenizer.json").write_text("{}")
+    manifest = {"sets": {"eval": {"n_records": 3, "content_hash": "h"}}, "tokenizer": {"vocab_size": 9}}
+    (out_dir / "data_manifest.json").write_text(json.dumps(manifest))
+    st.publish_data(DataPrepOutputs(out_dir, manifest, "s3://b/root/data/0123"), data, metrics, report)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["REMOTE.json"]
+    assert json.loads((out_dir / "REMOTE.json").read_text()) == {"data_uri": "s3://b/root/data/0123"}
+    assert data.metadata["data_uri"] == "s3://b/root/data/0123" and data.metadata["digest"]
+    assert Path(report.path).read_text() == "## gate PASSED\n"
+    assert runtime.data_dir(data) == "s3://b/root/data/0123"
+    del data.metadata["data_uri"]  # a pointer without its metadata is not read as a data directory
+    with pytest.raises(RuntimeError, match="points to .*s3://b/root/data/0123.* has no data_uri"):
+        runtime.data_dir(data)
+    local = art("local")
+    assert runtime.data_dir(local) == local.path
+
+
 def test_pod_executor_gives_data_parallel_stages_the_pods_ranks(monkeypatch, micro_cfg):
     """In-pod, pre-training and SFT run on ``$STEP3VL_LOCAL_PROCS`` ranks (default: one per GPU of the pod); the RL
     stages, one process, stay in-process; a bad value is named."""

@@ -930,6 +930,17 @@ class RemoteFiles:
             list(pool.map(self.file, rels))
         return self.dir / prefix
 
+    def only(self, parts: list[str]) -> Path:
+        """The local folder holding just ``parts`` of the directory (each a file or a folder of it), pinned against
+        :meth:`evict`; its other files are not there."""
+        self.pin()
+        for part in parts:
+            if part in self.manifest["files"]:
+                self.file(part)
+            else:
+                self.files(part)
+        return self.dir
+
     @property
     def _pin(self) -> Path:
         return self._locks / "whole.pin"

@@ -97,6 +97,8 @@ class GateReport:
     n_records: int
     checks: list[CheckResult]
     seconds: float = 0.0
+    # the content_hash of every record that has one (for data prep's hashes/<set>.txt); not part of the report
+    content_hashes: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     @property
     def failed_checks(self) -> list[CheckResult]:
@@ -131,7 +133,9 @@ class GateReport:
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        report = asdict(self)
+        del report["content_hashes"]
+        return json.dumps(report, indent=2, sort_keys=True)
 
     def raise_if_failed(self) -> None:
         """Raise :class:`GateFailed` (carrying this report) unless every check passed."""
@@ -561,6 +565,7 @@ def validate_dataset(
         n_records=len(df),
         checks=results,
         seconds=round(time.perf_counter() - start, 3),
+        content_hashes=frozenset(df["content_hash"].dropna()),
     )
 
 

@@ -2,7 +2,10 @@
 
 Uses the data gate's leakage hash (:func:`step3vl.data.gate.content_hash`: task, prompt turns and
 image pixels). Data prep already keeps training sets clear of eval content, so the expected count is
-0; the check reads what was actually written, which is what the evaluation has to trust.
+0. The eval set's hashes are computed here from the records evaluated; each training set's are the
+ones data prep's gate computed from the set as written (``hashes/<set>.txt``, sealed with the data
+directory's sha256 manifest), so the check does not read the training corpus again: at the recipe's
+scale that is terabytes.
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ class ContaminationReport:
 
 
 def check(data_dir: str | Path, eval_set: str = "eval") -> ContaminationReport:
-    """Hash every record of ``eval_set`` and every training set listed in the data manifest."""
-    from step3vl.data.gate import content_hash, dataset_hashes
-    from step3vl.data.io import iter_records
+    """Hash every record of ``eval_set``; look each training set's recorded hashes up among them."""
+    from step3vl.data.gate import content_hash
+    from step3vl.data.io import DataError, iter_records
+    from step3vl.stages.data import DATA_MANIFEST, HASHES_DIR
 
     data_dir = Path(data_dir)
-    manifest: dict[str, Any] = json.loads((data_dir / "data_manifest.json").read_text())
+    manifest: dict[str, Any] = json.loads((data_dir / DATA_MANIFEST).read_text())
     ev_dir = data_dir / "raw" / eval_set
     ev: dict[str, str] = {}
     for raw in iter_records(ev_dir):
@@ -51,6 +55,12 @@ def check(data_dir: str | Path, eval_set: str = "eval") -> ContaminationReport:
     train = sorted(n for n, s in manifest["sets"].items() if s.get("split") == "train")
     dup: dict[str, list[str]] = {}
     for name in train:
-        for h in dataset_hashes(data_dir / "raw" / name) & ev.keys():
-            dup.setdefault(ev[h], []).append(name)
+        path = data_dir / HASHES_DIR / f"{name}.txt"
+        if not path.is_file():
+            raise DataError(f"{path}: no content hashes of training set {name}; data prep writes them for every "
+                            "training set (this data directory comes from an older or a different data prep)")
+        with path.open() as f:
+            for line in f:
+                if (h := line.strip()) in ev:
+                    dup.setdefault(ev[h], []).append(name)
     return ContaminationReport(eval_set, len(ev), train, dup)

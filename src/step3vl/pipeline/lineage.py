@@ -142,16 +142,25 @@ def task_cache_key(stage: str, component: str, config_yaml: str, code: str, inpu
 
 
 def data_digest(data_dir: str | Path) -> str:
-    """Digest of a data prep output: the content hash of every set and the tokenizer's files.
+    """Digest of a data prep output (a local folder or the ``s3://`` URI it was published to): the content hash
+    of every set and the tokenizer's files.
 
     Everything else in the directory (packed shards, reports) is a deterministic function of these
     and the config, and ``data_manifest.json`` also holds timings and paths that differ per run.
     """
-    d = Path(data_dir)
-    manifest = json.loads((d / "data_manifest.json").read_text())
-    tok = d / "tokenizer"
-    tok_files = {p.relative_to(tok).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-                 for p in sorted(tok.rglob("*")) if p.is_file()}
+    from step3vl.stages.data import read_data_manifest
+
+    manifest = read_data_manifest(data_dir)
+    if is_s3_uri(str(data_dir)):  # the published manifest holds every file's sha256: nothing to download
+        from step3vl.storage import read_manifest
+
+        tok_files = {rel.removeprefix("tokenizer/"): entry["sha256"]
+                     for rel, entry in sorted(read_manifest(str(data_dir))["files"].items())
+                     if rel.startswith("tokenizer/")}
+    else:
+        tok = Path(data_dir) / "tokenizer"
+        tok_files = {p.relative_to(tok).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                     for p in sorted(tok.rglob("*")) if p.is_file()}
     sets = {name: info["content_hash"] for name, info in manifest["sets"].items()}
     return sha256_json({"sets": sets, "tokenizer": tok_files})
 

@@ -31,6 +31,7 @@ from step3vl.config import PipelineConfig
 log = logging.getLogger("step3vl.pipeline")
 
 CHECKPOINT_SUBDIR = "model"  # run_training publishes the model under <out_uri>/model
+REMOTE_FILE = "REMOTE.json"  # an output artifact whose content lives in object storage holds only this pointer
 
 
 def _configure_logging() -> None:
@@ -103,9 +104,15 @@ class Stage:
             for packed, p in s.get("packed", {}).items():
                 values[f"packed_tokens/{packed}"] = p["tokens"]
                 values[f"padding_fraction/{packed}"] = p["padding_fraction"]
-        _stamp(data, self, digest=data_digest(data.path), sets=sorted(m["sets"]))
+        _stamp(data, self, digest=data_digest(out.out_dir), sets=sorted(m["sets"]))
         reports = sorted(Path(out.out_dir, "reports").glob("*.md"))
         Path(report.path).write_text("\n\n".join(p.read_text() for p in reports) or "No datasets.\n")
+        if out.data_uri.startswith("s3://"):  # published to object storage: the artifact holds only a pointer there
+            import shutil
+
+            shutil.rmtree(data.path, ignore_errors=True)
+            data.metadata["data_uri"] = out.data_uri
+            _point_to(Path(data.path), {"data_uri": out.data_uri})
         self._finish(metrics, values, data, report)
 
     def execute(self, fn: Any, *args: Any, work_uri: str, **kwargs: Any) -> Any:
@@ -122,7 +129,7 @@ class Stage:
                     return trainjob.run_local(self.name, fn, args, {"cfg": self.cfg, **kwargs},
                                               config_yaml=self.config_yaml, work_uri=work_uri, nprocs=nprocs,
                                               run_id=self.mlflow_run_id)
-                return fn(*args, cfg=self.cfg, **kwargs)
+                return fn(cfg=self.cfg, **trainjob.local_arguments(fn, self.cfg, args, kwargs))
         return trainjob.run_remote(self.name, fn, args, {"cfg": self.cfg, **kwargs}, config_yaml=self.config_yaml,
                                    work_uri=work_uri, run_id=self.mlflow_run_id)
 
@@ -151,8 +158,7 @@ class Stage:
         sub = os.path.relpath(model_uri, model.path) if model_uri.startswith(model.path + os.sep) else ""
         if not sub or sub.startswith(".."):
             # trained elsewhere (a TrainJob writing to object storage): the artifact records where
-            Path(model.path).mkdir(parents=True, exist_ok=True)
-            Path(model.path, "REMOTE.json").write_text(json.dumps({"model_uri": model_uri}) + "\n")
+            _point_to(Path(model.path), {"model_uri": model_uri})
             sub = CHECKPOINT_SUBDIR
         _stamp(model, self, digest=checkpoint_digest(model_uri), checkpoint=sub, model_uri=model_uri, steps=steps,
                framework="step3vl")
@@ -248,6 +254,20 @@ def model_dir(model: Any) -> str:
     return os.path.join(model.path, model.metadata.get("checkpoint", CHECKPOINT_SUBDIR))
 
 
+def data_dir(data: Any) -> str:
+    """The data directory of data prep's ``Dataset`` artifact: the artifact itself, or in object storage where data
+    prep published it (``storage.root`` on S3; the artifact then holds only a pointer, which is all that KFP's
+    launcher downloads into a consuming pod)."""
+    remote = str(data.metadata.get("data_uri", ""))
+    if remote.startswith("s3://"):
+        return remote
+    if Path(data.path, REMOTE_FILE).is_file():
+        pointer = Path(data.path, REMOTE_FILE).read_text().strip()
+        raise RuntimeError(f"{data.path} points to {pointer}, but the artifact's metadata has no data_uri: "
+                           "it lost its metadata on the way")
+    return str(data.path)
+
+
 def model_dirs(**models: Any) -> dict[str, str]:
     """Label → loadable checkpoint of each ``Model`` artifact, in the order given."""
     return {label: model_dir(m) for label, m in models.items()}
@@ -266,7 +286,7 @@ def artifact_digest(artifact: Any) -> str:
         return str(artifact.metadata["digest"])
     if type(artifact).schema_title == "system.Model":
         return checkpoint_digest(model_dir(artifact))
-    return data_digest(artifact.path)
+    return data_digest(data_dir(artifact))
 
 
 def log_metrics(metrics: Any, values: dict[str, Any]) -> None:
@@ -281,6 +301,14 @@ def log_metrics(metrics: Any, values: dict[str, Any]) -> None:
             log.warning("metric %s is %s: not logged", k, v)
     Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
     Path(metrics.path).write_text(json.dumps(clean, indent=1, sort_keys=True) + "\n")
+
+
+def _point_to(path: Path, pointer: dict[str, str]) -> None:
+    """Write ``REMOTE.json`` (where the output artifact's content lives) into the artifact's folder at ``path``."""
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f".{REMOTE_FILE}.tmp"
+    tmp.write_text(json.dumps(pointer) + "\n")
+    tmp.replace(path / REMOTE_FILE)
 
 
 def _stamp(artifact: Any, st: Stage, **extra: Any) -> None:

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,7 +279,6 @@ def _summary(out: Any) -> dict[str, Any]:
 def exec_call(spec: dict[str, Any]) -> dict[str, Any]:
     """Inside the TrainJob (every rank): run the call; rank 0 writes the summary to ``result_uri``."""
     from step3vl.pipeline.runtime import load_config
-    from step3vl.storage import is_s3_uri
 
     module, _, qualname = spec["fn"].partition(":")
     if not module.startswith("step3vl.stages."):
@@ -289,15 +289,7 @@ def exec_call(spec: dict[str, Any]) -> dict[str, Any]:
         fn = getattr(fn, part)
     arguments = dict(spec["arguments"])
     cfg = load_config(spec["config_yaml"], source="the TrainJob's call")
-    # the RL stages read prompt sets and images from the node's copy of the sets they name (not of the whole data
-    # directory: at 10B its pre-training data alone is terabytes); the training loop streams its shards
-    if is_s3_uri(str(arguments.get("data_dir", ""))) and spec["fn"] not in TRAINING_LOOP:
-        data_sets = getattr(stage_module, "data_sets", None)
-        if data_sets is None:
-            raise TrainJobError(f"{spec['fn']}: its module names no data_sets(cfg, arguments), the sets of the data "
-                                "directory it reads, so a TrainJob node cannot tell what to copy")
-        folders = [f"raw/{name}" for name in data_sets(cfg, arguments)]
-        arguments["data_dir"] = str(node_copy(arguments["data_dir"], folders))
+    arguments = local_data(spec["fn"], stage_module, cfg, arguments)
     run_id, rank0 = os.environ.get(RUN_ENV, ""), int(os.environ.get("RANK", "0")) == 0
     with contextlib.ExitStack() as stack:
         if run_id and rank0:  # the per-step curves reach the component's run, as when the stage runs in its pod
@@ -318,6 +310,30 @@ def exec_call(spec: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def local_data(fn: str, stage_module: Any, cfg: Any, arguments: dict[str, Any]) -> dict[str, Any]:
+    """``arguments`` as the stage function ``fn`` (``module:qualname``) runs on this node: an ``s3://`` data_dir of
+    an RL stage becomes the node's copy of the sets its module names (``data_sets(cfg, arguments)``), not of the
+    whole data directory (at 10B its pre-training data alone is terabytes); the training loop streams its shards."""
+    from step3vl.storage import is_s3_uri
+
+    if not is_s3_uri(str(arguments.get("data_dir", ""))) or fn in TRAINING_LOOP:
+        return arguments
+    data_sets = getattr(stage_module, "data_sets", None)
+    if data_sets is None:
+        raise TrainJobError(f"{fn}: its module names no data_sets(cfg, arguments), the sets of the data "
+                            "directory it reads, so a node cannot tell what to copy")
+    folders = [f"raw/{name}" for name in data_sets(cfg, arguments)]
+    return {**arguments, "data_dir": str(node_copy(arguments["data_dir"], folders))}
+
+
+def local_arguments(fn: Callable[..., Any], cfg: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of ``fn(*args, **kwargs)`` by name, for calling it in this process as ``fn(cfg=cfg, **them)``,
+    with data_dir made local as :func:`local_data` makes it on a TrainJob's node (the pod executor's one-process
+    stages)."""
+    bound = dict(inspect.signature(fn).bind_partial(*args, **kwargs).arguments)
+    return local_data(f"{fn.__module__}:{fn.__qualname__}", sys.modules[fn.__module__], cfg, bound)
+
+
 def node_copy(uri: str, folders: list[str] | None = None) -> Path:
     """A verified local copy of the published directory ``uri``, or of its ``folders`` only (its other files are
     not there), one per node for all its ranks: each file is downloaded once, by whichever rank asks first, into
@@ -330,10 +346,7 @@ def node_copy(uri: str, folders: list[str] | None = None) -> Path:
         log.info("this node's copy of %s", uri)
         return files.all()
     log.info("this node's copy of %s: %s", uri, ", ".join(folders))
-    files.pin()
-    for folder in folders:
-        files.files(folder)
-    return files.dir
+    return files.only(folders)
 
 
 def _write(uri: str, text: str) -> None:

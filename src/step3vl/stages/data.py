@@ -11,8 +11,14 @@ Output layout under ``out_dir``::
     tokenizer/        the locally trained tokenizer
     packed/<set>/     packed shards for pretrain/sft sets, and eval packed twice (loss on all / assistant)
     reports/<set>.md  gate reports
+    hashes/<set>.txt  the content hash of every record of each training set, sorted (the contamination check's)
     data_manifest.json  content hash, rows per task and the gate result of every set
     MANIFEST.json     sha256 of every file, written last (the directory is whole; see ``storage.seal_dir``)
+
+With ``storage.root`` on object storage the sealed directory is then published to
+``<storage.root>/data/<digest>`` (:func:`publish`), and the stages read it from there
+(:func:`local_copy`: only the parts each one needs); the pipeline's ``Dataset`` artifact holds a
+pointer to it, so that no pod downloads the whole directory as a KFP input.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from step3vl.progress import track
 log = logging.getLogger(__name__)
 
 TRAIN_PURPOSES = ("pretrain", "sft")
+HASHES_DIR = "hashes"
+DATA_MANIFEST = "data_manifest.json"
 ANSWER_PURPOSES = ("rl", "eval")
 
 
@@ -90,6 +98,7 @@ def _family_stream(fam, n, seed, difficulty, split, size, forbidden, stats, cont
 class DataPrepOutputs:
     out_dir: Path
     manifest: dict[str, Any]
+    data_uri: str = ""  # where the stages read it: out_dir, or where it was published (storage.root on S3)
 
     def raw(self, name: str) -> Path:
         return self.out_dir / "raw" / name
@@ -227,6 +236,8 @@ def run(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True, log_
         }
         if not report.passed:
             failed.append(report)
+        elif spec.split == "train":
+            _write_hashes(out, name, report.content_hashes)
     if failed:
         _write_manifest(out, manifest)
         print("\n\n".join(r.to_markdown() for r in failed))
@@ -257,9 +268,51 @@ def run(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True, log_
                "generate": {k: v.get("seconds") for k, v in gen.items()}}
     (out / "timings.json").write_text(json.dumps(timings, indent=1, sort_keys=True))
     seal_dir(out)  # last: a TrainJob fetches the data from object storage verified against it
+    data_uri = publish(out, cfg.storage.root) if is_s3_uri(cfg.storage.root) else str(out)
     if log_mlflow:
-        _log_to_mlflow(out, manifest)
-    return DataPrepOutputs(out, manifest)
+        _log_to_mlflow(out, manifest, data_uri)
+    return DataPrepOutputs(out, manifest, data_uri)
+
+
+def publish(out: Path, root: str) -> str:
+    """Publish the sealed data directory ``out`` under ``<root>/data/``, addressed by its :func:`data_digest`
+    (the same data, published again by a retried or repeated data prep, is not uploaded twice); its URI."""
+    from step3vl.pipeline.lineage import data_digest
+    from step3vl.storage import NotPublishedError, join_uri, open_store, publish_dir, read_manifest
+
+    uri = join_uri(root, "data", data_digest(out)[:16])
+    try:
+        read_manifest(uri)
+        log.info("data already published at %s", uri)
+    except NotPublishedError:
+        # nothing there, or what an interrupted upload left (the raw sets' own manifests included): ours to replace
+        open_store(uri).delete_prefix("")
+        publish_dir(out, uri)
+    return uri
+
+
+def local_copy(data_dir: str | Path, sets: list[str] | tuple[str, ...] = (), files: tuple[str, ...] = ()) -> Path:
+    """A local folder holding ``raw/<set>`` for each of ``sets`` and the ``files``/folders named of the data directory
+    ``data_dir``: the directory itself when it is local; for an ``s3://`` one, the node's verified copy of those
+    parts only (:class:`step3vl.storage.RemoteFiles`; each file downloaded once per node)."""
+    from step3vl.storage import RemoteFiles, is_s3_uri
+
+    if not is_s3_uri(str(data_dir)):
+        return Path(data_dir)
+    parts = [f"raw/{name}" for name in sets] + list(files)
+    log.info("this node's copy of %s: %s", data_dir, ", ".join(parts))
+    return RemoteFiles(str(data_dir)).only(parts)
+
+
+def read_data_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """``data_manifest.json`` of a data directory, local or ``s3://`` (verified against its MANIFEST.json)."""
+    return json.loads((local_copy(data_dir, files=(DATA_MANIFEST,)) / DATA_MANIFEST).read_text())
+
+
+def _write_hashes(out: Path, name: str, hashes: frozenset[str]) -> None:
+    d = out / HASHES_DIR
+    d.mkdir(exist_ok=True)
+    (d / f"{name}.txt").write_text("".join(f"{h}\n" for h in sorted(hashes)))
 
 
 def _rows_per_task(path: Path) -> dict[str, int]:
@@ -279,15 +332,18 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     tmp.replace(out / "data_manifest.json")
 
 
-def _log_to_mlflow(out: Path, manifest: dict[str, Any]) -> None:
+def _log_to_mlflow(out: Path, manifest: dict[str, Any], data_uri: str) -> None:
     """Every dataset becomes an MLflow input of the active run, so model versions trace to their data."""
     import mlflow
     import mlflow.data
     import pandas as pd
 
+    from step3vl.storage import join_uri
+
     for name, info in manifest["sets"].items():
         df = pd.DataFrame([{"task": k, "rows": v} for k, v in info["rows_per_task"].items()])
-        ds = mlflow.data.from_pandas(df, source=str(out / info["path"]), name=name, digest=info["content_hash"][:32])
+        ds = mlflow.data.from_pandas(df, source=join_uri(data_uri, info["path"]), name=name,
+                                     digest=info["content_hash"][:32])
         mlflow.log_input(ds, context=info["purpose"])
     mlflow.log_artifact(str(out / "data_manifest.json"))
     mlflow.log_artifact(str(out / "timings.json"))

@@ -66,9 +66,13 @@ def evaluate_models(cfg: PipelineConfig, data_dir: str | Path, models: dict[str,
     from step3vl.progress import track
     from step3vl.rl.rollout import TorchEngine
 
+    from step3vl.stages.data import DATA_MANIFEST, HASHES_DIR, local_copy
+
     modes = tuple(check_mode(m) for m in (modes or cfg.eval.modes))
     per_family = cfg.eval.per_family if per_family is None else per_family
-    data_dir, out = Path(data_dir), Path(out_dir)
+    # what this stage reads of the data: its eval set, and for the contamination check the training sets' hashes
+    extra = (DATA_MANIFEST, HASHES_DIR) if cfg.eval.contamination_check else ()
+    data_dir, out = local_copy(data_dir, [dataset], extra), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds_dir = data_dir / "raw" / dataset
     records = load_records(ds_dir, per_family=per_family or None)

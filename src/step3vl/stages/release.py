@@ -32,9 +32,10 @@ def run(cfg: PipelineConfig, data_dir: str | Path, model_uri: str, eval_dir: str
     """Register ``model_uri`` (from ``stage``) with the eval metrics ``eval_dir/<stage>/metrics.json``; promote."""
     from step3vl import registry
     from step3vl.config import config_hash
+    from step3vl.stages.data import read_data_manifest
 
     eval_metrics = json.loads(Path(eval_dir, stage, "metrics.json").read_text())
-    hashes = registry.data_hashes(json.loads(Path(data_dir, "data_manifest.json").read_text()))
+    hashes = registry.data_hashes(read_data_manifest(data_dir))
     name = cfg.tracking.registered_model
     mv = registry.register_final(name, model_uri, metrics=eval_metrics, stage=stage, config_hash=config_hash(cfg),
                                  data_manifest_hashes=hashes, kfp_run_id=kfp_run_id, parent_run_id=parent_run_id,
