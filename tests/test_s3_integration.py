@@ -511,22 +511,31 @@ def test_data_prep_publishes_its_output_once_and_replaces_an_interrupted_upload(
     from step3vl.pipeline.lineage import data_digest
     from step3vl.stages.data import local_copy, publish, read_data_manifest
 
+    from step3vl.storage import seal_dir
+
     out = tmp_path / "data"
     shutil.copytree(micro_data.out_dir, out)
+    store = open_store(f"{prefix}/data/{data_digest(out)[:16]}")
+    store.write_bytes("0000/raw/eval/part.jsonl", b"an upload that never finished")  # no manifest: not reused
     uri = publish(out, prefix)
-    assert uri == f"{prefix}/data/{data_digest(out)[:16]}"
+    assert uri.startswith(store.uri + "/") and uri != f"{store.uri}/0000"
     assert verify_published(uri) == read_manifest(out)  # every file, the raw sets' own manifests included
     assert data_digest(uri) == data_digest(out)
     assert read_data_manifest(uri) == json.loads((out / "data_manifest.json").read_text())
 
+    # the same data prepared again (its timings differ): what is published is reused, nothing uploaded
+    (out / "timings.json").write_text('{"total": 1.0}')
+    seal_dir(out)
     uploads = count_downloads(monkeypatch, prefix, "upload_file")
-    assert publish(out, prefix) == uri and uploads == []  # already there: nothing uploaded again
+    assert publish(out, prefix) == uri and uploads == []
 
-    store = open_store(uri)  # an upload killed before its manifest, leaving a stray object
-    store.delete_prefix(MANIFEST_NAME)
-    store.write_bytes("raw/stray.bin", b"left over")
+    version = open_store(uri)  # an upload killed before its manifest, leaving a stray object
+    version.delete_prefix(MANIFEST_NAME)
+    version.write_bytes("raw/stray.bin", b"left over")
+    shutil.rmtree(out)
+    shutil.copytree(micro_data.out_dir, out)
     assert publish(out, prefix) == uri
-    assert verify_published(uri) == read_manifest(out) and not store.exists("raw/stray.bin")
+    assert verify_published(uri) == read_manifest(out) and not version.exists("raw/stray.bin")
 
     # a stage's node copies only what it names: here the eval set and the hashes
     fetched = count_downloads(monkeypatch, prefix)
@@ -534,3 +543,13 @@ def test_data_prep_publishes_its_output_once_and_replaces_an_interrupted_upload(
     assert {f.split("/")[0] for f in fetched} == {"raw", "hashes"}
     assert {f.split("/")[1] for f in fetched if f.startswith("raw/")} == {"eval"}
     assert sorted(p.name for p in (local / "raw").iterdir()) == ["eval"]
+
+
+def test_publishing_over_another_published_directory_is_refused(prefix: str, tmp_path: Path) -> None:
+    src = tmp_path / "d"
+    (src / "raw").mkdir(parents=True)
+    (src / "raw" / "a.txt").write_text("a")
+    publish_dir(src / "raw", f"{prefix}/parent/other")  # published by someone else, under the prefix
+    with pytest.raises(StorageError, match=r"holds other published directories \(other/MANIFEST.json\)"):
+        publish_dir(src, f"{prefix}/parent")
+    assert read_manifest(f"{prefix}/parent/other")["files"].keys() == {"a.txt"}  # untouched

@@ -739,7 +739,8 @@ def _publish_s3(src: Path, store: S3Store, manifest: dict[str, Any], overwrite: 
         # Unpublish first, so readers never pair the old manifest with new files.
         store.delete_prefix(MANIFEST_NAME)
     stale = store.list()
-    nested = [k for k in stale if k.endswith("/" + MANIFEST_NAME)]
+    # (a directory holding published directories, such as data prep's raw sets, leaves their manifests among its own)
+    nested = [k for k in stale if k.endswith("/" + MANIFEST_NAME) and k not in manifest["files"]]
     if nested:
         raise StorageError(f"refusing to publish to {store.uri}: it holds other published directories ({nested[0]})")
     if stale:

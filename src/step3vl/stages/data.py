@@ -16,7 +16,7 @@ Output layout under ``out_dir``::
     MANIFEST.json     sha256 of every file, written last (the directory is whole; see ``storage.seal_dir``)
 
 With ``storage.root`` on object storage the sealed directory is then published to
-``<storage.root>/data/<digest>`` (:func:`publish`), and the stages read it from there
+``<storage.root>/data/<digest>/<version>`` (:func:`publish`), and the stages read it from there
 (:func:`local_copy`: only the parts each one needs); the pipeline's ``Dataset`` artifact holds a
 pointer to it, so that no pod downloads the whole directory as a KFP input.
 """
@@ -275,19 +275,27 @@ def run(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True, log_
 
 
 def publish(out: Path, root: str) -> str:
-    """Publish the sealed data directory ``out`` under ``<root>/data/``, addressed by its :func:`data_digest`
-    (the same data, published again by a retried or repeated data prep, is not uploaded twice); its URI."""
-    from step3vl.pipeline.lineage import data_digest
+    """Publish the sealed data directory ``out`` to ``<root>/data/<digest>/<version>``; its URI.
+
+    ``digest`` is the data's (:func:`step3vl.pipeline.lineage.data_digest`: the sets and the tokenizer), so the same
+    data prepared again (a retried task, another run) reuses what is published there instead of uploading it twice.
+    ``version`` hashes every file (reports and timings differ per run): two data preps publishing the same data at
+    once write to folders of their own, never into each other's files.
+    """
+    from step3vl.pipeline.lineage import data_digest, sha256_json
     from step3vl.storage import NotPublishedError, join_uri, open_store, publish_dir, read_manifest
 
-    uri = join_uri(root, "data", data_digest(out)[:16])
-    try:
-        read_manifest(uri)
-        log.info("data already published at %s", uri)
-    except NotPublishedError:
-        # nothing there, or what an interrupted upload left (the raw sets' own manifests included): ours to replace
-        open_store(uri).delete_prefix("")
-        publish_dir(out, uri)
+    base = join_uri(root, "data", data_digest(out)[:16])
+    for entry in open_store(base).list(recursive=False):
+        if entry.endswith("/"):
+            try:
+                read_manifest(join_uri(base, entry))
+            except NotPublishedError:  # an upload that did not finish, or one under way
+                continue
+            log.info("data already published at %s", join_uri(base, entry))
+            return join_uri(base, entry)
+    uri = join_uri(base, sha256_json(read_manifest(out)["files"])[:16])
+    publish_dir(out, uri)  # what an interrupted upload of this very version left there is replaced
     return uri
 
 
