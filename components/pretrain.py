@@ -15,6 +15,6 @@ def pretrain(config_yaml: str, mlflow_parent_run_id: str, pipeline_run_name: str
 
     with runtime.stage("pretrain", config_yaml, mlflow_parent_run_id, pipeline_run_name) as st:
         ckpt = st.checkpoint_uri(data)
-        out = st.execute(run_training, "pretrain", data_dir=runtime.data_dir(data), out_uri=model.path, ckpt_uri=ckpt,
-                         progress=False, work_uri=ckpt)
+        out = st.execute(run_training, "pretrain", data_dir=runtime.data_dir(data), out_uri=st.model_location(model),
+                         ckpt_uri=ckpt, progress=False, work_uri=ckpt)
         st.publish_training(out, model, metrics, loss_curve)

@@ -16,5 +16,5 @@ def rlvr(config_yaml: str, mlflow_parent_run_id: str, pipeline_run_name: str, da
     with runtime.stage("rlvr", config_yaml, mlflow_parent_run_id, pipeline_run_name) as st:
         ckpt = st.checkpoint_uri(data, init_model)
         out = st.execute(run_rl, "rlvr", data_dir=runtime.data_dir(data), init_uri=runtime.model_dir(init_model),
-                         out_uri=model.path, ckpt_uri=ckpt, progress=False, work_uri=ckpt)
+                         out_uri=st.model_location(model), ckpt_uri=ckpt, progress=False, work_uri=ckpt)
         st.publish_rl(out, model, metrics, rl_curves)

@@ -15,6 +15,6 @@ def sft(config_yaml: str, mlflow_parent_run_id: str, pipeline_run_name: str, dat
 
     with runtime.stage("sft", config_yaml, mlflow_parent_run_id, pipeline_run_name) as st:
         ckpt = st.checkpoint_uri(data, init_model)
-        out = st.execute(run_training, "sft", data_dir=runtime.data_dir(data), out_uri=model.path,
+        out = st.execute(run_training, "sft", data_dir=runtime.data_dir(data), out_uri=st.model_location(model),
                          init_uri=runtime.model_dir(init_model), ckpt_uri=ckpt, progress=False, work_uri=ckpt)
         st.publish_training(out, model, metrics, loss_curve)

@@ -455,10 +455,10 @@ def test_node_copy_downloads_once_per_node_and_again_when_the_data_changes(prefi
 
 
 @pytest.mark.slow
-def test_pipeline_with_storage_on_s3_passes_its_data_as_a_pointer(prefix: str, tmp_path: Path) -> None:
-    """``step3vl run`` (KFP's local runner) with ``storage.root`` on S3: data prep publishes its output there and its
-    ``Dataset`` artifact holds only a pointer (KFP's launcher downloads every input artifact whole into each pod that
-    consumes it); each stage's node fetches what it reads, once: no raw pre-training or SFT set."""
+def test_pipeline_with_storage_on_s3_passes_data_and_models_as_pointers(prefix: str, tmp_path: Path) -> None:
+    """``step3vl run`` (KFP's local runner) with ``storage.root`` on S3: data prep and the training stages publish their
+    outputs there and their artifacts hold only pointers (KFP's launcher downloads every input artifact whole into
+    each pod that consumes it); each stage's node fetches what it reads, once: no raw pre-training or SFT set."""
     import json
     import os
     import shutil
@@ -498,6 +498,16 @@ def test_pipeline_with_storage_on_s3_passes_its_data_as_a_pointer(prefix: str, t
                                                            if f.startswith("hashes/")}
     assert st["evaluate"]["metrics"]["contamination/duplicates"] == 0
     assert st["register"]["metrics"]["version"] == 1
+    # so are the models: each training stage's artifact points at object storage, where the next stages, evaluate,
+    # register and serving read it
+    for stage in ("pretrain", "sft", "rlvr", "rlhf", "pacore"):
+        model = st[stage]["outputs"]["model"]
+        assert os.listdir(model["uri"]) == ["REMOTE.json"], stage
+        assert model["metadata"]["model_uri"].startswith(f"{root}/models/{stage}-"), stage
+        assert read_manifest(model["metadata"]["model_uri"])["files"], stage
+    assert st["register"]["outputs"]["decision"]["metadata"]["model_uri"] == \
+        st["pacore"]["outputs"]["model"]["metadata"]["model_uri"]
+    assert st["deploy_serving"]["metrics"]["completion_tokens"] >= 1
     ckpts = {k.split("/")[0].split("-")[0] for k in open_store(f"{root}/checkpoints").list()}
     assert {"pretrain", "sft", "rlvr", "rlhf", "pacore"} <= ckpts
 

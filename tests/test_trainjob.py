@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -362,6 +363,22 @@ def test_a_data_prep_published_to_s3_leaves_only_a_pointer_in_its_artifact(micro
         runtime.data_dir(data)
     local = art("local")
     assert runtime.data_dir(local) == local.path
+
+
+def test_a_training_stage_writes_its_model_into_its_artifact_or_to_the_s3_storage_root(micro_cfg, tmp_path):
+    from dataclasses import replace
+
+    from step3vl.config import StorageConfig
+    from step3vl.pipeline import runtime
+
+    model = SimpleNamespace(path=str(tmp_path / "model"), uri="s3://mlpipeline/v2/artifacts/r1/sft/model")
+    assert runtime.Stage("sft", micro_cfg, "run-1", 0.0).model_location(model) == model.path
+    on_s3 = replace(micro_cfg, storage=StorageConfig(root="s3://b/root"))
+    where = runtime.Stage("sft", on_s3, "run-1", 0.0).model_location(model)
+    assert re.fullmatch(r"s3://b/root/models/sft-[0-9a-f]{16}", where)
+    assert runtime.Stage("sft", on_s3, "run-2", 0.0).model_location(model) == where  # a retry: the same place
+    other = SimpleNamespace(path=model.path, uri="s3://mlpipeline/v2/artifacts/r2/sft/model")
+    assert runtime.Stage("sft", on_s3, "run-3", 0.0).model_location(other) != where  # another task: its own
 
 
 def test_pod_executor_gives_data_parallel_stages_the_pods_ranks(monkeypatch, micro_cfg):

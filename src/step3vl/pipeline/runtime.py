@@ -90,6 +90,24 @@ class Stage:
         log.info("%s: checkpoints under %s", self.name, uri)
         return uri
 
+    def model_location(self, model: Any) -> str:
+        """Where this training stage writes its model (``out_uri``): into its ``Model`` artifact, or with
+        ``storage.root`` on S3 to ``<storage.root>/models/<stage>-<hash of the artifact's URI>`` and the artifact
+        holds a pointer. KFP's launcher downloads every input artifact whole into each pod that consumes it: the
+        register pod and the thin pods launching TrainJobs would each copy a model they never read (38 GiB at
+        10B), and the evaluate pod all five before its first one loads. The location is the task's own, so a
+        retried task (and the TrainJob it re-attaches to) writes to the same place."""
+        import hashlib
+
+        from step3vl.storage import is_s3_uri, join_uri
+
+        if not is_s3_uri(self.cfg.storage.root):
+            return str(model.path)
+        key = hashlib.sha256(str(getattr(model, "uri", "") or model.path).encode()).hexdigest()[:16]
+        uri = join_uri(self.cfg.storage.root, "models", f"{self.name}-{key}")
+        log.info("%s: model goes to %s", self.name, uri)
+        return uri
+
     # ------------------------------------------------------------------ outputs
 
     def publish_data(self, out: Any, data: Any, metrics: Any, report: Any) -> None:
