@@ -563,3 +563,23 @@ def test_publishing_over_another_published_directory_is_refused(prefix: str, tmp
     with pytest.raises(StorageError, match=r"holds other published directories \(other/MANIFEST.json\)"):
         publish_dir(src, f"{prefix}/parent")
     assert read_manifest(f"{prefix}/parent/other")["files"].keys() == {"a.txt"}  # untouched
+
+
+def test_evaluate_leaves_no_copy_of_the_models_it_compared_on_the_pods_disk(prefix: str, micro_cfg: Any,
+                                                                            micro_data: Any, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from step3vl.serve.tiny import random_checkpoint
+    from step3vl.stages.evaluate import evaluate_models
+
+    models = {}
+    for i, label in enumerate(("base", "sft")):
+        local = random_checkpoint(tmp_path / label, micro_cfg.model, seed=i)
+        models[label] = f"{prefix}/{label}"
+        publish_dir(local, models[label])
+    fetched = {label: count_downloads(monkeypatch, uri) for label, uri in models.items()}
+    out = evaluate_models(micro_cfg, micro_data.out_dir, models, tmp_path / "ev", modes=("greedy",), per_family=1,
+                          progress=False)
+    assert {"base/greedy/mean_accuracy", "sft/greedy/mean_accuracy"} <= set(out.metrics)
+    for label, uri in models.items():
+        assert sorted(fetched[label]) == sorted(read_manifest(uri)["files"]), label  # loaded from S3, once
+        assert not RemoteFiles(uri).dir.exists(), label  # dropped once evaluated

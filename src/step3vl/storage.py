@@ -965,6 +965,12 @@ class RemoteFiles:
                 os.replace(tmp, self.dir / MANIFEST_NAME)
         return self.dir
 
+    def drop(self) -> None:
+        """Remove this version's whole copy from the node's cache: for a process that read it and knows that no other
+        process of the node still does (the evaluate pod, done with one of the models it compares)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self._locks, ignore_errors=True)
+
     def evict(self, rel: str) -> bool:
         """Remove ``rel`` from the cache (waiting while another process holds it); whether it was removed. A version
         pinned by :meth:`all` (a whole copy some process uses, or is making) keeps its files."""

@@ -67,6 +67,7 @@ def evaluate_models(cfg: PipelineConfig, data_dir: str | Path, models: dict[str,
     from step3vl.rl.rollout import TorchEngine
 
     from step3vl.stages.data import DATA_MANIFEST, HASHES_DIR, local_copy
+    from step3vl.storage import RemoteFiles, is_s3_uri
 
     modes = tuple(check_mode(m) for m in (modes or cfg.eval.modes))
     per_family = cfg.eval.per_family if per_family is None else per_family
@@ -100,6 +101,8 @@ def evaluate_models(cfg: PipelineConfig, data_dir: str | Path, models: dict[str,
         (out / label).mkdir(exist_ok=True)
         (out / label / "metrics.json").write_text(json.dumps(mine, indent=1, sort_keys=True))
         del engine, lm  # let go of this model before the next one loads: one at a time on the GPU
+        if is_s3_uri(uri):  # and on the pod's disk (at 10B, 38 GiB each)
+            RemoteFiles(uri).drop()
 
     cont = None
     if cfg.eval.contamination_check:
