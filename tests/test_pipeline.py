@@ -110,6 +110,22 @@ def test_10b_pipeline_gpus_secrets_retries(compiled_10b, module):
                                                                    "pipeline_run_name"}
 
 
+def test_10b_pod_executor_gives_training_and_evaluate_pods_the_temp_space_model_info_plans(compiled_10b):
+    """In-pod training keeps the node's cache and rank 0's checkpoint staging in /tmp, as a TrainJob node does: an
+    emptyDir sized like the TrainJob runtime's; the evaluate pod holds one model at a time there."""
+    from step3vl.config import ModelConfig
+    from step3vl.model.info import model_info
+
+    storage = model_info(config.load(ModelConfig, ROOT / "conf/model/step3vl-10b.yaml")).storage
+    need = {**dict.fromkeys(TRAINING, storage["trainjob_node_tmp_gib"]), "evaluate": storage["model_file_gib"]}
+    _, k8s = _docs(compiled_10b)
+    for stage, gib in need.items():
+        (tmp,) = [m for m in k8s[f"exec-{stage}"]["emptyDirMounts"] if m["mountPath"] == "/tmp"]
+        have = float(tmp["sizeLimit"].removesuffix("Gi"))
+        assert have >= 1.1 * gib, f"{stage}: /tmp holds {have:.0f} GiB, needs {gib:.0f} GiB"
+    assert not [m for m in k8s["exec-register"].get("emptyDirMounts", []) if m["mountPath"] == "/tmp"]
+
+
 def test_resolved_config_yaml_round_trips():
     from step3vl.pipeline.runtime import load_config
 

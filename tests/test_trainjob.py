@@ -233,13 +233,15 @@ def test_cluster_target_trainjob_executor_moves_gpus_to_the_trainjob(tmp_path):
 
     cfg = config.load(config.PipelineConfig, ROOT / "conf" / "pipeline" / "step3vl-10b.yaml")
     out = compile_pipeline(cfg, tmp_path / "p.yaml", ClusterSettings(executor="trainjob"))
-    spec, _ = yaml.safe_load_all(out.read_text())
+    spec, platform = yaml.safe_load_all(out.read_text())
     ex = spec["deploymentSpec"]["executors"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for stage in ("pretrain", "sft", "rlvr", "rlhf", "pacore"):
         c = ex[f"exec-{stage}"]["container"]
         env = {e["name"]: e["value"] for e in c["env"]}
         assert env[trainjob.EXECUTOR_ENV] == "trainjob" and int(env[trainjob.GPUS_ENV]) == 8, stage
         assert "accelerator" not in c["resources"], stage
+        assert "emptyDirMounts" not in k8s[f"exec-{stage}"], stage  # the TrainJob runtime mounts the job's /tmp
     assert ex["exec-evaluate"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
 
 

@@ -29,6 +29,10 @@ class Resources:
     nodes: int = 1  # nodes of the stage's TrainJob (executor "trainjob"); gpus is then per node
     # processes per TrainJob node: 0 = one per GPU (data-parallel ranks); 1 = one process seeing every GPU
     processes_per_node: int = 0
+    # an emptyDir of this size at /tmp ("" = none): the node's cache of what the stage reads from object storage
+    # (its starting model, the checkpoint it resumes from, streamed shards) and rank 0's staging of each checkpoint
+    # it saves; the container's own filesystem has no size the scheduler knows of
+    tmp: str = ""
 
 
 @dataclass(frozen=True)
@@ -66,16 +70,21 @@ class ClusterSettings:
     retry_backoff_max: str = "3600s"
     stages: dict[str, Resources] = field(default_factory=lambda: {
         "data_prep": Resources(cpu="16", memory="64Gi", timeout_s=12 * 3600),
-        # one 8-GPU node per training stage in-pod; executor "trainjob" spreads it over `nodes`
-        "pretrain": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=14 * 24 * 3600, retries=3, nodes=4),
-        "sft": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=7 * 24 * 3600, retries=3, nodes=2),
+        # one 8-GPU node per training stage in-pod; executor "trainjob" spreads it over `nodes`. /tmp as the
+        # TrainJob runtime's (manifests/base/trainer): `step3vl model info` plans 265 GiB at 10B
+        "pretrain": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=14 * 24 * 3600, retries=3, nodes=4,
+                              tmp="320Gi"),
+        "sft": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=7 * 24 * 3600, retries=3, nodes=2, tmp="320Gi"),
         # the RL loop is one process (rollouts, rewards, updates; not data-parallel yet): one node, one rank
-        "rlvr": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=7 * 24 * 3600, retries=3, processes_per_node=1),
-        "rlhf": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=7 * 24 * 3600, retries=3, processes_per_node=1),
+        "rlvr": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=7 * 24 * 3600, retries=3, processes_per_node=1,
+                          tmp="320Gi"),
+        "rlhf": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=7 * 24 * 3600, retries=3, processes_per_node=1,
+                          tmp="320Gi"),
         "pacore": Resources(cpu="64", memory="900Gi", gpus=8, timeout_s=7 * 24 * 3600, retries=3,
-                            processes_per_node=1),
-        # five models x the eval modes; one GPU is plenty for the suite
-        "evaluate": Resources(cpu="16", memory="128Gi", gpus=1, timeout_s=24 * 3600),
+                            processes_per_node=1, tmp="320Gi"),
+        # five models x the eval modes; one GPU is plenty for the suite. /tmp: one model at a time (38 GiB at 10B,
+        # dropped once evaluated) and the eval set
+        "evaluate": Resources(cpu="16", memory="128Gi", gpus=1, timeout_s=24 * 3600, tmp="64Gi"),
         "register": Resources(cpu="1", memory="2Gi", timeout_s=3600, retries=2),
         # exports the model (bf16 safetensors) and waits for the vLLM rollout
         "deploy_serving": Resources(cpu="8", memory="96Gi", timeout_s=3 * 3600),
@@ -104,7 +113,7 @@ def apply(task: Any, stage: str, settings: ClusterSettings = DEFAULT) -> Any:
         task.set_env_variable(trainjob.EXECUTOR_ENV, "trainjob")
         task.set_env_variable(trainjob.NODES_ENV, str(r.nodes))
         task.set_env_variable(trainjob.GPUS_ENV, str(r.gpus))
-        r = dataclasses.replace(r, cpu="1", memory="4Gi", gpus=0)
+        r = dataclasses.replace(r, cpu="1", memory="4Gi", gpus=0, tmp="")  # the runtime has the job's /tmp
     if stage == "deploy_serving":
         task.set_env_variable("STEP3VL_SERVING", "kubernetes")
     task.set_cpu_request(r.cpu)
@@ -117,6 +126,8 @@ def apply(task: Any, stage: str, settings: ClusterSettings = DEFAULT) -> Any:
             kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value or None, effect=t.effect)
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=settings.shm_size)
+    if r.tmp:
+        kubernetes.empty_dir_mount(task, volume_name="tmp", mount_path="/tmp", size_limit=r.tmp)
     if r.retries:
         task.set_retry(num_retries=r.retries, backoff_duration=settings.retry_backoff, backoff_factor=2.0,
                        backoff_max_duration=settings.retry_backoff_max)
