@@ -114,3 +114,33 @@ def test_streamed_dataset_reads_the_same_rows_keeping_few_shards_on_disk(micro_c
     assert on_disk() == sorted(p.rsplit("/", 1)[1] for p in shards[n - 2:] + shards[:1])
     with pytest.raises(ValueError, match="keep at least 2"):
         PackedDataset("packed/pb", proc, files=files, keep_shards=1)
+
+
+def test_shards_do_not_depend_on_the_number_of_tokenizing_workers(micro_cfg, micro_data, tmp_path):
+    tok, proc = load_tokenizer(micro_data.tokenizer_dir), ImageProcessor(micro_cfg.model.vision)
+    shards = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        index = pack_dataset(micro_data.out_dir / "raw" / "pretrain_broad", str(out), tokenizer=tok, processor=proc,
+                             seq_len=micro_cfg.pretrain.seq_len, loss_on="all", seed=3, progress=False,
+                             workers=workers)
+        shards[workers] = [(out / s["file"]).read_bytes() for s in index["shards"]]
+    assert shards[1] == shards[2] and len(shards[1]) >= 1
+
+
+def test_a_record_failing_in_a_tokenizing_worker_is_named(micro_cfg, micro_data, tmp_path):
+    import shutil
+
+    from step3vl.data.io import DataError
+
+    src = tmp_path / "set"
+    shutil.copytree(micro_data.out_dir / "raw" / "pretrain_broad", src)
+    shard = sorted(src.glob("*.jsonl"))[0]
+    bad = {"id": "bad-image-turn", "task": "caption", "split": "train", "source": "test", "images": [],
+           "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<image> no"}]}
+    shard.write_text(shard.read_text() + json.dumps(bad) + "\n")
+    with pytest.raises(DataError, match="record bad-image-turn: <image> outside a user turn") as err:
+        pack_dataset(src, str(tmp_path / "out"), tokenizer=load_tokenizer(micro_data.tokenizer_dir),
+                     processor=ImageProcessor(micro_cfg.model.vision), seq_len=micro_cfg.pretrain.seq_len,
+                     loss_on="all", progress=False, workers=2)
+    assert err.value.record_id == "bad-image-turn"

@@ -22,6 +22,7 @@ open row (the default) this is next-fit packing, which leaves about a sixth of t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -185,8 +186,12 @@ def pack_dataset(
     open_rows: int = 1,
     progress: bool = True,
     extra_meta: dict[str, Any] | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """Tokenise and pack a (gated) dataset into shards at ``out_uri``; returns the index."""
+    """Tokenise and pack a (gated) dataset into shards at ``out_uri``; returns the index.
+
+    Records are tokenised in up to ``workers`` forked processes (default: one per available CPU), in order, and
+    packed here: the shards do not depend on the number of workers."""
     if open_rows < 1:
         raise ValueError(f"open_rows must be >= 1, got {open_rows}")
     from step3vl.storage import publish_dir
@@ -219,7 +224,7 @@ def pack_dataset(
                            "tokens": int((arrs["segment_ids"] > 0).sum())})
             builder = _ShardBuilder(seq_len, pad_id)
 
-        for sample in track(_shuffled_samples(dataset_dir, tokenizer, processor, loss_on, rng),
+        for sample in track(_shuffled_samples(dataset_dir, tokenizer, processor, loss_on, rng, workers=workers),
                             f"pack {Path(dataset_dir).name}", enabled=progress, unit=" samples"):
             n = len(sample.input_ids)
             if n > seq_len:
@@ -270,19 +275,51 @@ def pack_dataset(
 
 
 def _shuffled_samples(dataset_dir, tokenizer, processor, loss_on, rng: random.Random,
-                      window: int = 4096) -> Iterator[Sample]:
-    """Tokenised samples in a seeded shuffled order, shuffling within a bounded window."""
-    buf: list[Sample] = []
-    for raw in iter_records(dataset_dir):
-        if raw.record is None:
-            raise DataError(f"{dataset_dir}/{raw.where}: {raw.error} (run the data gate first)")
-        buf.append(tokenize_record(raw.record, dataset_dir, tokenizer, processor, loss_on))
-        if len(buf) >= window:
+                      window: int = 4096, workers: int | None = None) -> Iterator[Sample]:
+    """Tokenised samples in a seeded shuffled order, shuffling within a bounded window (tokenised by ``workers``
+    processes a window at a time: memory stays bounded by the window)."""
+    import multiprocessing
+
+    from step3vl.data.gate import _worker_count
+
+    def windows() -> Iterator[list[dict[str, Any]]]:
+        buf: list[dict[str, Any]] = []
+        for raw in iter_records(dataset_dir):
+            if raw.record is None:
+                raise DataError(f"{dataset_dir}/{raw.where}: {raw.error} (run the data gate first)")
+            buf.append(raw.record)
+            if len(buf) >= window:
+                yield buf
+                buf = []
+        yield buf
+
+    job = (dataset_dir, tokenizer, processor, loss_on)
+    n = _worker_count(workers, window)
+    with contextlib.ExitStack() as stack:
+        if n > 1:  # forked, as the gate's scan: the tokenizer and processor arrive by inheritance, not pickled
+            ctx = multiprocessing.get_context("fork")
+            pool = stack.enter_context(ctx.Pool(n, initializer=_init_tokenize_worker, initargs=(job,)))
+        for records in windows():
+            if n > 1:
+                buf = pool.map(_tokenize_in_worker, records, chunksize=max(1, len(records) // (4 * n)))
+            else:
+                buf = [tokenize_record(r, dataset_dir, tokenizer, processor, loss_on) for r in records]
             rng.shuffle(buf)
             yield from buf
-            buf = []
-    rng.shuffle(buf)
-    yield from buf
+
+
+_tokenize_job: tuple[Any, ...] | None = None  # (dataset_dir, tokenizer, processor, loss_on), in forked workers only
+
+
+def _init_tokenize_worker(job: tuple[Any, ...]) -> None:
+    global _tokenize_job
+    _tokenize_job = job
+
+
+def _tokenize_in_worker(record: dict[str, Any]) -> Sample:
+    assert _tokenize_job is not None, "_init_tokenize_worker did not run"
+    dataset_dir, tokenizer, processor, loss_on = _tokenize_job
+    return tokenize_record(record, dataset_dir, tokenizer, processor, loss_on)
 
 
 # --------------------------------------------------------------------------- reading
