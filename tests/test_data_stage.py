@@ -94,3 +94,36 @@ def test_cli_validate_names_failing_checks(tmp_path):
 def test_data_prep_manifest_is_byte_identical_across_runs(micro_cfg, micro_data, tmp_path):
     again = data.run(micro_cfg, tmp_path / "again", progress=False)
     assert (again.out_dir / "data_manifest.json").read_bytes() == (micro_data.out_dir / "data_manifest.json").read_bytes()
+
+
+def test_the_tokenizer_corpus_is_every_training_text_or_a_bounded_share_of_each_set(micro_cfg, micro_data,
+                                                                                     monkeypatch):
+    from step3vl.config import ConfigError, from_dict
+    from step3vl.data import io
+    from step3vl.model.tokenizer import build_tokenizer
+
+    dirs = [micro_data.raw(n) for n, s in micro_cfg.data.sets.items() if s.split == "train"]
+    every = []
+    for d in dirs:
+        for raw in io.iter_records(d):
+            every += [m["content"].replace("<image>", "") for m in raw.record.get("messages", [])]
+            every += [raw.record[k] for k in ("chosen", "rejected") if k in raw.record]
+    assert list(data._corpus(dirs)) == every
+
+    read: list[str] = []
+    real = io.iter_records
+
+    def counted(d, **kw):
+        for raw in real(d, **kw):
+            read.append(raw.record["id"])
+            yield raw
+
+    monkeypatch.setattr(io, "iter_records", counted)
+    some = list(data._corpus(dirs, 60))
+    assert 60 - len(dirs) <= len(some) <= 60 and set(some) <= set(every)
+    firsts = {d: next(real(d)).record for d in dirs}  # every set gives its first text
+    assert all(r["messages"][0]["content"].replace("<image>", "") in some for r in firsts.values()), firsts
+    assert len(read) < len(every) / 4  # the sets' other records are never read
+    assert len(build_tokenizer(micro_cfg.model.tokenizer, corpus=iter(some))) > 300
+    with pytest.raises(ConfigError, match="'data.tokenizer_max_texts' must be >= 0"):
+        from_dict(PipelineConfig, {"data": {"tokenizer_max_texts": -1}})

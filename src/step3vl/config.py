@@ -145,6 +145,9 @@ class DataConfig:
     # packing: rows kept open for best-fit (1 = next-fit: a row closes when the next sample does not fit).
     # 32 cuts tiny's padding from ~17% to ~4.5% of every row, but changes every model trained on it
     pack_open_rows: int = 1
+    # texts the tokenizer is trained on: 0 = every text of the training sets; else at most this many, from each
+    # training set in proportion to its size on disk (its first records), so that it never reads a whole corpus
+    tokenizer_max_texts: int = 0
     sets: dict[str, DatasetSpec] = field(default_factory=dict)
 
 
@@ -480,6 +483,9 @@ def _validate(obj: Any, source: str, prefix: str) -> None:
     if isinstance(obj, DataConfig) and obj.pack_open_rows < 1:
         raise ConfigError(f"{source}: '{prefix}pack_open_rows' must be >= 1 (1 = next-fit packing), "
                           f"got {obj.pack_open_rows}")
+    if isinstance(obj, DataConfig) and obj.tokenizer_max_texts < 0:
+        raise ConfigError(f"{source}: '{prefix}tokenizer_max_texts' must be >= 0 (0 = every training text), "
+                          f"got {obj.tokenizer_max_texts}")
     if isinstance(obj, TrackingConfig) and obj.flush_timeout_s < 0:
         raise ConfigError(f"{source}: '{prefix}flush_timeout_s' must be >= 0, got {obj.flush_timeout_s}")
     if isinstance(obj, PaCoReConfig):

@@ -139,19 +139,30 @@ def generate(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True)
     return summaries
 
 
-def _corpus(dirs: list[Path]) -> Iterator[str]:
-    """Training text for the tokenizer: every message and preference text of the given datasets."""
-    from step3vl.data.io import iter_records
+def _corpus(dirs: list[Path], max_texts: int = 0) -> Iterator[str]:
+    """Training text for the tokenizer: every message and preference text of the given datasets, or with
+    ``max_texts`` at most that many: each set's share in proportion to its shards' bytes (at least one text),
+    read from its first records only."""
+    from step3vl.data.io import iter_records, list_shards
 
+    quota: dict[Path, int | None] = dict.fromkeys(dirs)
+    if max_texts:
+        size = {d: sum(p.stat().st_size for p in list_shards(d)) for d in dirs}
+        total = sum(size.values()) or 1
+        quota = {d: max(1, int(max_texts * size[d] / total)) for d in dirs}
     for d in dirs:
+        left = quota[d]
         for raw in iter_records(d):
             if raw.record is None:
                 continue
-            for m in raw.record.get("messages", []):
-                yield str(m.get("content", "")).replace("<image>", "")
-            for k in ("chosen", "rejected"):
-                if k in raw.record:
-                    yield str(raw.record[k])
+            texts = [str(m.get("content", "")).replace("<image>", "") for m in raw.record.get("messages", [])]
+            texts += [str(raw.record[k]) for k in ("chosen", "rejected") if k in raw.record]
+            if left is not None:
+                texts = texts[:left]
+                left -= len(texts)
+            yield from texts
+            if left == 0:
+                break
 
 
 def token_counter(tokenizer: Any, processor: Any):
@@ -196,7 +207,7 @@ def run(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True, log_
 
     # tokenizer trained on the training text only (never on eval sets)
     train_dirs = [raw[n] for n, s in cfg.data.sets.items() if s.split == "train"]
-    tok = build_tokenizer(cfg.model.tokenizer, corpus=_corpus(train_dirs))  # streamed, never held whole
+    tok = build_tokenizer(cfg.model.tokenizer, corpus=_corpus(train_dirs, cfg.data.tokenizer_max_texts))  # streamed
     save_tokenizer(tok, out / "tokenizer")
     processor = ImageProcessor(cfg.model.vision)
     count = token_counter(tok, processor)
