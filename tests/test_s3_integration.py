@@ -356,7 +356,7 @@ def test_trainjob_chain_on_s3_from_data_to_pacore(prefix: str, micro_cfg: Any, m
                                                             [["raw", name] for name in sets]}
     unread = {f.split("/")[1] for f in files if f.startswith("raw/")} - sets
     assert {"pretrain_broad", "pretrain_hq"} <= unread, unread
-    assert {f.split("/")[0] for f in fetched} == {"tokenizer", "packed", "raw"}
+    assert {f.split("/")[0] for f in fetched} == {"tokenizer", "packed", "raw", "data_manifest.json"}
     # PaCoRe's report sits beside its model: the metrics and the accuracy-vs-rollouts curve
     out = open_store(f"{prefix}/pacore")
     metrics = json.loads(out.read_bytes("metrics.json"))
@@ -583,3 +583,40 @@ def test_evaluate_leaves_no_copy_of_the_models_it_compared_on_the_pods_disk(pref
     for label, uri in models.items():
         assert sorted(fetched[label]) == sorted(read_manifest(uri)["files"]), label  # loaded from S3, once
         assert not RemoteFiles(uri).dir.exists(), label  # dropped once evaluated
+
+
+def test_a_users_set_on_s3_is_read_where_it_is_not_published_again(prefix: str, micro_cfg: Any, micro_data: Any,
+                                                                    tmp_path: Path) -> None:
+    """A user's dataset on object storage is not copied into the published data directory (at the recipe's scale its
+    raw text is terabytes): the data manifest names it and the version data prep read; a stage reading it gets that
+    version, linked where the set would be; a set published again since is refused."""
+    import json
+    from dataclasses import replace
+
+    from step3vl.config import DatasetSpec, StorageConfig
+    from step3vl.data.io import DataError, iter_records
+    from step3vl.stages import data
+
+    publish_dir(micro_data.raw("rl"), f"{prefix}/user/rl")
+    sets = {**micro_cfg.data.sets, "rl": DatasetSpec(purpose="rl", path=f"{prefix}/user/rl")}
+    cfg = replace(micro_cfg, data=replace(micro_cfg.data, sets=sets), storage=StorageConfig(root=f"{prefix}/root"))
+    out = data.run(cfg, tmp_path / "data", progress=False)
+    source = out.manifest["sets"]["rl"]["source"]
+    assert source["uri"] == f"{prefix}/user/rl"
+    files = read_manifest(out.data_uri)["files"]
+    assert not [f for f in files if f.startswith("raw/rl/")] and [f for f in files if f.startswith("raw/eval/")]
+    assert (tmp_path / "data" / "raw" / "rl").is_dir()  # data prep's own copy, which it gated
+
+    local = data.local_copy(out.data_uri, ["rl", "eval"])
+    assert (local / "raw" / "rl").is_symlink()
+    ids = [r.record["id"] for r in iter_records(local / "raw" / "rl")]
+    assert ids == [r.record["id"] for r in iter_records(micro_data.raw("rl"))]
+    assert data.local_copy(out.data_uri, ["rl"]) == local  # again, as another rank of the node
+
+    shard = sorted(micro_data.raw("rl").glob("*.jsonl"))[0].name
+    changed = tmp_path / "changed"
+    fetch_dir(f"{prefix}/user/rl", changed)
+    (changed / shard).write_text((changed / shard).read_text() + json.dumps({"id": "late"}) + "\n")
+    publish_dir(changed, f"{prefix}/user/rl", overwrite=True)
+    with pytest.raises(DataError, match=r"user/rl \(set rl of .*\) was published again since data prep read it"):
+        data.local_copy(out.data_uri, ["rl"])

@@ -551,6 +551,11 @@ def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
     return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
 
 
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of a published directory's manifest: which version of it (the same for its copies)."""
+    return hashlib.sha256(_manifest_bytes(manifest)).hexdigest()
+
+
 def _parse_manifest(data: bytes, where: str) -> dict[str, Any]:
     try:
         manifest = json.loads(data)
@@ -776,16 +781,26 @@ def publish_dir(
     *,
     overwrite: bool = False,
     move: bool = False,
+    skip: tuple[str, ...] = (),
+    sealed: bool = False,
 ) -> dict[str, Any]:
     """Publish ``local_dir`` at ``dest_uri`` so readers see all of it or nothing; returns the manifest.
 
     Local destinations are assembled under a temporary sibling and renamed into place; S3
     destinations get every file first and ``MANIFEST.json`` last. An already-published destination
     is refused unless ``overwrite``. ``move=True`` lets a local publish rename ``local_dir`` itself
-    into place instead of copying (the caller gives the directory up).
+    into place instead of copying (the caller gives the directory up). The folders named in ``skip``
+    are left out. ``sealed``: ``local_dir`` was just sealed (:func:`seal_dir`), so its manifest is
+    used as it is instead of hashing every file again (``extra`` then does not apply).
     """
     src = Path(local_dir)
-    manifest = build_manifest(src, extra)
+    manifest = read_manifest(src) if sealed else build_manifest(src, extra)
+    if skip:
+        if move:
+            raise StorageError("publish_dir: move=True publishes the whole directory; it cannot skip folders")
+        prefixes = tuple(f.rstrip("/") + "/" for f in skip)
+        manifest["files"] = {rel: e for rel, e in manifest["files"].items() if not rel.startswith(prefixes)}
+        manifest["total_size"] = sum(e["size"] for e in manifest["files"].values())
     store = open_store(dest_uri)
     if isinstance(store, LocalStore):
         if store.root == src.absolute():

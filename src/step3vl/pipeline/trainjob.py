@@ -322,8 +322,9 @@ def local_data(fn: str, stage_module: Any, cfg: Any, arguments: dict[str, Any]) 
     if data_sets is None:
         raise TrainJobError(f"{fn}: its module names no data_sets(cfg, arguments), the sets of the data "
                             "directory it reads, so a node cannot tell what to copy")
-    folders = [f"raw/{name}" for name in data_sets(cfg, arguments)]
-    return {**arguments, "data_dir": str(node_copy(arguments["data_dir"], folders))}
+    from step3vl.stages.data import local_copy
+
+    return {**arguments, "data_dir": str(local_copy(arguments["data_dir"], list(data_sets(cfg, arguments))))}
 
 
 def local_arguments(fn: Callable[..., Any], cfg: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

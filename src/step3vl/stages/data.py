@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 import zlib
@@ -183,7 +184,7 @@ def run(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True, log_
     from step3vl.data.pack import pack_dataset
     from step3vl.model.processor import ImageProcessor
     from step3vl.model.tokenizer import build_tokenizer, save_tokenizer
-    from step3vl.storage import MANIFEST_NAME, fetch_dir, is_s3_uri, seal_dir
+    from step3vl.storage import MANIFEST_NAME, fetch_dir, is_s3_uri, manifest_digest, read_manifest, seal_dir
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -238,6 +239,8 @@ def run(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True, log_
             "purpose": spec.purpose,
             "split": spec.split,
             "path": f"raw/{name}",
+            **({"source": {"uri": spec.path, "manifest_sha256": manifest_digest(read_manifest(raw[name]))}}
+               if spec.path and is_s3_uri(spec.path) else {}),
             "content_hash": dataset_sha256(raw[name]),
             "n_records": report.n_records,
             "rows_per_task": _rows_per_task(raw[name]),
@@ -306,21 +309,49 @@ def publish(out: Path, root: str) -> str:
             log.info("data already published at %s", join_uri(base, entry))
             return join_uri(base, entry)
     uri = join_uri(base, sha256_json(read_manifest(out)["files"])[:16])
-    publish_dir(out, uri)  # what an interrupted upload of this very version left there is replaced
+    # a user's set read from object storage stays where it is (data_manifest.json names it and its version): at the
+    # recipe's scale, a second copy of its raw pre-training text would be terabytes
+    sets = json.loads((out / DATA_MANIFEST).read_text())["sets"]
+    skip = tuple(f"raw/{name}" for name, s in sets.items() if s.get("source"))
+    # what an interrupted upload of this very version left there is replaced
+    publish_dir(out, uri, skip=skip, sealed=True)
     return uri
 
 
 def local_copy(data_dir: str | Path, sets: list[str] | tuple[str, ...] = (), files: tuple[str, ...] = ()) -> Path:
     """A local folder holding ``raw/<set>`` for each of ``sets`` and the ``files``/folders named of the data directory
     ``data_dir``: the directory itself when it is local; for an ``s3://`` one, the node's verified copy of those
-    parts only (:class:`step3vl.storage.RemoteFiles`; each file downloaded once per node)."""
-    from step3vl.storage import RemoteFiles, is_s3_uri
+    parts only (:class:`step3vl.storage.RemoteFiles`; each file downloaded once per node). A user's set that data
+    prep read from object storage is copied from there (``raw/<set>`` links to it), the version data prep read.
+    """
+    from step3vl.data.io import DataError
+    from step3vl.storage import RemoteFiles, is_s3_uri, manifest_digest
 
     if not is_s3_uri(str(data_dir)):
         return Path(data_dir)
-    parts = [f"raw/{name}" for name in sets] + list(files)
-    log.info("this node's copy of %s: %s", data_dir, ", ".join(parts))
-    return RemoteFiles(str(data_dir)).only(parts)
+    data = RemoteFiles(str(data_dir))
+    sources = {}
+    if sets:
+        entries = json.loads((data.only([DATA_MANIFEST]) / DATA_MANIFEST).read_text())["sets"]
+        sources = {name: entries[name]["source"] for name in sets if entries.get(name, {}).get("source")}
+    parts = [f"raw/{name}" for name in sets if name not in sources] + list(files)
+    log.info("this node's copy of %s: %s", data_dir, ", ".join(parts + [f"{n} from {s['uri']}"
+                                                                       for n, s in sources.items()]))
+    local = data.only(parts)
+    for name, src in sources.items():
+        remote = RemoteFiles(src["uri"])
+        if manifest_digest(remote.manifest) != src["manifest_sha256"]:
+            raise DataError(f"{src['uri']} (set {name} of {data_dir}) was published again since data prep read it: "
+                            "run data prep again")
+        link = local / "raw" / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        target = remote.all()
+        try:
+            os.symlink(target, link, target_is_directory=True)
+        except FileExistsError:  # another process of this node linked it (the same version: the same folder)
+            if not (link.is_symlink() and Path(os.readlink(link)) == target):
+                raise DataError(f"{link} exists and is not a link to {target}") from None
+    return local
 
 
 def read_data_manifest(data_dir: str | Path) -> dict[str, Any]:
