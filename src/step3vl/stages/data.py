@@ -18,7 +18,9 @@ Output layout under ``out_dir``::
 With ``storage.root`` on object storage the sealed directory is then published to
 ``<storage.root>/data/<digest>/<version>`` (:func:`publish`), and the stages read it from there
 (:func:`local_copy`: only the parts each one needs); the pipeline's ``Dataset`` artifact holds a
-pointer to it, so that no pod downloads the whole directory as a KFP input.
+pointer to it, so that no pod downloads the whole directory as a KFP input. A user's set that data
+prep read from object storage is not published again: ``data_manifest.json`` names its source and
+the version read, and :func:`local_copy` reads it from there.
 """
 
 from __future__ import annotations
