@@ -435,10 +435,8 @@ def test_trainjob_command_as_two_ranks_on_s3(prefix: str, micro_data: Any, tmp_p
     assert not list(tmp.glob("step3vl-fetch-*")), list(tmp.iterdir())
 
 
-def test_node_copy_downloads_once_per_node_and_again_when_the_data_changes(prefix: str, tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from step3vl.pipeline import trainjob
-
+def test_a_nodes_copy_is_downloaded_once_and_again_when_the_data_changes(prefix: str, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_text("one")
@@ -446,12 +444,12 @@ def test_node_copy_downloads_once_per_node_and_again_when_the_data_changes(prefi
     publish_dir(src, uri)
     monkeypatch.setenv(storage.NODE_CACHE_ENV, str(tmp_path / "node"))
     got = count_downloads(monkeypatch, uri)
-    first = trainjob.node_copy(uri)
-    assert trainjob.node_copy(uri) == first and got == ["a.txt"]  # the node's other ranks reuse it
+    first = fetch_dir(uri)
+    assert fetch_dir(uri) == first and got == ["a.txt"]  # the node's other ranks reuse it
     assert (first / "a.txt").read_text() == "one" and first.parent.parent == tmp_path / "node"
     (src / "a.txt").write_text("two")
     publish_dir(src, uri, overwrite=True)
-    assert (trainjob.node_copy(uri) / "a.txt").read_text() == "two" and got == ["a.txt", "a.txt"]
+    assert (fetch_dir(uri) / "a.txt").read_text() == "two" and got == ["a.txt", "a.txt"]
 
 
 @pytest.mark.slow

@@ -335,21 +335,6 @@ def local_arguments(fn: Callable[..., Any], cfg: Any, args: tuple, kwargs: dict[
     return local_data(f"{fn.__module__}:{fn.__qualname__}", sys.modules[fn.__module__], cfg, bound)
 
 
-def node_copy(uri: str, folders: list[str] | None = None) -> Path:
-    """A verified local copy of the published directory ``uri``, or of its ``folders`` only (its other files are
-    not there), one per node for all its ranks: each file is downloaded once, by whichever rank asks first, into
-    the node's cache (:class:`step3vl.storage.RemoteFiles`, under ``$STEP3VL_TRAINJOB_DATA``, default the pod's temp
-    dir); data published anew gets a new copy."""
-    from step3vl.storage import RemoteFiles
-
-    files = RemoteFiles(uri)
-    if folders is None:
-        log.info("this node's copy of %s", uri)
-        return files.all()
-    log.info("this node's copy of %s: %s", uri, ", ".join(folders))
-    return files.only(folders)
-
-
 def _write(uri: str, text: str) -> None:
     from step3vl.storage import open_store
 
