@@ -73,9 +73,9 @@ def upload_like_kfp(local: Path, uri: str) -> None:
             store.upload_file(Path(dirpath, name), Path(dirpath, name).relative_to(local).as_posix())
 
 
-def count_downloads(monkeypatch: pytest.MonkeyPatch, under: str, method: str = "download_file") -> list[str]:
-    """The keys S3Store downloads (or reads with another ``method``, such as ``iter_bytes``: streamed in place to
-    verify them) from stores under ``under``, from now on."""
+def count_store_calls(monkeypatch: pytest.MonkeyPatch, under: str, method: str = "download_file") -> list[str]:
+    """The keys S3Store downloads (or passes to another ``method``: ``iter_bytes``, streamed in place to verify
+    them; ``upload_file``) in stores under ``under``, from now on."""
     got: list[str] = []
     real = getattr(S3Store, method)
 
@@ -229,7 +229,7 @@ def test_resuming_ranks_share_one_verified_copy_of_the_newest_checkpoint(prefix:
     tmp.mkdir()
     monkeypatch.setenv(storage.NODE_CACHE_ENV, str(node))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    got, streamed = count_downloads(monkeypatch, ckpts), count_downloads(monkeypatch, ckpts, "iter_bytes")
+    got, streamed = count_store_calls(monkeypatch, ckpts), count_store_calls(monkeypatch, ckpts, "iter_bytes")
     first = load_latest_checkpoint(ckpts)  # one rank of the node
     second = load_latest_checkpoint(ckpts)  # another
     assert first is not None and second is not None
@@ -326,7 +326,7 @@ def test_trainjob_chain_on_s3_from_data_to_pacore(prefix: str, micro_cfg: Any, m
     cfg = replace(micro_cfg, pacore=pc)
     config_yaml = dump_yaml(cfg)
     monkeypatch.setenv(storage.NODE_CACHE_ENV, str(tmp_path / "node"))
-    fetched = count_downloads(monkeypatch, f"{prefix}/data")
+    fetched = count_store_calls(monkeypatch, f"{prefix}/data")
 
     init = None
     for stage, fn, extra in [("pretrain", "step3vl.stages.train:run_training", {"stage": "pretrain"}),
@@ -443,7 +443,7 @@ def test_a_nodes_copy_is_downloaded_once_and_again_when_the_data_changes(prefix:
     uri = f"{prefix}/d"
     publish_dir(src, uri)
     monkeypatch.setenv(storage.NODE_CACHE_ENV, str(tmp_path / "node"))
-    got = count_downloads(monkeypatch, uri)
+    got = count_store_calls(monkeypatch, uri)
     first = fetch_dir(uri)
     assert fetch_dir(uri) == first and got == ["a.txt"]  # the node's other ranks reuse it
     assert (first / "a.txt").read_text() == "one" and first.parent.parent == tmp_path / "node"
@@ -534,7 +534,7 @@ def test_data_prep_publishes_its_output_once_and_replaces_an_interrupted_upload(
     # the same data prepared again (its timings differ): what is published is reused, nothing uploaded
     (out / "timings.json").write_text('{"total": 1.0}')
     seal_dir(out)
-    uploads = count_downloads(monkeypatch, prefix, "upload_file")
+    uploads = count_store_calls(monkeypatch, prefix, "upload_file")
     assert publish(out, prefix) == uri and uploads == []
 
     version = open_store(uri)  # an upload killed before its manifest, leaving a stray object
@@ -546,7 +546,7 @@ def test_data_prep_publishes_its_output_once_and_replaces_an_interrupted_upload(
     assert verify_published(uri) == read_manifest(out) and not version.exists("raw/stray.bin")
 
     # a stage's node copies only what it names: here the eval set and the hashes
-    fetched = count_downloads(monkeypatch, prefix)
+    fetched = count_store_calls(monkeypatch, prefix)
     local = local_copy(uri, ["eval"], ("hashes",))
     assert {f.split("/")[0] for f in fetched} == {"raw", "hashes"}
     assert {f.split("/")[1] for f in fetched if f.startswith("raw/")} == {"eval"}
@@ -574,7 +574,7 @@ def test_evaluate_leaves_no_copy_of_the_models_it_compared_on_the_pods_disk(pref
         local = random_checkpoint(tmp_path / label, micro_cfg.model, seed=i)
         models[label] = f"{prefix}/{label}"
         publish_dir(local, models[label])
-    fetched = {label: count_downloads(monkeypatch, uri) for label, uri in models.items()}
+    fetched = {label: count_store_calls(monkeypatch, uri) for label, uri in models.items()}
     out = evaluate_models(micro_cfg, micro_data.out_dir, models, tmp_path / "ev", modes=("greedy",), per_family=1,
                           progress=False)
     assert {"base/greedy/mean_accuracy", "sft/greedy/mean_accuracy"} <= set(out.metrics)

@@ -148,16 +148,17 @@ def data_digest(data_dir: str | Path) -> str:
     Everything else in the directory (packed shards, reports) is a deterministic function of these
     and the config, and ``data_manifest.json`` also holds timings and paths that differ per run.
     """
-    from step3vl.stages.data import read_data_manifest
+    from step3vl.stages.data import DATA_MANIFEST
 
-    manifest = read_data_manifest(data_dir)
-    if is_s3_uri(str(data_dir)):  # the published manifest holds every file's sha256: nothing to download
-        from step3vl.storage import read_manifest
+    if is_s3_uri(str(data_dir)):  # the published manifest holds every file's sha256: no tokenizer file is downloaded
+        from step3vl.storage import RemoteFiles
 
+        files = RemoteFiles(str(data_dir))
+        manifest = json.loads(files.file(DATA_MANIFEST).read_text())
         tok_files = {rel.removeprefix("tokenizer/"): entry["sha256"]
-                     for rel, entry in sorted(read_manifest(str(data_dir))["files"].items())
-                     if rel.startswith("tokenizer/")}
+                     for rel, entry in sorted(files.manifest["files"].items()) if rel.startswith("tokenizer/")}
     else:
+        manifest = json.loads((Path(data_dir) / DATA_MANIFEST).read_text())
         tok = Path(data_dir) / "tokenizer"
         tok_files = {p.relative_to(tok).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
                      for p in sorted(tok.rglob("*")) if p.is_file()}

@@ -103,7 +103,7 @@ class Stage:
 
         if not is_s3_uri(self.cfg.storage.root):
             return str(model.path)
-        key = hashlib.sha256(str(getattr(model, "uri", "") or model.path).encode()).hexdigest()[:16]
+        key = hashlib.sha256(str(model.uri).encode()).hexdigest()[:16]
         uri = join_uri(self.cfg.storage.root, "models", f"{self.name}-{key}")
         log.info("%s: model goes to %s", self.name, uri)
         return uri

@@ -381,7 +381,7 @@ def _rows_per_task(path: Path) -> dict[str, int]:
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     tmp = out / "data_manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    tmp.replace(out / "data_manifest.json")
+    tmp.replace(out / DATA_MANIFEST)
 
 
 def _log_to_mlflow(out: Path, manifest: dict[str, Any], data_uri: str) -> None:
@@ -397,6 +397,6 @@ def _log_to_mlflow(out: Path, manifest: dict[str, Any], data_uri: str) -> None:
         ds = mlflow.data.from_pandas(df, source=join_uri(data_uri, info["path"]), name=name,
                                      digest=info["content_hash"][:32])
         mlflow.log_input(ds, context=info["purpose"])
-    mlflow.log_artifact(str(out / "data_manifest.json"))
+    mlflow.log_artifact(str(out / DATA_MANIFEST))
     mlflow.log_artifact(str(out / "timings.json"))
     mlflow.log_artifacts(str(out / "reports"), artifact_path="gate_reports")
