@@ -794,6 +794,8 @@ def publish_dir(
     used as it is instead of hashing every file again (``extra`` then does not apply).
     """
     src = Path(local_dir)
+    if sealed and extra:
+        raise StorageError("publish_dir: a sealed directory is published with its own manifest; extra cannot apply")
     manifest = read_manifest(src) if sealed else build_manifest(src, extra)
     if skip:
         if move:
@@ -890,7 +892,7 @@ class RemoteFiles:
         self.store = open_store(self.uri)
         self.manifest = read_manifest(self.uri)
         base = Path(root) if root is not None else node_cache_root()
-        version = hashlib.sha256(_manifest_bytes(self.manifest)).hexdigest()[:16]
+        version = manifest_digest(self.manifest)[:16]
         self.dir = base / hashlib.sha256(self.uri.encode()).hexdigest()[:16] / version
         self._locks = self.dir.parent / f"{self.dir.name}.locks"  # beside the tree, which holds data files only
 
