@@ -350,7 +350,7 @@ def test_trainjob_chain_on_s3_from_data_to_pacore(prefix: str, micro_cfg: Any, m
     from step3vl.stages import pacore, rl, rlhf
 
     files = storage.read_manifest(f"{prefix}/data")["files"]
-    sets = {*rl.data_sets(cfg, {"stage": "rlvr"}), *rlhf.data_sets(cfg, {}), *pacore.data_sets(cfg, {})}
+    sets = {*rl.data_sets(cfg, "rlvr"), *rlhf.data_sets(cfg), *pacore.data_sets(cfg)}
     assert len(fetched) == len(set(fetched)), sorted(fetched)
     assert {f for f in fetched if f.startswith("raw/")} == {f for f in files if f.split("/")[:2] in
                                                             [["raw", name] for name in sets]}
@@ -490,7 +490,7 @@ def test_pipeline_with_storage_on_s3_passes_data_and_models_as_pointers(prefix: 
     cache = RemoteFiles(uri).dir
     held = {f.relative_to(cache).as_posix() for f in cache.rglob("*") if f.is_file()}
     raw = {f.split("/")[1] for f in held if f.startswith("raw/")}
-    assert raw == {*rl.data_sets(cfg, {"stage": "rlvr"}), *rlhf.data_sets(cfg, {}), *pacore.data_sets(cfg, {}), "eval"}
+    assert raw == {*rl.data_sets(cfg, "rlvr"), *rlhf.data_sets(cfg), *pacore.data_sets(cfg), "eval"}
     assert not raw & {"pretrain_broad", "pretrain_hq", "sft_stage1", "sft_stage2"}
     assert {f for f in held if f.startswith("hashes/")} == {f for f in read_manifest(uri)["files"]
                                                            if f.startswith("hashes/")}

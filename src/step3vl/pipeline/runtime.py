@@ -147,7 +147,7 @@ class Stage:
                     return trainjob.run_local(self.name, fn, args, {"cfg": self.cfg, **kwargs},
                                               config_yaml=self.config_yaml, work_uri=work_uri, nprocs=nprocs,
                                               run_id=self.mlflow_run_id)
-                return fn(cfg=self.cfg, **trainjob.local_arguments(fn, self.cfg, args, kwargs))
+                return fn(*args, cfg=self.cfg, **kwargs)
         return trainjob.run_remote(self.name, fn, args, {"cfg": self.cfg, **kwargs}, config_yaml=self.config_yaml,
                                    work_uri=work_uri, run_id=self.mlflow_run_id)
 

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,7 +288,6 @@ def exec_call(spec: dict[str, Any]) -> dict[str, Any]:
         fn = getattr(fn, part)
     arguments = dict(spec["arguments"])
     cfg = load_config(spec["config_yaml"], source="the TrainJob's call")
-    arguments = local_data(spec["fn"], stage_module, cfg, arguments)
     run_id, rank0 = os.environ.get(RUN_ENV, ""), int(os.environ.get("RANK", "0")) == 0
     with contextlib.ExitStack() as stack:
         if run_id and rank0:  # the per-step curves reach the component's run, as when the stage runs in its pod
@@ -308,31 +306,6 @@ def exec_call(spec: dict[str, Any]) -> dict[str, Any]:
     if rank0:
         _write(spec["result_uri"], json.dumps(summary, sort_keys=True))
     return summary
-
-
-def local_data(fn: str, stage_module: Any, cfg: Any, arguments: dict[str, Any]) -> dict[str, Any]:
-    """``arguments`` as the stage function ``fn`` (``module:qualname``) runs on this node: an ``s3://`` data_dir of
-    an RL stage becomes the node's copy of the sets its module names (``data_sets(cfg, arguments)``), not of the
-    whole data directory (at 10B its pre-training data alone is terabytes); the training loop streams its shards."""
-    from step3vl.storage import is_s3_uri
-
-    if not is_s3_uri(str(arguments.get("data_dir", ""))) or fn in TRAINING_LOOP:
-        return arguments
-    data_sets = getattr(stage_module, "data_sets", None)
-    if data_sets is None:
-        raise TrainJobError(f"{fn}: its module names no data_sets(cfg, arguments), the sets of the data "
-                            "directory it reads, so a node cannot tell what to copy")
-    from step3vl.stages.data import local_copy
-
-    return {**arguments, "data_dir": str(local_copy(arguments["data_dir"], list(data_sets(cfg, arguments))))}
-
-
-def local_arguments(fn: Callable[..., Any], cfg: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The arguments of ``fn(*args, **kwargs)`` by name, for calling it in this process as ``fn(cfg=cfg, **them)``,
-    with data_dir made local as :func:`local_data` makes it on a TrainJob's node (the pod executor's one-process
-    stages)."""
-    bound = dict(inspect.signature(fn).bind_partial(*args, **kwargs).arguments)
-    return local_data(f"{fn.__module__}:{fn.__qualname__}", sys.modules[fn.__module__], cfg, bound)
 
 
 def _write(uri: str, text: str) -> None:

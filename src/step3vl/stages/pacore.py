@@ -209,10 +209,10 @@ def warmup_config(pc: PaCoReConfig, steps: int, sft: TrainConfig) -> TrainConfig
     )
 
 
-def data_sets(cfg: PipelineConfig, arguments: dict[str, Any]) -> list[str]:
+def data_sets(cfg: PipelineConfig) -> list[str]:
     """The sets of the data directory :func:`run` reads (``raw/<name>``): the PaCoRe prompts, the warm-up's plain
-    problems (``solver_data``) and the accuracy-vs-rollouts curve's (``scaling_data``). A TrainJob node copies
-    these, not the whole directory."""
+    problems (``solver_data``) and the accuracy-vs-rollouts curve's (``scaling_data``). From an ``s3://`` data
+    directory the node copies these."""
     pc = cfg.pacore
     sets = [pc.data, pc.solver_data, pc.scaling_data if pc.scaling_per_family else ""]
     return list(dict.fromkeys(s for s in sets if s))
@@ -221,16 +221,17 @@ def data_sets(cfg: PipelineConfig, arguments: dict[str, Any]) -> list[str]:
 def run(cfg: PipelineConfig, data_dir: str | Path, init_uri: str, out_uri: str, *, ckpt_uri: str | None = None,
         progress: bool = True, stop_after: tuple[int, str] | None = None) -> PaCoReOutputs:
     """PaCoRe training from ``init_uri``; ``stop_after=(step, "messages"|"sft"|"rl")`` ends early (tests)."""
+    from step3vl.stages.data import local_copy
     from step3vl.stages.rl import require_single_process
     from step3vl.storage import is_s3_uri
 
     require_single_process("pacore")
-
+    data = local_copy(data_dir, data_sets(cfg))
     root = ckpt_uri or out_uri
     if is_s3_uri(root):
         with tempfile.TemporaryDirectory(prefix="step3vl-pacore-") as tmp:
-            return _run(cfg, Path(data_dir), init_uri, out_uri, root, Path(tmp), progress, stop_after)
-    return _run(cfg, Path(data_dir), init_uri, out_uri, root, Path(root.removeprefix("file://")), progress, stop_after)
+            return _run(cfg, data, init_uri, out_uri, root, Path(tmp), progress, stop_after)
+    return _run(cfg, data, init_uri, out_uri, root, Path(root.removeprefix("file://")), progress, stop_after)
 
 
 def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root: str, work: Path, progress: bool,

@@ -81,10 +81,10 @@ def require_fits(stage: str, model: Any, rl: RLConfig) -> None:
             "one GPU, so this model needs a GPU with more memory, or kl_coef 0")
 
 
-def data_sets(cfg: PipelineConfig, arguments: dict[str, Any]) -> list[str]:
-    """The sets of the data directory ``run_rl`` reads (``raw/<name>``), for ``arguments`` (its call): its prompt set.
-    A TrainJob node copies these, not the whole directory (:func:`step3vl.pipeline.trainjob.exec_call`)."""
-    return [getattr(cfg, arguments["stage"]).data]
+def data_sets(cfg: PipelineConfig, stage: str) -> list[str]:
+    """The sets of the data directory ``run_rl`` reads (``raw/<name>``) as ``stage``: its prompt set. From an
+    ``s3://`` data directory the node copies these, not the whole directory (:func:`step3vl.stages.data.local_copy`)."""
+    return [getattr(cfg, stage).data]
 
 
 def run_rl(
@@ -109,12 +109,13 @@ def run_rl(
     from step3vl.model.loading import checkpoint_config, load_model
     from step3vl.rl.loop import rl_train
     from step3vl.rl.rollout import make_engine
+    from step3vl.stages.data import local_copy
     from step3vl.storage import join_uri
     from step3vl.train.loop import seed_everything
 
     require_single_process(stage)
     rl: RLConfig = rl_cfg or getattr(cfg, stage)
-    data_dir = Path(data_dir)
+    data_dir = local_copy(data_dir, data_sets(cfg, stage))
     seed_everything(cfg.seed)
     lm = load_model(init_uri, device=default_device())
     model = lm.model

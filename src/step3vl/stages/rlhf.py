@@ -183,9 +183,9 @@ def win_rate(genrm: Any, prompts: list[Any], policy: list[str], base: list[str])
             "ties": float(sum(s == 0.5 for s in score)), "n": float(len(p))}
 
 
-def data_sets(cfg: PipelineConfig, arguments: dict[str, Any]) -> list[str]:
+def data_sets(cfg: PipelineConfig) -> list[str]:
     """The sets of the data directory :func:`run` reads (``raw/<name>``): the preference pairs (GenRM), the RL
-    prompts and ``eval`` (the before/after comparison). A TrainJob node copies these, not the whole directory."""
+    prompts and ``eval`` (the before/after comparison). From an ``s3://`` data directory the node copies these."""
     return list(dict.fromkeys([preference_set(cfg), cfg.rlhf.data, "eval"]))
 
 
@@ -211,13 +211,14 @@ def run(
     from step3vl.model.loading import load_model
     from step3vl.rl.genrm import GenRM, ReferenceAnswers, RLHFReward, pairwise_accuracy
     from step3vl.rl.rollout import TorchEngine
+    from step3vl.stages.data import local_copy
     from step3vl.stages.rl import require_single_process, run_rl
     from step3vl.storage import is_s3_uri, join_uri
 
     require_single_process("rlhf")
     t0 = time.perf_counter()
     settings = settings or GenRMSettings(steps=cfg.rlhf.genrm_steps, heldout_pairs=cfg.rlhf.genrm_heldout_pairs)
-    data_dir = Path(data_dir)
+    data_dir = local_copy(data_dir, data_sets(cfg))
     genrm_uri = join_uri(ckpt_uri or out_uri, "genrm")
     local = not is_s3_uri(out_uri)
     work = Path(out_uri.removeprefix("file://")) / "genrm" / "data" if local else None
