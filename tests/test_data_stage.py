@@ -10,6 +10,7 @@ import pytest
 from step3vl import config
 from step3vl.config import PipelineConfig
 from step3vl.data.gate import GateFailed, dataset_hashes
+from step3vl.data.io import DataError
 from step3vl.data.pack import IGNORE_INDEX, PackedDataset
 from step3vl.model.processor import ImageProcessor
 from step3vl.model.tokenizer import load_tokenizer
@@ -102,28 +103,141 @@ def test_the_tokenizer_corpus_is_every_training_text_or_a_bounded_share_of_each_
     from step3vl.data import io
     from step3vl.model.tokenizer import build_tokenizer
 
-    dirs = [micro_data.raw(n) for n, s in micro_cfg.data.sets.items() if s.split == "train"]
+    names = [n for n, s in micro_cfg.data.sets.items() if s.split == "train"]
+    sets = [data._RawSet(micro_data.out_dir, n) for n in names]
     every = []
-    for d in dirs:
-        for raw in io.iter_records(d):
+    for n in names:
+        for raw in io.iter_records(micro_data.raw(n)):
             every += [m["content"].replace("<image>", "") for m in raw.record.get("messages", [])]
             every += [raw.record[k] for k in ("chosen", "rejected") if k in raw.record]
-    assert list(data._corpus(dirs)) == every
+    assert list(data._corpus(sets)) == every
 
+    firsts = {n: next(io.iter_records(micro_data.raw(n))).record for n in names}  # every set gives its first text
     read: list[str] = []
-    real = io.iter_records
+    real = io.iter_shard
 
-    def counted(d, **kw):
-        for raw in real(d, **kw):
+    def counted(shard, **kw):
+        for raw in real(shard, **kw):
             read.append(raw.record["id"])
             yield raw
 
-    monkeypatch.setattr(io, "iter_records", counted)
-    some = list(data._corpus(dirs, 60))
-    assert 60 - len(dirs) <= len(some) <= 60 and set(some) <= set(every)
-    firsts = {d: next(real(d)).record for d in dirs}  # every set gives its first text
+    monkeypatch.setattr(io, "iter_shard", counted)
+    some = list(data._corpus(sets, 60))
+    assert 60 - len(sets) <= len(some) <= 60 and set(some) <= set(every)
     assert all(r["messages"][0]["content"].replace("<image>", "") in some for r in firsts.values()), firsts
     assert len(read) < len(every) / 4  # the sets' other records are never read
     assert len(build_tokenizer(micro_cfg.model.tokenizer, corpus=iter(some))) > 300
     with pytest.raises(ConfigError, match="'data.tokenizer_max_texts' must be >= 0"):
         from_dict(PipelineConfig, {"data": {"tokenizer_max_texts": -1}})
+
+
+@pytest.fixture(scope="module")
+def one_shard_parts(micro_cfg, tmp_path_factory):
+    """Data prep of micro with every input shard a part of its own."""
+    cfg = config.load(PipelineConfig, ROOT / "tests/conf/micro.yaml", ["data.part_shards=1"])
+    return data.run(cfg, tmp_path_factory.mktemp("parts"), progress=False)
+
+
+def test_a_set_in_parts_passes_the_same_gate_and_packs_the_same_samples(micro_cfg, micro_data, one_shard_parts):
+    whole, parts = micro_data.manifest["sets"], one_shard_parts.manifest["sets"]
+    plan = json.loads((one_shard_parts.out_dir / "plan.json").read_text())
+    n_shards = {n: len(list((micro_data.raw(n)).glob("*.jsonl"))) for n in whole}
+    assert [p["set"] for p in plan["parts"]] == [n for n in micro_cfg.data.sets for _ in range(n_shards[n])]
+    assert max(n_shards.values()) > 1  # some set really is in several parts
+    assert not (one_shard_parts.out_dir / "prep").exists()
+    for name, info in whole.items():
+        for key in ("content_hash", "n_records", "rows_per_task", "gate"):
+            assert parts[name][key] == info[key], (name, key)
+        assert (one_shard_parts.out_dir / "hashes" / f"{name}.txt").is_file() == (micro_data.out_dir / "hashes" /
+                                                                                  f"{name}.txt").is_file()
+        for packed, counts in info.get("packed", {}).items():
+            got = parts[name]["packed"][packed]
+            assert {k: got[k] for k in ("samples", "tokens", "loss_tokens")} == \
+                {k: counts[k] for k in ("samples", "tokens", "loss_tokens")}, packed
+            index = json.loads((one_shard_parts.packed(packed) / "index.json").read_text())
+            assert [s["file"] for s in index["shards"]] == [f"pack-{i:05d}.safetensors"
+                                                           for i in range(len(index["shards"]))]
+            assert sum(s["rows"] for s in index["shards"]) == got["rows"] == index["rows"]
+            verify_dir(one_shard_parts.packed(packed))
+    # every record of a set in parts is packed once: the same records, in another order
+    tok = load_tokenizer(one_shard_parts.tokenizer_dir)
+    a = PackedDataset(micro_data.packed("pretrain_broad"), ImageProcessor(micro_cfg.model.vision))
+    b = PackedDataset(one_shard_parts.packed("pretrain_broad"), ImageProcessor(micro_cfg.model.vision))
+    assert n_shards["pretrain_broad"] > 1
+
+    def samples(ds):
+        out = []
+        for i in range(ds.n_shards):
+            sh = ds.shard(i)
+            for ids, seg in zip(sh["input_ids"].tolist(), sh["segment_ids"].tolist()):
+                for s in set(seg) - {0}:
+                    out.append(tok.decode([t for t, g in zip(ids, seg) if g == s]))
+        return sorted(out)
+
+    assert samples(a) == samples(b)
+
+
+def test_the_gate_judges_a_set_across_its_parts(micro_cfg, tmp_path):
+    """An id repeated in another part, and an unreadable line, fail the set; its other parts are not packed alone."""
+    src = tmp_path / "user"
+    src.mkdir()
+    recs = [{"id": f"r{i}", "task": "t", "split": "train", "images": [],
+             "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(4)]
+    (src / "data-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:2]))
+    (src / "data-00001.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [recs[2], recs[0]]))
+    (src / "data-00002.jsonl").write_text(json.dumps(recs[3]) + "\nnot json\n")
+    (src / "data-00003.jsonl").write_text("{not json\n")  # a part with no readable line at all
+    cfg = config.load(PipelineConfig, ROOT / "tests/conf/micro.yaml",
+                      [f"data.sets.sft_stage2.path={src}", "data.part_shards=1"])
+    out = tmp_path / "out"
+    with pytest.raises(GateFailed) as err:
+        data.run(cfg, out, progress=False)
+    report = err.value.report
+    assert report.path.endswith("raw/sft_stage2") and not report.passed
+    assert report.check("unique_ids").example_ids == ["r0", "r0"]
+    assert report.check("parse").example_ids == ["data-00002.jsonl:2", "data-00003.jsonl:1"]
+    assert [c.name for c in report.failed_checks] == ["parse", "unique_ids"]  # no check errs on the empty part
+    parts = json.loads((out / "plan.json").read_text())["parts"]
+    mine = [i for i, p in enumerate(parts) if p["set"] == "sft_stage2"]
+    assert len(mine) == 4
+    done = [json.loads((out / "prep" / "parts" / f"{i:05d}" / "part.json").read_text()) for i in mine]
+    assert [d["unreadable_records"] for d in done] == [0, 0, 1, 1]
+    assert not (out / "prep" / "parts" / f"{mine[2]:05d}" / "packed").exists()
+    assert (out / "prep" / "parts" / f"{mine[0]:05d}" / "packed" / "sft_stage2").is_dir()
+    assert not (out / "packed").exists() and not (out / "MANIFEST.json").exists()
+
+
+def test_merge_refuses_a_part_that_was_not_prepared(micro_cfg, tmp_path):
+    out = tmp_path / "out"
+    n = len(data.plan(micro_cfg, out, progress=False)["parts"])
+    for i in range(n):
+        if i != 2:
+            data.prepare_part(micro_cfg, out, i, progress=False)
+    with pytest.raises(DataError, match=r"part 2 of data prep \(set \w+, \d+ shards\) was not prepared"):
+        data.merge(micro_cfg, out, progress=False)
+    assert not (out / "MANIFEST.json").exists() and not (out / "data_manifest.json").exists()
+    with pytest.raises(DataError, match=f"no part {n} "):
+        data.prepare_part(micro_cfg, out, n, progress=False)
+    data.prepare_part(micro_cfg, out, 2, progress=False)
+    done = data.merge(micro_cfg, out, progress=False)
+    verify_dir(done.out_dir)
+    with pytest.raises(config.ConfigError, match="'data.part_shards' must be >= 0"):
+        config.from_dict(PipelineConfig, {"data": {"part_shards": -1}})
+
+
+def test_a_published_sets_content_hash_is_read_from_its_manifest(micro_data, tmp_path):
+    from step3vl.data.gate import check_scan, scan_dataset
+    from step3vl.data.io import dataset_sha256, dataset_sha256_of_manifest
+    from step3vl.storage import publish_dir
+
+    manifest = publish_dir(micro_data.raw("sft_stage1"), tmp_path / "pub")
+    assert dataset_sha256_of_manifest(manifest) == dataset_sha256(micro_data.raw("sft_stage1"))
+    shard = next((tmp_path / "pub").glob("*.jsonl"))
+    shard.write_bytes(shard.read_bytes().replace(b'"', b"'", 1))
+    assert dataset_sha256(tmp_path / "pub") != dataset_sha256_of_manifest(manifest)
+    # a scan without token lengths cannot be judged on them (it would pass every record)
+    df = scan_dataset(micro_data.raw("sft_stage1"))
+    with pytest.raises(ValueError, match="max_tokens needs token lengths"):
+        check_scan(df, "sft_stage1", max_tokens=10)
+    assert check_scan(df, "sft_stage1").passed

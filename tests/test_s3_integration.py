@@ -603,7 +603,7 @@ def test_a_users_set_on_s3_is_read_where_it_is_not_published_again(prefix: str, 
     assert source["uri"] == f"{prefix}/user/rl"
     files = read_manifest(out.data_uri)["files"]
     assert not [f for f in files if f.startswith("raw/rl/")] and [f for f in files if f.startswith("raw/eval/")]
-    assert (tmp_path / "data" / "raw" / "rl").is_dir()  # data prep's own copy, which it gated
+    assert not (tmp_path / "data" / "raw" / "rl").exists()  # data prep gated it where it is, in parts
 
     local = data.local_copy(out.data_uri, ["rl", "eval"])
     assert (local / "raw" / "rl").is_symlink()
@@ -618,3 +618,45 @@ def test_a_users_set_on_s3_is_read_where_it_is_not_published_again(prefix: str, 
     publish_dir(changed, f"{prefix}/user/rl", overwrite=True)
     with pytest.raises(DataError, match=r"user/rl \(set rl of .*\) was published again since data prep read it"):
         data.local_copy(out.data_uri, ["rl"])
+
+
+def test_data_prep_fetches_what_each_part_of_a_users_set_on_s3_needs(prefix: str, micro_cfg: Any, micro_data: Any,
+                                                                      tmp_path: Path, monkeypatch: Any) -> None:
+    """With storage.root on S3 a user's set is never fetched whole: the tokenizer reads its first shards, and a part
+    fetches its own shards and the images their records name; the joined set is the set prepared whole."""
+    from dataclasses import replace
+
+    from step3vl.config import DatasetSpec, StorageConfig
+    from step3vl.data.io import iter_shard
+    from step3vl.stages import data
+
+    monkeypatch.setenv(storage.NODE_CACHE_ENV, str(tmp_path / "node"))
+    publish_dir(micro_data.raw("pretrain_broad"), f"{prefix}/user/broad")
+    shards = sorted(p.name for p in micro_data.raw("pretrain_broad").glob("*.jsonl"))
+    assert len(shards) == 3
+    sets = {**micro_cfg.data.sets, "pretrain_broad": DatasetSpec(purpose="pretrain", path=f"{prefix}/user/broad")}
+    cfg = replace(micro_cfg, data=replace(micro_cfg.data, sets=sets, part_shards=1, tokenizer_max_texts=60),
+                  storage=StorageConfig(root=f"{prefix}/root"))
+    out = tmp_path / "data"
+    plan = data.plan(cfg, out, progress=False)
+    cache = storage.RemoteFiles(f"{prefix}/user/broad").dir
+
+    def cached() -> set[str]:
+        return {p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()}
+
+    assert cached() == {shards[0]}  # the tokenizer's share of the set is in its first shard
+    mine = [i for i, p in enumerate(plan["parts"]) if p["set"] == "pretrain_broad"]
+    assert [plan["parts"][i]["shards"] for i in mine] == [[s] for s in shards]
+    data.prepare_part(cfg, out, mine[1], progress=False)
+    images = {i for r in iter_shard(micro_data.raw("pretrain_broad") / shards[1]) for i in r.record["images"]}
+    assert images and cached() == {shards[0], shards[1], *images}
+    for i in range(len(plan["parts"])):
+        if i != mine[1]:
+            data.prepare_part(cfg, out, i, progress=False)
+    done = data.merge(cfg, out, progress=False)
+    got, whole = done.manifest["sets"]["pretrain_broad"], micro_data.manifest["sets"]["pretrain_broad"]
+    assert got["source"]["uri"] == f"{prefix}/user/broad" and not (out / "raw" / "pretrain_broad").exists()
+    assert {k: got[k] for k in ("content_hash", "n_records", "gate")} == {k: whole[k] for k in
+                                                                          ("content_hash", "n_records", "gate")}
+    assert got["packed"]["pretrain_broad"]["samples"] == whole["packed"]["pretrain_broad"]["samples"]
+    assert read_manifest(done.data_uri)["files"]["packed/pretrain_broad/index.json"]

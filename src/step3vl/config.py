@@ -148,6 +148,8 @@ class DataConfig:
     # texts the tokenizer is trained on: 0 = every text of the training sets; else at most this many, from each
     # training set in proportion to its size on disk (its first records), so that it never reads a whole corpus
     tokenizer_max_texts: int = 0
+    # a set's input shards per part: data prep gates and packs each part on its own (0 = the whole set is one part)
+    part_shards: int = 0
     sets: dict[str, DatasetSpec] = field(default_factory=dict)
 
 
@@ -483,6 +485,8 @@ def _validate(obj: Any, source: str, prefix: str) -> None:
     if isinstance(obj, DataConfig) and obj.pack_open_rows < 1:
         raise ConfigError(f"{source}: '{prefix}pack_open_rows' must be >= 1 (1 = next-fit packing), "
                           f"got {obj.pack_open_rows}")
+    if isinstance(obj, DataConfig) and obj.part_shards < 0:
+        raise ConfigError(f"{source}: '{prefix}part_shards' must be >= 0 (0 = a set is one part), got {obj.part_shards}")
     if isinstance(obj, DataConfig) and obj.tokenizer_max_texts < 0:
         raise ConfigError(f"{source}: '{prefix}tokenizer_max_texts' must be >= 0 (0 = every training text), "
                           f"got {obj.tokenizer_max_texts}")

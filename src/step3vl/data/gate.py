@@ -302,16 +302,18 @@ def _worker_count(requested: int | None, n_shards: int) -> int:
 
 
 def _scan(
-    root: Path, opts: _ScanOptions, workers: int | None, while_waiting: Callable[[], None] | None = None
+    root: Path, opts: _ScanOptions, workers: int | None, while_waiting: Callable[[], None] | None = None,
+    shards: list[str] | None = None,
 ) -> pd.DataFrame:
-    """Scan every shard (in parallel across processes when there are several) into one frame.
+    """Scan every shard, or the ``shards`` named (file names under ``root``), in parallel across processes when there
+    are several, into one frame.
 
     Memory: a scan holds one line at a time; this process keeps only the derived columns.
     ``while_waiting`` runs here while the workers scan (the gate imports GE then).
     """
     import pandas as pd
 
-    shards = list_shards(root)
+    shards = list_shards(root) if shards is None else _named_shards(root, shards)
     n_workers = _worker_count(workers, len(shards))
     if n_workers == 1:
         if while_waiting is not None:
@@ -551,22 +553,87 @@ def validate_dataset(
     if max_examples < 0:
         raise ValueError(f"max_examples must be >= 0, got {max_examples}")
     start = time.perf_counter()
+    df = scan_dataset(path, require_answer=require_answer, token_len=token_len, max_line_bytes=max_line_bytes,
+                      max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, workers=workers,
+                      while_waiting=_import_ge)
+    return check_scan(df, str(path), max_tokens=max_tokens, forbidden_hashes=forbidden_hashes,
+                      max_examples=max_examples, seconds=time.perf_counter() - start)
+
+
+def scan_dataset(
+    path: str | os.PathLike[str],
+    *,
+    shards: list[str] | None = None,
+    require_answer: bool = False,
+    token_len: TokenLen | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    workers: int | None = None,
+    while_waiting: Callable[[], None] | None = None,
+) -> pd.DataFrame:
+    """The gate's first half: one row of derived columns (:data:`COLUMNS`) per line of the dataset at ``path``, or
+    of its ``shards`` only (file names, in that order). Frames of a dataset's parts, scanned apart (data prep's
+    parts), concatenated in shard order are the frame of the whole, which :func:`check_scan` judges."""
     root = Path(path)
     opts = _ScanOptions(
         os.fspath(root), max_line_bytes, max_image_bytes, max_image_pixels, require_answer, token_len
     )
-    df = _scan(root, opts, workers, while_waiting=_import_ge)
+    return _scan(root, opts, workers, while_waiting=while_waiting, shards=shards)
+
+
+def check_scan(
+    df: pd.DataFrame,
+    path: str,
+    *,
+    max_tokens: int | None = None,
+    forbidden_hashes: Collection[str] | None = None,
+    max_examples: int = 5,
+    seconds: float = 0.0,
+) -> GateReport:
+    """The gate's second half: the Great Expectations suite over a :func:`scan_dataset` frame (its parts'
+    frames concatenated, index reset); ``path`` names the dataset in the report, ``seconds`` is the scan's."""
+    valid = df["parse_error"].isna() & df["schema_error"].isna()
+    if max_tokens is not None and df.loc[valid, "token_len"].isna().any():
+        raise ValueError(f"{path}: max_tokens needs token lengths, and the scan measured none (scan with token_len)")
+    start = time.perf_counter()
     checks = _checks(max_tokens, forbidden_hashes)
     ge_results = _run_suite(df, checks)
     results = [_check_result(c, ge_results.get(c.name), df, max_examples) for c in checks]
     return GateReport(
-        path=str(root),
+        path=path,
         passed=all(r.passed for r in results),
         n_records=len(df),
         checks=results,
-        seconds=round(time.perf_counter() - start, 3),
+        seconds=round(seconds + time.perf_counter() - start, 3),
         content_hashes=frozenset(df["content_hash"].dropna()),
     )
+
+
+def concat_scans(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The frame of a dataset from its parts' :func:`scan_dataset` frames, in shard order: one index, and numeric
+    columns numeric even where a part had no value in them (every line of it unreadable)."""
+    import pandas as pd
+
+    df = pd.concat(frames, ignore_index=True)
+    for c in _NUMERIC:
+        df[c] = pd.to_numeric(df[c])
+    return df
+
+
+_NUMERIC: Final = ("line_no", "n_messages", "n_empty_turns", "n_image_tags", "n_images", "has_answer",
+                   "needs_answer", "token_len")
+
+
+def _named_shards(root: Path, names: list[str]) -> list[Path]:
+    if not names:
+        raise DataError(f"{str(root)!r}: no shards named to scan")
+    if not root.is_dir():
+        raise DataError(f"dataset directory {str(root)!r} does not exist or is not a directory")
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        raise DataError(f"dataset directory {str(root)!r} has no shard {missing[0]!r}")
+    return [root / n for n in names]
 
 
 def dataset_hashes(

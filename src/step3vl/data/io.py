@@ -461,18 +461,32 @@ class _ShardWriter:
 
 
 def dataset_sha256(dataset_dir: str | os.PathLike[str]) -> str:
-    """sha256 over every file of a dataset directory (sorted relative paths, lengths and bytes).
+    """sha256 over the sorted list of every file of a dataset directory: relative path, size and sha256 of each.
 
     The dataset's identity in manifests and lineage: equal datasets give equal hashes wherever
-    and however they were written. ``MANIFEST.json`` (if published) is not part of the content.
+    and however they were written. ``MANIFEST.json`` files (a published one) are not part of the content, so a
+    published dataset's hash is also :func:`dataset_sha256_of_manifest` of its manifest, without reading its files.
     """
     root = Path(dataset_dir)
-    h = hashlib.sha256()
+    files = {}
     for p in sorted(q for q in root.rglob("*") if q.is_file() and q.name != "MANIFEST.json"):
-        rel = p.relative_to(root).as_posix()
-        data = p.read_bytes()
-        h.update(f"{rel}\0{len(data)}\0".encode())
-        h.update(data)
+        h = hashlib.sha256()
+        with p.open("rb") as f:
+            while chunk := f.read(_READ_CHUNK * 16):
+                h.update(chunk)
+        files[p.relative_to(root).as_posix()] = {"size": p.stat().st_size, "sha256": h.hexdigest()}
+    return _files_sha256(files)
+
+
+def dataset_sha256_of_manifest(manifest: dict[str, Any]) -> str:
+    """:func:`dataset_sha256` of a published dataset, from its ``MANIFEST.json`` (``storage.read_manifest``)."""
+    return _files_sha256({rel: e for rel, e in manifest["files"].items() if PurePosixPath(rel).name != "MANIFEST.json"})
+
+
+def _files_sha256(files: dict[str, dict[str, Any]]) -> str:
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        h.update(f"{rel}\0{files[rel]['size']}\0{files[rel]['sha256']}\n".encode())
     return h.hexdigest()
 
 

@@ -38,7 +38,7 @@ import torch
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
 
-from step3vl.data.io import DataError, iter_records, resolve_image
+from step3vl.data.io import DataError, iter_records, iter_shard, resolve_image
 from step3vl.model.processor import ImageProcessor
 from step3vl.progress import track
 from step3vl.model.tokenizer import (
@@ -187,11 +187,15 @@ def pack_dataset(
     progress: bool = True,
     extra_meta: dict[str, Any] | None = None,
     workers: int | None = None,
+    shards: list[str] | None = None,
+    allow_empty: bool = False,
 ) -> dict[str, Any]:
     """Tokenise and pack a (gated) dataset into shards at ``out_uri``; returns the index.
 
     Records are tokenised in up to ``workers`` forked processes (default: one per available CPU), in order, and
-    packed here: the shards do not depend on the number of workers."""
+    packed here: the shards do not depend on the number of workers. ``shards`` (file names under ``dataset_dir``)
+    packs those input shards only (one part of a set, :mod:`step3vl.stages.data`); ``allow_empty`` then accepts a
+    part with nothing to pack (every sample longer than ``seq_len``) instead of raising."""
     if open_rows < 1:
         raise ValueError(f"open_rows must be >= 1, got {open_rows}")
     from step3vl.storage import publish_dir
@@ -201,7 +205,7 @@ def pack_dataset(
     stats = {"samples": 0, "rows": 0, "tokens": 0, "loss_tokens": 0, "dropped_too_long": 0, "per_task": {}}
     too_long_examples: list[str] = []
     with tempfile.TemporaryDirectory(prefix="step3vl-pack-") as tmp:
-        shards: list[dict[str, Any]] = []
+        out_shards: list[dict[str, Any]] = []
         builder = _ShardBuilder(seq_len, pad_id)
         open_: list[_Row] = []  # rows still taking samples, in the order they were opened
 
@@ -216,15 +220,16 @@ def pack_dataset(
             nonlocal builder
             if not builder.rows:
                 return
-            name = f"pack-{len(shards):05d}.safetensors"
+            name = f"pack-{len(out_shards):05d}.safetensors"
             arrs = builder.arrays()
             save_file(arrs, str(Path(tmp) / name))
-            shards.append({"file": name, "rows": len(builder.rows),
+            out_shards.append({"file": name, "rows": len(builder.rows),
                            "loss_tokens": int(arrs["loss_mask"].sum()),
                            "tokens": int((arrs["segment_ids"] > 0).sum())})
             builder = _ShardBuilder(seq_len, pad_id)
 
-        for sample in track(_shuffled_samples(dataset_dir, tokenizer, processor, loss_on, rng, workers=workers),
+        for sample in track(_shuffled_samples(dataset_dir, tokenizer, processor, loss_on, rng, workers=workers,
+                                              shards=shards),
                             f"pack {Path(dataset_dir).name}", enabled=progress, unit=" samples"):
             n = len(sample.input_ids)
             if n > seq_len:
@@ -259,12 +264,12 @@ def pack_dataset(
         if stats["dropped_too_long"]:
             log.warning("%s: %d samples longer than seq_len=%d were not packed, e.g. %s", dataset_dir,
                         stats["dropped_too_long"], seq_len, ", ".join(too_long_examples))
-        if not shards:
+        if not out_shards and not allow_empty:
             raise DataError(f"{dataset_dir}: nothing to pack (every sample longer than seq_len={seq_len}?)")
         index = {
-            "format": PACK_FORMAT, "seq_len": seq_len, "loss_on": loss_on, "seed": seed, "shards": shards,
+            "format": PACK_FORMAT, "seq_len": seq_len, "loss_on": loss_on, "seed": seed, "shards": out_shards,
             "open_rows": open_rows,
-            "padding_fraction": 1 - stats["tokens"] / (stats["rows"] * seq_len),
+            "padding_fraction": padding_fraction(stats["tokens"], stats["rows"], seq_len),
             "too_long_examples": too_long_examples,
             "vision": {"image_size": processor.vision.image_size, "crop_size": processor.vision.crop_size},
             **stats, **(extra_meta or {}),
@@ -274,17 +279,29 @@ def pack_dataset(
     return index
 
 
+def padding_fraction(tokens: int, rows: int, seq_len: int) -> float:
+    """The share of packed positions that hold no token (0 for no rows)."""
+    return 1 - tokens / (rows * seq_len) if rows else 0.0
+
+
 def _shuffled_samples(dataset_dir, tokenizer, processor, loss_on, rng: random.Random,
-                      window: int = 4096, workers: int | None = None) -> Iterator[Sample]:
+                      window: int = 4096, workers: int | None = None,
+                      shards: list[str] | None = None) -> Iterator[Sample]:
     """Tokenised samples in a seeded shuffled order, shuffling within a bounded window (tokenised by ``workers``
-    processes a window at a time: memory stays bounded by the window)."""
+    processes a window at a time: memory stays bounded by the window); of the ``shards`` named, or every shard."""
+    import itertools
     import multiprocessing
 
     from step3vl.data.gate import _worker_count
 
+    def raw_records() -> Iterator[Any]:
+        if shards is None:
+            return iter_records(dataset_dir)
+        return itertools.chain.from_iterable(iter_shard(Path(dataset_dir, name)) for name in shards)
+
     def windows() -> Iterator[list[dict[str, Any]]]:
         buf: list[dict[str, Any]] = []
-        for raw in iter_records(dataset_dir):
+        for raw in raw_records():
             if raw.record is None:
                 raise DataError(f"{dataset_dir}/{raw.where}: {raw.error} (run the data gate first)")
             buf.append(raw.record)

@@ -3,7 +3,19 @@
 Order matters: eval sets are written first so that training sets can be generated around their
 content hashes (train and eval never overlap), then the tokenizer is trained on the training text,
 then every dataset passes the Great Expectations gate (token lengths measured with that tokenizer)
-before the pre-training/SFT sets and the held-out set are packed.
+before the pre-training/SFT sets and the held-out set are published packed.
+
+The stage is three steps with files between them, :func:`run` calling them in turn:
+
+1. :func:`plan`: the raw sets, the tokenizer, the eval sets' hashes, and ``plan.json``: every set split into
+   parts of ``data.part_shards`` input shards;
+2. :func:`prepare_part`, once per part, each on its own: the gate's scan of its shards (``scan.parquet``: the
+   gate's derived columns, not its text) and its packed shards;
+3. :func:`merge`: the gate's verdict on each set over its parts' scans together (ids unique across parts, no
+   eval content), each packed set's parts joined (shards renumbered, counts summed), the manifest; sealed last.
+
+A set in one part (``part_shards: 0``) is packed exactly as the whole set was before parts existed; in several
+parts, each part shuffles and packs its own records (another order, a few more part-filled rows).
 
 Output layout under ``out_dir``::
 
@@ -13,6 +25,7 @@ Output layout under ``out_dir``::
     reports/<set>.md  gate reports
     hashes/<set>.txt  the content hash of every record of each training set, sorted (the contamination check's)
     data_manifest.json  content hash, rows per task and the gate result of every set
+    plan.json         the sets' parts
     MANIFEST.json     sha256 of every file, written last (the directory is whole; see ``storage.seal_dir``)
 
 With ``storage.root`` on object storage the sealed directory is then published to
@@ -20,30 +33,41 @@ With ``storage.root`` on object storage the sealed directory is then published t
 (:func:`local_copy`: only the parts each one needs); the pipeline's ``Dataset`` artifact holds a
 pointer to it, so that no pod downloads the whole directory as a KFP input. A user's set that data
 prep read from object storage is not published again: ``data_manifest.json`` names its source and
-the version read, and :func:`local_copy` reads it from there.
+the version read, and :func:`local_copy` reads it from there. Data prep itself reads such a set where it
+is: the tokenizer its first shards, each part its own shards and the images their records name.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
+import posixpath
 import shutil
 import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from step3vl.config import DataConfig, DatasetSpec, PipelineConfig
 from step3vl.progress import track
+
+if TYPE_CHECKING:
+    from step3vl.data.pack import LossOn
 
 log = logging.getLogger(__name__)
 
 TRAIN_PURPOSES = ("pretrain", "sft")
 HASHES_DIR = "hashes"
 DATA_MANIFEST = "data_manifest.json"
+PLAN_FILE = "plan.json"  # the sets' parts (data prep's plan), kept in the data directory
+PREP_DIR = "prep"  # what the plan hands its parts and the merge: removed by the merge
+PART_FILE = "part.json"  # written last in prep/parts/<index>: the part is done
+SCAN_FILE = "scan.parquet"  # the gate's derived columns of a part
+EVAL_HASHES = "eval_hashes.txt"
 ANSWER_PURPOSES = ("rl", "eval")
 
 
@@ -142,20 +166,67 @@ def generate(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True)
     return summaries
 
 
-def _corpus(dirs: list[Path], max_texts: int = 0) -> Iterator[str]:
+class _RawSet:
+    """Where data prep reads one set's shards: ``raw/<set>`` of the data directory, or (``source``) the user's set
+    published on object storage, read in place: the shards and images a step needs are fetched into the node's cache
+    (:class:`step3vl.storage.RemoteFiles`), never the whole set for one part of it."""
+
+    def __init__(self, data_dir: str | Path, name: str, source: str = "") -> None:
+        from step3vl.storage import RemoteFiles
+
+        self.name, self.source = name, source
+        self.local = Path(data_dir) / "raw" / name
+        self.remote = RemoteFiles(source) if source else None
+
+    def shard_sizes(self) -> dict[str, int]:
+        """Shard file name → bytes, in name order (the order records are read in)."""
+        from step3vl.data.io import SHARD_GLOB, DataError, list_shards
+
+        if self.remote is None:
+            return {p.name: p.stat().st_size for p in list_shards(self.local)}
+        sizes = {rel: int(e["size"]) for rel, e in sorted(self.remote.manifest["files"].items())
+                 if "/" not in rel and fnmatch.fnmatch(rel, SHARD_GLOB)}
+        if not sizes:
+            raise DataError(f"data.sets.{self.name}.path: {self.source} has no {SHARD_GLOB} shards")
+        return sizes
+
+    def records(self, shards: list[str] | None = None) -> Iterator[Any]:
+        """The raw records (:class:`step3vl.data.io.RawRecord`) of ``shards`` (default: every shard), one shard
+        fetched at a time."""
+        from step3vl.data.io import iter_shard
+
+        for name in self.shard_sizes() if shards is None else shards:
+            yield from iter_shard(self.local / name if self.remote is None else self.remote.file(name))
+
+    def root(self, shards: list[str]) -> Path:
+        """A local folder holding ``shards`` and every image file their records name: what the gate and packing
+        read of this part of the set."""
+        if self.remote is None:
+            return self.local
+        files = self.remote.manifest["files"]
+        refs: set[str] = set()
+        for raw in self.records(shards):
+            images = raw.record.get("images") if raw.record is not None else None
+            if isinstance(images, list):  # references the manifest lacks are the gate's to report
+                refs.update(r for r in (posixpath.normpath(i) for i in images if isinstance(i, str)) if r in files)
+        return self.remote.only(list(shards) + sorted(refs))
+
+    def whole(self) -> Path:
+        return self.local if self.remote is None else self.remote.all()
+
+
+def _corpus(sets: list[_RawSet], max_texts: int = 0) -> Iterator[str]:
     """Training text for the tokenizer: every message and preference text of the given datasets, or with
     ``max_texts`` at most that many: each set's share in proportion to its shards' bytes (at least one text),
-    read from its first records only."""
-    from step3vl.data.io import iter_records, list_shards
-
-    quota: dict[Path, int | None] = dict.fromkeys(dirs)
+    read from its first records only (a set on object storage: only the shards those are in are fetched)."""
+    quota: dict[str, int | None] = {s.name: None for s in sets}
     if max_texts:
-        size = {d: sum(p.stat().st_size for p in list_shards(d)) for d in dirs}
+        size = {s.name: sum(s.shard_sizes().values()) for s in sets}
         total = sum(size.values()) or 1
-        quota = {d: max(1, int(max_texts * size[d] / total)) for d in dirs}
-    for d in dirs:
-        left = quota[d]
-        for raw in iter_records(d):
+        quota = {s.name: max(1, int(max_texts * size[s.name] / total)) for s in sets}
+    for s in sets:
+        left = quota[s.name]
+        for raw in s.records():
             if raw.record is None:
                 continue
             texts = [str(m.get("content", "")).replace("<image>", "") for m in raw.record.get("messages", [])]
@@ -179,115 +250,278 @@ def token_counter(tokenizer: Any, processor: Any):
     return count
 
 
-def run(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True, log_mlflow: bool = False) -> DataPrepOutputs:
-    """The whole data prep stage. Raises ``GateFailed`` (with its report written) if any set fails the gate."""
-    from step3vl.data.gate import GateFailed, dataset_hashes, validate_dataset
-    from step3vl.data.io import DataError, dataset_sha256
-    from step3vl.data.pack import pack_dataset
-    from step3vl.model.processor import ImageProcessor
-    from step3vl.model.tokenizer import build_tokenizer, save_tokenizer
-    from step3vl.storage import MANIFEST_NAME, fetch_dir, is_s3_uri, manifest_digest, read_manifest, seal_dir
+def packings(name: str, spec: DatasetSpec) -> list[tuple[str, LossOn]]:
+    """(packed set name, loss on) of each packing of the set ``name``: pre-training and SFT sets once, the held-out
+    set twice (loss on every token / on assistant tokens); RL and preference sets are not packed."""
+    if spec.purpose == "pretrain":
+        return [(name, "all")]
+    if spec.purpose == "sft":
+        return [(name, "assistant")]
+    if spec.purpose == "eval":
+        return [(f"{name}-all", "all"), (f"{name}-assistant", "assistant")]
+    return []
 
+
+def part_seed(data: DataConfig, packed: str, index: int) -> int:
+    """The shuffle seed of part ``index`` of the packed set ``packed`` (part 0: the set's own seed)."""
+    return set_seed(data, packed if index == 0 else f"{packed}#{index}")
+
+
+def run(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True, log_mlflow: bool = False) -> DataPrepOutputs:
+    """The whole data prep stage in this process: :func:`plan`, :func:`prepare_part` of every part, :func:`merge`.
+    Raises ``GateFailed`` (with its report written) if any set fails the gate."""
     t0 = time.perf_counter()
+    parts = plan(cfg, out_dir, progress=progress)["parts"]
+    for i in track(range(len(parts)), "parts", enabled=progress and len(parts) > 1, unit=" part"):
+        prepare_part(cfg, out_dir, i, progress=progress)
+    return merge(cfg, out_dir, progress=progress, log_mlflow=log_mlflow, started=t0)
+
+
+def plan(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Data prep's first step: generate the synthetic sets (eval first), copy in local user sets (a set on object
+    storage is read where it is when ``storage.root`` is on object storage too, else copied in), train the tokenizer
+    on the training text, hash the eval sets, and split every set into parts of ``data.part_shards`` input shards.
+
+    Writes ``raw/``, ``tokenizer/`` and ``plan.json`` (the parts) under ``out_dir``, and what :func:`merge` needs
+    under ``prep/``; returns the plan. Each part is then gated and packed on its own (:func:`prepare_part`).
+    """
+    from step3vl.data.gate import dataset_hashes
+    from step3vl.data.io import DataError
+    from step3vl.model.tokenizer import build_tokenizer, save_tokenizer
+    from step3vl.storage import MANIFEST_NAME, fetch_dir, is_s3_uri, manifest_digest
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST_NAME).unlink(missing_ok=True)  # rewritten below: never sealed while half-written
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # rewritten by merge: never sealed while half-written
+    shutil.rmtree(out / PREP_DIR, ignore_errors=True)
     gen = generate(cfg, out, progress=progress)
-    raw: dict[str, Path] = {}
+    in_place = is_s3_uri(cfg.storage.root)
+    raw: dict[str, _RawSet] = {}
+    sources: dict[str, dict[str, str]] = {}
     for name, spec in cfg.data.sets.items():
-        if not spec.path:
-            raw[name] = out / "raw" / name
-        elif is_s3_uri(spec.path):
-            raw[name] = fetch_dir(spec.path, out / "raw" / name)  # published with a manifest: verified
-        else:
-            # copied in, so the data prep output is self-contained (a pipeline artifact other pods read)
-            raw[name] = out / "raw" / name
-            if raw[name].exists():
-                shutil.rmtree(raw[name])
+        if spec.path and is_s3_uri(spec.path):
+            raw[name] = _RawSet(out, name, spec.path)
+            sources[name] = {"uri": spec.path, "manifest_sha256": manifest_digest(raw[name].remote.manifest)}
+            if not in_place:  # a local data directory is self-contained (a pipeline artifact other pods read)
+                fetch_dir(spec.path, out / "raw" / name, overwrite=True)  # verified against the version planned
+                raw[name] = _RawSet(out, name)
+            continue
+        raw[name] = _RawSet(out, name)
+        if spec.path:
+            if raw[name].local.exists():
+                shutil.rmtree(raw[name].local)
             if not Path(spec.path).is_dir():
                 raise DataError(f"data.sets.{name}.path: {spec.path} is not a directory")
-            shutil.copytree(spec.path, raw[name], symlinks=True)
+            shutil.copytree(spec.path, raw[name].local, symlinks=True)
 
     # tokenizer trained on the training text only (never on eval sets)
-    train_dirs = [raw[n] for n, s in cfg.data.sets.items() if s.split == "train"]
-    tok = build_tokenizer(cfg.model.tokenizer, corpus=_corpus(train_dirs, cfg.data.tokenizer_max_texts))  # streamed
-    save_tokenizer(tok, out / "tokenizer")
-    processor = ImageProcessor(cfg.model.vision)
-    count = token_counter(tok, processor)
-    # the context each purpose is consumed with; a preference pair holds a prompt and two responses
-    context = {"pretrain": cfg.pretrain.seq_len, "sft": cfg.sft.seq_len, "rl": cfg.sft.seq_len,
-               "eval": cfg.sft.seq_len, "preference": 2 * cfg.sft.seq_len}
-
+    train = [raw[n] for n, s in cfg.data.sets.items() if s.split == "train"]
+    save_tokenizer(build_tokenizer(cfg.model.tokenizer, corpus=_corpus(train, cfg.data.tokenizer_max_texts)),
+                   out / "tokenizer")
     eval_hashes: set[str] = set()
     for name, spec in cfg.data.sets.items():
         if spec.split == "eval":
-            eval_hashes |= dataset_hashes(raw[name])
+            eval_hashes |= dataset_hashes(raw[name].whole())
 
+    parts: list[dict[str, Any]] = []
+    sets: dict[str, Any] = {}
+    for name in cfg.data.sets:
+        shards = list(raw[name].shard_sizes())
+        step = cfg.data.part_shards or len(shards)
+        chunks = [shards[i:i + step] for i in range(0, len(shards), step)]
+        parts += [{"set": name, "index": i, "shards": chunk} for i, chunk in enumerate(chunks)]
+        sets[name] = {"parts": len(chunks), **({"source": sources[name]} if name in sources and in_place else {})}
+    the_plan = {"sets": sets, "parts": parts}
+    prep = out / PREP_DIR
+    (prep / "parts").mkdir(parents=True)
+    (prep / EVAL_HASHES).write_text("".join(f"{h}\n" for h in sorted(eval_hashes)))
+    (prep / "plan_info.json").write_text(json.dumps({"generate": gen, "sources": sources}, indent=1, sort_keys=True))
+    _write_json(out / PLAN_FILE, the_plan)  # last: a plan file means the step is done
+    log.info("data prep: %d sets in %d parts", len(sets), len(parts))
+    return the_plan
+
+
+def prepare_part(cfg: PipelineConfig, data_dir: str | Path, index: int, *, progress: bool = True) -> Path:
+    """Gate and pack part ``index`` of the plan in ``data_dir`` (:func:`plan`): the gate's scan of its shards
+    (``scan.parquet``, judged by :func:`merge` with the set's other parts) and its packed shards, under
+    ``prep/parts/<index>``, which it returns. A part holding a record packing cannot read (a bad line, a schema
+    violation, a broken image) is scanned but not packed: the gate reports it at the merge."""
+    from step3vl.data.gate import scan_dataset
+    from step3vl.data.io import DataError
+    from step3vl.data.pack import pack_dataset
+    from step3vl.model.processor import ImageProcessor
+    from step3vl.model.tokenizer import load_tokenizer
+    from step3vl.storage import manifest_digest
+
+    out = Path(data_dir)
+    the_plan = json.loads((out / PLAN_FILE).read_text())
+    if not 0 <= index < len(the_plan["parts"]):
+        raise DataError(f"{out / PLAN_FILE}: no part {index} (it has {len(the_plan['parts'])})")
+    part = the_plan["parts"][index]
+    name, shards = part["set"], part["shards"]
+    if name not in cfg.data.sets:
+        raise DataError(f"{out / PLAN_FILE}: part {index} is of set {name!r}, which data.sets does not name")
+    spec = cfg.data.sets[name]
+    source = the_plan["sets"][name].get("source")
+    raw = _RawSet(out, name, source["uri"] if source else "")
+    if source and manifest_digest(raw.remote.manifest) != source["manifest_sha256"]:
+        raise DataError(f"{source['uri']} (set {name}) was published again since data prep planned it: run it again")
+    t0 = time.perf_counter()
+    root = raw.root(shards)
+    tok = load_tokenizer(out / "tokenizer")
+    processor = ImageProcessor(cfg.model.vision)
+    df = scan_dataset(root, shards=shards, require_answer=spec.purpose in ANSWER_PURPOSES,
+                      token_len=token_counter(tok, processor))
+    scan_s = time.perf_counter() - t0
+    dest = out / PREP_DIR / "parts" / f"{index:05d}"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    df.to_parquet(dest / SCAN_FILE)
+    unreadable = int((df[["parse_error", "schema_error", "image_path_error", "image_error"]].notna().any(axis=1)
+                      | (df["n_image_tags"] != df["n_images"])).sum())
+    if not unreadable:
+        for packed, loss_on in packings(name, spec):
+            pack_dataset(root, str(dest / "packed" / packed), tokenizer=tok, processor=processor,
+                         seq_len=cfg.pretrain.seq_len if loss_on == "all" else cfg.sft.seq_len, loss_on=loss_on,
+                         seed=part_seed(cfg.data, packed, part["index"]), open_rows=cfg.data.pack_open_rows,
+                         progress=progress, extra_meta={"source": name}, shards=shards, allow_empty=True)
+    _write_json(dest / PART_FILE, {**part, "unreadable_records": unreadable, "scan_seconds": round(scan_s, 3),
+                                   "seconds": round(time.perf_counter() - t0, 3)})  # last: the part is done
+    return dest
+
+
+def merge(cfg: PipelineConfig, data_dir: str | Path, *, progress: bool = True, log_mlflow: bool = False,
+          started: float | None = None) -> DataPrepOutputs:
+    """Data prep's last step, once every part is prepared (:func:`prepare_part`): the gate's verdict on each set
+    (its parts' scans together: ids unique across parts, no eval content), reports, ``hashes/``, each packed set's
+    parts joined into one (``packed/<name>``), ``data_manifest.json``; then the directory is sealed and, with
+    ``storage.root`` on object storage, published. Raises ``GateFailed`` (with its report written) if any set fails.
+    """
+    import pandas as pd
+
+    from step3vl.data.gate import GateFailed, check_scan, concat_scans
+    from step3vl.data.io import DataError, dataset_sha256, dataset_sha256_of_manifest
+    from step3vl.model.tokenizer import load_tokenizer
+    from step3vl.storage import is_s3_uri, manifest_digest, read_manifest, seal_dir
+
+    t0 = time.perf_counter() if started is None else started
+    out = Path(data_dir)
+    prep = out / PREP_DIR
+    the_plan = json.loads((out / PLAN_FILE).read_text())
+    info = json.loads((prep / "plan_info.json").read_text())
+    eval_hashes = set((prep / EVAL_HASHES).read_text().split())
+    parts: dict[str, list[tuple[dict[str, Any], Path]]] = {name: [] for name in the_plan["sets"]}
+    for i, part in enumerate(the_plan["parts"]):
+        d = prep / "parts" / f"{i:05d}"
+        if not (d / PART_FILE).is_file():
+            raise DataError(f"{d}: part {i} of data prep (set {part['set']}, {len(part['shards'])} shards) "
+                            "was not prepared")
+        parts[part["set"]].append((json.loads((d / PART_FILE).read_text()), d))
+    if set(parts) != set(cfg.data.sets):
+        raise DataError(f"{out / PLAN_FILE} plans sets {sorted(parts)}, data.sets names {sorted(cfg.data.sets)}")
+
+    # the context each purpose is consumed with; a preference pair holds a prompt and two responses
+    context = {"pretrain": cfg.pretrain.seq_len, "sft": cfg.sft.seq_len, "rl": cfg.sft.seq_len,
+               "eval": cfg.sft.seq_len, "preference": 2 * cfg.sft.seq_len}
     reports_dir = out / "reports"
     reports_dir.mkdir(exist_ok=True)
-    manifest: dict[str, Any] = {"sets": {}, "tokenizer": {"vocab_size": len(tok)}}
+    manifest: dict[str, Any] = {"sets": {}, "tokenizer": {"vocab_size": len(load_tokenizer(out / "tokenizer"))}}
+    scans: dict[str, Any] = {}
     failed = []
     for name, spec in track(list(cfg.data.sets.items()), "gate", enabled=progress, unit=" set"):
-        report = validate_dataset(
-            raw[name],
-            require_answer=spec.purpose in ANSWER_PURPOSES,
-            max_tokens=context[spec.purpose],
-            token_len=count,
-            forbidden_hashes=eval_hashes if spec.split == "train" else None,
-        )
+        df = concat_scans([pd.read_parquet(d / SCAN_FILE) for _, d in parts[name]])
+        source = the_plan["sets"][name].get("source")
+        report = check_scan(df, source["uri"] if source else str(out / "raw" / name),
+                            max_tokens=context[spec.purpose],
+                            forbidden_hashes=eval_hashes if spec.split == "train" else None,
+                            seconds=sum(p["scan_seconds"] for p, _ in parts[name]))
         (reports_dir / f"{name}.md").write_text(report.to_markdown())
         (reports_dir / f"{name}.json").write_text(report.to_json())
+        if source:
+            remote = read_manifest(source["uri"])
+            if manifest_digest(remote) != source["manifest_sha256"]:
+                raise DataError(f"{source['uri']} (set {name}) was published again during data prep: run it again")
+            content_hash = dataset_sha256_of_manifest(remote)
+        else:
+            content_hash = dataset_sha256(out / "raw" / name)
+        valid = df[df["task"].notna()]
         manifest["sets"][name] = {
             "purpose": spec.purpose,
             "split": spec.split,
             "path": f"raw/{name}",
-            **({"source": {"uri": spec.path, "manifest_sha256": manifest_digest(read_manifest(raw[name]))}}
-               if spec.path and is_s3_uri(spec.path) else {}),
-            "content_hash": dataset_sha256(raw[name]),
+            **({"source": info["sources"][name]} if name in info["sources"] else {}),
+            "content_hash": content_hash,
             "n_records": report.n_records,
-            "rows_per_task": _rows_per_task(raw[name]),
+            "rows_per_task": {str(k): int(v) for k, v in sorted(valid["task"].value_counts().items())},
             "gate": {"passed": report.passed, "failed_checks": [c.name for c in report.failed_checks]},
-            "generate": {k: v for k, v in gen.get(name, {}).items() if k in ("n_records", "n_images", "shards",
-                                                                                "skipped_eval_duplicates")},
+            "generate": {k: v for k, v in info["generate"].get(name, {}).items()
+                         if k in ("n_records", "n_images", "shards", "skipped_eval_duplicates")},
         }
         if not report.passed:
             failed.append(report)
         elif spec.split == "train":
             _write_hashes(out, name, report.content_hashes)
+        scans[name] = df
     if failed:
         _write_manifest(out, manifest)
         print("\n\n".join(r.to_markdown() for r in failed))
         raise GateFailed(failed[0])
 
-    packs: list[tuple[str, str, str]] = []  # (dataset, packed name, loss_on)
     for name, spec in cfg.data.sets.items():
-        if spec.purpose == "pretrain":
-            packs.append((name, name, "all"))
-        elif spec.purpose == "sft":
-            packs.append((name, name, "assistant"))
-        elif spec.purpose == "eval":
-            packs.append((name, f"{name}-all", "all"))
-            packs.append((name, f"{name}-assistant", "assistant"))
-    for dataset, packed, loss_on in packs:
-        seq_len = cfg.pretrain.seq_len if loss_on == "all" else cfg.sft.seq_len
-        dest = out / "packed" / packed
-        if dest.exists():
-            shutil.rmtree(dest)
-        index = pack_dataset(raw[dataset], str(dest), tokenizer=tok, processor=processor, seq_len=seq_len,
-                             loss_on=loss_on, seed=set_seed(cfg.data, packed), open_rows=cfg.data.pack_open_rows,
-                             progress=progress, extra_meta={"source": dataset})
-        manifest["sets"][dataset].setdefault("packed", {})[packed] = {
-            k: index[k] for k in ("rows", "samples", "tokens", "loss_tokens", "padding_fraction", "dropped_too_long")
-        }
+        for packed, _loss_on in packings(name, spec):
+            unpacked = [p["index"] for p, d in parts[name] if not (d / "packed" / packed).is_dir()]
+            if unpacked:  # the gate passed, so every record was readable
+                raise DataError(f"set {name}: parts {unpacked} were not packed into {packed}")
+            index = _join_packed(out / "packed" / packed, [d / "packed" / packed for _, d in parts[name]])
+            manifest["sets"][name].setdefault("packed", {})[packed] = {
+                k: index[k] for k in ("rows", "samples", "tokens", "loss_tokens", "padding_fraction",
+                                      "dropped_too_long")}
     _write_manifest(out, manifest)  # no timings or absolute paths: same inputs, byte-identical manifest
     timings = {"total": round(time.perf_counter() - t0, 2),
-               "generate": {k: v.get("seconds") for k, v in gen.items()}}
+               "generate": {k: v.get("seconds") for k, v in info["generate"].items()},
+               "parts": [p["seconds"] for name in parts for p, _ in parts[name]]}
     (out / "timings.json").write_text(json.dumps(timings, indent=1, sort_keys=True))
+    shutil.rmtree(prep)
     seal_dir(out)  # last: a TrainJob fetches the data from object storage verified against it
     data_uri = publish(out, cfg.storage.root) if is_s3_uri(cfg.storage.root) else str(out)
     if log_mlflow:
         _log_to_mlflow(out, manifest, data_uri)
     return DataPrepOutputs(out, manifest, data_uri)
+
+
+def _join_packed(dest: Path, parts: list[Path]) -> dict[str, Any]:
+    """One packed set at ``dest`` from the packed sets of its parts, in order: their shards renumbered
+    (``pack-00000``, … across parts), their counts summed; sealed. A set of one part is that part as it was."""
+    from step3vl.data.io import DataError
+    from step3vl.data.pack import INDEX_FILE, padding_fraction
+    from step3vl.storage import seal_dir, verify_dir
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    index: dict[str, Any] = {}
+    for src in parts:
+        verify_dir(src)
+        part = json.loads((src / INDEX_FILE).read_text())
+        if not index:
+            index = {**part, "shards": [], "too_long_examples": [], "per_task": {}}
+            for k in ("samples", "rows", "tokens", "loss_tokens", "dropped_too_long"):
+                index[k] = 0
+        for shard in part["shards"]:
+            name = f"pack-{len(index['shards']):05d}.safetensors"
+            os.replace(src / shard["file"], dest / name)
+            index["shards"].append({**shard, "file": name})
+        for k in ("samples", "rows", "tokens", "loss_tokens", "dropped_too_long"):
+            index[k] += part[k]
+        for task, n in part["per_task"].items():
+            index["per_task"][task] = index["per_task"].get(task, 0) + n
+        index["too_long_examples"] = (index["too_long_examples"] + part["too_long_examples"])[:5]
+    if not index["shards"]:
+        raise DataError(f"{dest.name}: nothing to pack (every sample longer than seq_len={index['seq_len']}?)")
+    index["padding_fraction"] = padding_fraction(index["tokens"], index["rows"], index["seq_len"])
+    (dest / INDEX_FILE).write_text(json.dumps(index, indent=1, sort_keys=True))
+    seal_dir(dest, extra={"kind": "packed-dataset", "rows": index["rows"]})
+    return index
 
 
 def publish(out: Path, root: str) -> str:
@@ -296,7 +530,8 @@ def publish(out: Path, root: str) -> str:
     ``digest`` is the data's (:func:`step3vl.pipeline.lineage.data_digest`: the sets and the tokenizer), so the same
     data prepared again (a retried task, another run) reuses what is published there instead of uploading it twice.
     ``version`` hashes every file (reports and timings differ per run): two data preps publishing the same data at
-    once write to folders of their own, never into each other's files.
+    once write to folders of their own, never into each other's files. A user's set read from object storage is not
+    in ``out`` (:func:`plan`): ``data_manifest.json`` names it and the version read.
     """
     from step3vl.pipeline.lineage import data_digest, sha256_json
     from step3vl.storage import NotPublishedError, join_uri, open_store, publish_dir, read_manifest
@@ -311,12 +546,8 @@ def publish(out: Path, root: str) -> str:
             log.info("data already published at %s", join_uri(base, entry))
             return join_uri(base, entry)
     uri = join_uri(base, sha256_json(read_manifest(out)["files"])[:16])
-    # a user's set read from object storage stays where it is (data_manifest.json names it and its version): at the
-    # recipe's scale, a second copy of its raw pre-training text would be terabytes
-    sets = json.loads((out / DATA_MANIFEST).read_text())["sets"]
-    skip = tuple(f"raw/{name}" for name, s in sets.items() if s.get("source"))
     # what an interrupted upload of this very version left there is replaced
-    publish_dir(out, uri, skip=skip, sealed=True)
+    publish_dir(out, uri, sealed=True)
     return uri
 
 
@@ -367,21 +598,14 @@ def _write_hashes(out: Path, name: str, hashes: frozenset[str]) -> None:
     (d / f"{name}.txt").write_text("".join(f"{h}\n" for h in sorted(hashes)))
 
 
-def _rows_per_task(path: Path) -> dict[str, int]:
-    from step3vl.data.io import iter_records
-
-    counts: dict[str, int] = {}
-    for raw in iter_records(path):
-        if raw.record is not None:
-            t = str(raw.record.get("task", "?"))
-            counts[t] = counts.get(t, 0) + 1
-    return dict(sorted(counts.items()))
-
-
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    tmp = out / "data_manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    tmp.replace(out / DATA_MANIFEST)
+    _write_json(out / DATA_MANIFEST, manifest)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+    tmp.replace(path)
 
 
 def _log_to_mlflow(out: Path, manifest: dict[str, Any], data_uri: str) -> None:
