@@ -241,3 +241,27 @@ def test_a_published_sets_content_hash_is_read_from_its_manifest(micro_data, tmp
     with pytest.raises(ValueError, match="max_tokens needs token lengths"):
         check_scan(df, "sft_stage1", max_tokens=10)
     assert check_scan(df, "sft_stage1").passed
+
+
+def test_the_same_data_packed_otherwise_is_published_apart(micro_cfg, micro_data, tmp_path):
+    """What data prep publishes is addressed by its content, not by its sets and tokenizer alone: a run that packs
+    the same data for another sequence length must not be handed the first run's packed shards."""
+    import shutil
+
+    from step3vl.storage import read_manifest, seal_dir
+
+    root = str(tmp_path / "root")
+    uri = data.publish(micro_data.out_dir, root)
+    again = tmp_path / "again"
+    shutil.copytree(micro_data.out_dir, again)
+    (again / "timings.json").write_text('{"total": 1.0}')  # per run, as the reports are
+    seal_dir(again)
+    assert data.publish(again, root) == uri  # reused, not published twice
+    other = data.run(config.load(PipelineConfig, ROOT / "tests/conf/micro.yaml", ["pretrain.seq_len=96"]),
+                     tmp_path / "other", progress=False)
+    assert other.manifest["sets"]["pretrain_hq"]["content_hash"] == \
+        micro_data.manifest["sets"]["pretrain_hq"]["content_hash"]
+    other_uri = data.publish(other.out_dir, root)
+    assert other_uri.split("/")[-2] != uri.split("/")[-2]
+    index = json.loads((Path(other_uri) / "packed" / "pretrain_hq" / "index.json").read_text())
+    assert index["seq_len"] == 96 and read_manifest(other_uri) == read_manifest(other.out_dir)

@@ -517,13 +517,13 @@ def test_data_prep_publishes_its_output_once_and_replaces_an_interrupted_upload(
     import shutil
 
     from step3vl.pipeline.lineage import data_digest
-    from step3vl.stages.data import local_copy, publish, read_data_manifest
+    from step3vl.stages.data import content_digest, local_copy, publish, read_data_manifest
 
     from step3vl.storage import seal_dir
 
     out = tmp_path / "data"
     shutil.copytree(micro_data.out_dir, out)
-    store = open_store(f"{prefix}/data/{data_digest(out)[:16]}")
+    store = open_store(f"{prefix}/data/{content_digest(read_manifest(out)['files'])[:16]}")
     store.write_bytes("0000/raw/eval/part.jsonl", b"an upload that never finished")  # no manifest: not reused
     uri = publish(out, prefix)
     assert uri.startswith(store.uri + "/") and uri != f"{store.uri}/0000"

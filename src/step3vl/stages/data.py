@@ -527,16 +527,18 @@ def _join_packed(dest: Path, parts: list[Path]) -> dict[str, Any]:
 def publish(out: Path, root: str) -> str:
     """Publish the sealed data directory ``out`` to ``<root>/data/<digest>/<version>``; its URI.
 
-    ``digest`` is the data's (:func:`step3vl.pipeline.lineage.data_digest`: the sets and the tokenizer), so the same
-    data prepared again (a retried task, another run) reuses what is published there instead of uploading it twice.
-    ``version`` hashes every file (reports and timings differ per run): two data preps publishing the same data at
-    once write to folders of their own, never into each other's files. A user's set read from object storage is not
-    in ``out`` (:func:`plan`): ``data_manifest.json`` names it and the version read.
+    ``digest`` is :func:`content_digest`: every file but the reports and timings, so the same data prepared again the
+    same way (a retried task, another run) reuses what is published there instead of uploading it twice, and data
+    packed otherwise (another ``seq_len``) is published apart. ``version`` hashes every file (reports and timings
+    differ per run): two data preps publishing the same data at once write to folders of their own, never into each
+    other's files. A user's set read from object storage is not in ``out`` (:func:`plan`): ``data_manifest.json``
+    names it and the version read.
     """
-    from step3vl.pipeline.lineage import data_digest, sha256_json
+    from step3vl.pipeline.lineage import sha256_json
     from step3vl.storage import NotPublishedError, join_uri, open_store, publish_dir, read_manifest
 
-    base = join_uri(root, "data", data_digest(out)[:16])
+    files = read_manifest(out)["files"]
+    base = join_uri(root, "data", content_digest(files)[:16])
     for entry in open_store(base).list(recursive=False):
         if entry.endswith("/"):
             try:
@@ -545,10 +547,19 @@ def publish(out: Path, root: str) -> str:
                 continue
             log.info("data already published at %s", join_uri(base, entry))
             return join_uri(base, entry)
-    uri = join_uri(base, sha256_json(read_manifest(out)["files"])[:16])
+    uri = join_uri(base, sha256_json(files)[:16])
     # what an interrupted upload of this very version left there is replaced
     publish_dir(out, uri, sealed=True)
     return uri
+
+
+def content_digest(files: dict[str, Any]) -> str:
+    """The digest of a data directory's content from its manifest's ``files``: the sha256 of every file but the gate
+    reports and timings (which differ per run; the rest is a deterministic function of the data and the config)."""
+    from step3vl.pipeline.lineage import sha256_json
+
+    return sha256_json({rel: e["sha256"] for rel, e in sorted(files.items())
+                        if not rel.startswith("reports/") and rel != "timings.json"})
 
 
 def local_copy(data_dir: str | Path, sets: list[str] | tuple[str, ...] = (), files: tuple[str, ...] = ()) -> Path:
