@@ -2,7 +2,8 @@
 
 Stages, in order (each a component in ``components/`` over a ``step3vl.stages`` function):
 
-1. ``data_prep``: generate/fetch every dataset, train the tokenizer, gate every set, pack shards
+1. ``data_prep``: generate/fetch every dataset, train the tokenizer, split every set into parts (``data_plan``);
+   gate and pack each part (``data_part``, a ``ParallelFor``); judge every set over its parts and join them
 2. ``pretrain``: unified pre-training on the packed pre-training sets (two LR phases)
 3. ``sft``: two-stage SFT from the pre-trained model (assistant-token loss)
 4. ``rlvr``: RL on verifiable rewards from the SFT model
@@ -22,7 +23,7 @@ Run locally with ``step3vl run --config conf/pipeline/tiny.yaml``; compile for a
 
 from kfp import dsl
 
-from components.data_prep import data_prep
+from components.data_prep import data_part, data_plan, data_prep
 from components.deploy_serving import deploy_serving
 from components.evaluate import evaluate
 from components.pacore import pacore
@@ -52,7 +53,7 @@ def build_pipeline(target: Target | None = None):
                 pipeline_run_name: str = "") -> outputs_type(STAGES):
         dag = target.dag(config_yaml=config_yaml, mlflow_parent_run_id=mlflow_parent_run_id,
                          pipeline_run_name=pipeline_run_name)
-        data = dag.stage("data_prep", data_prep)["data"]
+        data = dag.planned_stage("data_prep", data_plan, data_part, data_prep)["data"]
         base = dag.stage("pretrain", pretrain, data=data)["model"]
         chat = dag.stage("sft", sft, data=data, init_model=base)["model"]
         verified = dag.stage("rlvr", rlvr, data=data, init_model=chat)["model"]

@@ -265,3 +265,25 @@ def test_the_same_data_packed_otherwise_is_published_apart(micro_cfg, micro_data
     assert other_uri.split("/")[-2] != uri.split("/")[-2]
     index = json.loads((Path(other_uri) / "packed" / "pretrain_hq" / "index.json").read_text())
     assert index["seq_len"] == 96 and read_manifest(other_uri) == read_manifest(other.out_dir)
+
+
+def test_the_steps_run_apart_as_pipeline_tasks_do(micro_cfg, micro_data, tmp_path):
+    """Plan, parts and merge each in a folder of their own (a KFP task's output), the plan and the parts only read:
+    the same data directory as data prep in one process; parts handed in another order are refused."""
+    plan_dir = tmp_path / "plan"
+    n = len(data.plan(micro_cfg, plan_dir, progress=False)["parts"])
+    parts = [data.prepare_part(micro_cfg, plan_dir, i, out=tmp_path / f"part{i}", progress=False) for i in range(n)]
+    before = {p: sorted(q.relative_to(p) for q in p.rglob("*")) for p in [plan_dir, *parts]}
+    with pytest.raises(DataError, match=r"part 0 of data prep .* was not prepared \(it holds set \w+ part 0\)"):
+        data.merge(micro_cfg, tmp_path / "bad", plan_dir=plan_dir, parts=[parts[1], parts[0], *parts[2:]],
+                   progress=False)
+    with pytest.raises(DataError, match=f"plans {n} parts; {n - 1} were given"):
+        data.merge(micro_cfg, tmp_path / "bad", plan_dir=plan_dir, parts=parts[1:], progress=False)
+    done = data.merge(micro_cfg, tmp_path / "data", plan_dir=plan_dir, parts=parts, progress=False)
+    assert (done.out_dir / "data_manifest.json").read_bytes() == (micro_data.out_dir / "data_manifest.json").read_bytes()
+    verify_dir(done.out_dir)
+    assert not (done.out_dir / "prep").exists()
+    assert {p: sorted(q.relative_to(p) for q in p.rglob("*")) for p in [plan_dir, *parts]} == before
+    for packed in ("pretrain_broad", "eval-assistant"):
+        assert [p.read_bytes() for p in sorted(done.packed(packed).glob("*.safetensors"))] == \
+            [p.read_bytes() for p in sorted(micro_data.packed(packed).glob("*.safetensors"))]

@@ -110,6 +110,29 @@ def test_10b_pipeline_gpus_secrets_retries(compiled_10b, module):
                                                                    "pipeline_run_name"}
 
 
+def test_10b_data_prep_is_a_plan_its_parts_in_parallel_and_a_merge(compiled_10b):
+    """data_prep compiles to data-plan → a ParallelFor of data-part over the plan's part indices (a bounded number at
+    once) → data-prep, which takes the plan and every part; each a data_prep-sized pod."""
+    from step3vl.pipeline.cluster import DEFAULT
+
+    spec, k8s = _docs(compiled_10b)
+    root = spec["root"]["dag"]["tasks"]
+    (loop,) = [t for t in root.values() if "parameterIterator" in t]
+    assert loop["iteratorPolicy"]["parallelismLimit"] == DEFAULT.parallel_parts > 1
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--data-plan-Output"
+    assert list(spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]) == ["data-part"]
+    inputs = root["data-prep"]["inputs"]["artifacts"]
+    assert inputs["plan"]["taskOutputArtifact"]["producerTask"] == "data-plan"
+    assert inputs["parts"]["taskOutputArtifact"]["producerTask"] == loop["taskInfo"]["name"]
+    executors = spec["deploymentSpec"]["executors"]
+    want = DEFAULT.resources("data_prep")
+    for ex in ("exec-data-plan", "exec-data-part", "exec-data-prep"):
+        res = executors[ex]["container"]["resources"]
+        assert (res["cpuRequest"], res["memoryLimit"]) == (float(want.cpu), float(want.memory.removesuffix("Gi")) *
+                                                            2**30 / 1e9), ex
+        assert int(k8s[ex]["activeDeadlineSeconds"]) == want.timeout_s, ex
+
+
 def test_10b_pod_executor_gives_training_and_evaluate_pods_the_temp_space_model_info_plans(compiled_10b):
     """In-pod training keeps the node's cache and rank 0's checkpoint staging in /tmp, as a TrainJob node does: an
     emptyDir sized like the TrainJob runtime's; the evaluate pod holds one model at a time there."""
@@ -154,6 +177,13 @@ def test_components_are_thin_wrappers(module):
         params = inspect.signature(comp.python_func).parameters
         assert list(params)[:3] == ["config_yaml", "mlflow_parent_run_id", "pipeline_run_name"]
         assert comp.component_spec.implementation.container.image.startswith("ghcr.io/step3vl/trainer:")
+    # data prep's earlier tasks too (they open no MLflow run: the merge does)
+    from components.data_prep import data_part, data_plan
+
+    for comp in (data_plan, data_part):
+        fn = ast.parse(textwrap.dedent(inspect.getsource(comp.python_func))).body[0]
+        assert len(fn.body) <= 5 and not [n for n in ast.walk(fn) if isinstance(n, (ast.For, ast.While, ast.ListComp))]
+        assert list(inspect.signature(comp.python_func).parameters)[0] == "config_yaml"
 
 
 # --------------------------------------------------------------------------- cache keys and lineage
@@ -185,13 +215,22 @@ def test_local_cache_keys_are_input_addressed(module, micro_cfg):
 
 
 def test_tracking_context_is_not_in_the_cache_key(module, micro_cfg):
-    from step3vl.pipeline.dag import LocalTarget
+    from step3vl.pipeline.dag import STEP_KEY_ENV, LocalTarget
 
     target = LocalTarget(config_text(micro_cfg), code="c")
     spec = module.build_pipeline(target).pipeline_spec
-    for name, task in spec.root.dag.tasks.items():
+    tasks = dict(spec.root.dag.tasks)
+    (loop,) = [name for name, t in tasks.items() if t.WhichOneof("iterator")]
+    assert tasks.pop("data-plan").caching_options.cache_key == target.step_keys["data_prep.plan"]
+    # data-part runs once per part: KFP's own key (its item, its inputs' URIs) with the step's key in its env
+    part = spec.components[tasks.pop(loop).component_ref.name].dag.tasks["data-part"]
+    assert part.caching_options.enable_cache and not part.caching_options.cache_key
+    env = {e["name"]: e["value"] for e in spec.deployment_spec["executors"]["exec-data-part"]["container"]["env"]}
+    assert env[STEP_KEY_ENV] == target.step_keys["data_prep.part"]
+    for name, task in tasks.items():
         stage = name.replace("-", "_")
         assert task.caching_options.enable_cache and task.caching_options.cache_key == target.keys[stage]
+    assert len(set(target.step_keys.values()) | set(target.keys.values())) == len(target.step_keys) + len(target.keys)
 
 
 def test_reused_stages_become_importers(module, micro_cfg):
@@ -280,6 +319,32 @@ def test_log_sink_follows_kfp_local_log_lines(tmp_path):
     assert board.status("sft") == "failed" and sink.failed == "sft"
     assert "ValueError: boom" in "\n".join(sink.tails["sft"])
     assert "cache hit" in (tmp_path / "run.log").read_text()
+
+
+def test_log_sink_keeps_a_planned_stage_running_until_its_last_task(tmp_path):
+    """data_prep runs as data-plan, data-part once per part and data-prep: only the last finishes the stage, a failed
+    part fails it, and its clock starts with the plan."""
+    from step3vl.pipeline.local import LogSink
+    from step3vl.pipeline.status import StatusBoard
+
+    board = StatusBoard(["data_prep", "pretrain"])
+    sink = LogSink(tmp_path / "run.log", board, {"data-prep": "data_prep", "pretrain": "pretrain"},
+                   {"data-plan": "data_prep", "data-part": "data_prep"})
+    sink.write("1.0 - INFO - Executing task 'data-plan'\n1.1 - INFO - Task 'data-plan' finished with status SUCCESS\n")
+    started = board.stages["data_prep"].started
+    sink.write("1.2 - INFO - Executing task 'data-part'\n")
+    assert board.status("data_prep") == "running" and board.stages["data_prep"].detail == "data-part"
+    sink.write("1.3 - INFO - Task 'data-part' finished with status SUCCESS\n1.4 - INFO - Executing task 'data-prep'\n")
+    assert board.status("data_prep") == "running" and board.stages["data_prep"].started == started
+    sink.write("1.5 - INFO - Task 'data-prep' finished with status SUCCESS\n")
+    assert board.status("data_prep") == "done"
+    failing = StatusBoard(["data_prep"])
+    sink = LogSink(tmp_path / "run2.log", failing, {"data-prep": "data_prep"}, {"data-part": "data_prep"})
+    sink.write("2.0 - INFO - Executing task 'data-part'\n    DataError: boom\n"
+               "2.1 - ERROR - Task 'data-part' finished with status FAILURE\n")
+    sink.close()
+    assert failing.status("data_prep") == "failed" and sink.failed == "data_prep"
+    assert "DataError: boom" in "\n".join(sink.tails["data_prep"])
 
 
 def test_plan_reuse_refuses_what_it_cannot_reuse(tmp_path):

@@ -660,3 +660,40 @@ def test_data_prep_fetches_what_each_part_of_a_users_set_on_s3_needs(prefix: str
                                                                           ("content_hash", "n_records", "gate")}
     assert got["packed"]["pretrain_broad"]["samples"] == whole["packed"]["pretrain_broad"]["samples"]
     assert read_manifest(done.data_uri)["files"]["packed/pretrain_broad/index.json"]
+
+
+def test_data_prep_parts_on_s3_are_joined_by_copies_on_the_server(prefix: str, micro_cfg: Any, tmp_path: Path,
+                                                                   monkeypatch: Any) -> None:
+    """The pipeline's parts (storage.root on S3) are published; the merge fetches their scans and indexes only, and
+    the published data directory gets their packed shards by server-side copies: the same data as in one process."""
+    from dataclasses import replace
+
+    from step3vl.config import StorageConfig
+    from step3vl.data.io import DataError
+    from step3vl.stages import data
+
+    monkeypatch.setenv(storage.NODE_CACHE_ENV, str(tmp_path / "node"))
+    local = replace(micro_cfg, data=replace(micro_cfg.data, part_shards=1))
+    cfg = replace(local, storage=StorageConfig(root=f"{prefix}/root"))
+    plan_dir = tmp_path / "plan"
+    n = len(data.plan(cfg, plan_dir, progress=False)["parts"])
+    uris = [f"{prefix}/parts/{i}" for i in range(n)]
+    for i, uri in enumerate(uris):
+        publish_dir(data.prepare_part(cfg, plan_dir, i, out=tmp_path / f"part{i}", progress=False), uri)
+    with pytest.raises(DataError, match="storage.root must be on object storage too"):
+        data.merge(local, tmp_path / "x", plan_dir=plan_dir, parts=uris, progress=False)
+
+    uploads, downloads = count_store_calls(monkeypatch, prefix, "upload_file"), count_store_calls(monkeypatch, prefix)
+    copies: list[tuple[str, str]] = []
+    real = S3Store.copy_from
+    monkeypatch.setattr(S3Store, "copy_from", lambda self, src, key: (copies.append((src, key)), real(self, src, key)))
+    done = data.merge(cfg, tmp_path / "data", plan_dir=plan_dir, parts=uris, progress=False)
+    assert not [k for k in uploads + downloads if str(k).endswith(".safetensors")]
+    assert copies and all(src.startswith(f"{prefix}/parts/") and src.endswith(".safetensors") for src, _ in copies)
+    assert verify_published(done.data_uri)  # every file, the copied shards included, against the manifest
+    whole = data.run(local, tmp_path / "whole", progress=False)
+    assert (done.out_dir / "data_manifest.json").read_bytes() == (whole.out_dir / "data_manifest.json").read_bytes()
+    published = storage.RemoteFiles(done.data_uri).all()
+    for packed in ("pretrain_broad", "sft_stage1", "eval-all"):
+        assert [p.read_bytes() for p in sorted((published / "packed" / packed).glob("*.safetensors"))] == \
+            [p.read_bytes() for p in sorted(whole.packed(packed).glob("*.safetensors"))], packed

@@ -31,7 +31,7 @@ import tempfile
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -167,6 +167,16 @@ class Store(ABC):
     def uri_of(self, key: str = "") -> str:
         """The full URI of ``key``."""
         return join_uri(self.uri, _check_key(key)) if key else self.uri
+
+    def copy_from(self, src_uri: str, key: str) -> None:
+        """Copy the file or object at ``src_uri`` to ``key`` (an S3 store copies S3 objects on the server)."""
+        if not is_s3_uri(src_uri):
+            self.upload_file(_local_path(src_uri), key)
+            return
+        base, _, name = src_uri.rpartition("/")
+        with tempfile.TemporaryDirectory(prefix="step3vl-copy-") as tmp:
+            open_store(base).download_file(name, Path(tmp) / "f")
+            self.upload_file(Path(tmp) / "f", key)
 
 
 class LocalStore(Store):
@@ -483,6 +493,24 @@ class S3Store(Store):
                 resp.close()
                 resp.release_conn()
 
+    def copy_from(self, src_uri: str, key: str) -> None:
+        if not is_s3_uri(src_uri):
+            super().copy_from(src_uri, key)
+            return
+        from minio.commonconfig import ComposeSource, CopySource
+
+        parts = urlsplit(src_uri)
+        bucket, name = parts.netloc, parts.path.lstrip("/")
+        with self._errors(f"copy {src_uri} to", key):
+            size = self._client.stat_object(bucket, name).size
+            if size <= _MAX_COPY:  # one CopyObject; larger objects are copied part by part (UploadPartCopy)
+                self._client.copy_object(self.bucket, self._name(key), CopySource(bucket, name))
+            else:
+                self._client.compose_object(self.bucket, self._name(key), [ComposeSource(bucket, name)])
+
+
+_MAX_COPY = 5 << 30  # S3's limit for a single CopyObject
+
 
 def _reason(e: BaseException) -> str:
     """A short reason for a connection error, without urllib3's connection reprs."""
@@ -700,7 +728,8 @@ def _copy_tree(src: Path, dst: Path, files: list[str]) -> None:
             os.fsync(f.fileno())
 
 
-def _publish_local(src: Path, dest: Path, manifest: dict[str, Any], overwrite: bool, move: bool) -> None:
+def _publish_local(src: Path, dest: Path, manifest: dict[str, Any], overwrite: bool, move: bool,
+                   remote: Mapping[str, str] | None = None) -> None:
     dest = dest.absolute()
     if dest.exists():
         if (dest / MANIFEST_NAME).exists() and not overwrite:
@@ -709,6 +738,8 @@ def _publish_local(src: Path, dest: Path, manifest: dict[str, Any], overwrite: b
             raise StorageError(f"{dest} exists and is not an empty directory; refusing to publish over it")
     dest.parent.mkdir(parents=True, exist_ok=True)
     same_fs = src.stat().st_dev == dest.parent.stat().st_dev
+    if move and remote:
+        raise StorageError("publish_dir: move=True publishes the directory as it is; it cannot copy files into it")
     if move and same_fs:
         staging = src
     else:
@@ -716,7 +747,9 @@ def _publish_local(src: Path, dest: Path, manifest: dict[str, Any], overwrite: b
         staging.mkdir()
     try:
         if staging is not src:
-            _copy_tree(src, staging, list(manifest["files"]))
+            _copy_tree(src, staging, [rel for rel in manifest["files"] if rel not in (remote or {})])
+            for rel, uri in (remote or {}).items():
+                LocalStore(staging).copy_from(uri, rel)
         (staging / MANIFEST_NAME).write_bytes(_manifest_bytes(manifest))
         with open(staging / MANIFEST_NAME, "rb") as f:
             os.fsync(f.fileno())
@@ -735,7 +768,8 @@ def _publish_local(src: Path, dest: Path, manifest: dict[str, Any], overwrite: b
         raise
 
 
-def _publish_s3(src: Path, store: S3Store, manifest: dict[str, Any], overwrite: bool) -> None:
+def _publish_s3(src: Path, store: S3Store, manifest: dict[str, Any], overwrite: bool,
+                remote: Mapping[str, str] | None = None) -> None:
     if not store.prefix:
         raise StorageError(f"refusing to publish to the bucket root {store.uri}: give a prefix")
     if store.exists(MANIFEST_NAME):
@@ -752,16 +786,30 @@ def _publish_s3(src: Path, store: S3Store, manifest: dict[str, Any], overwrite: 
         # Objects under an unpublished prefix are, by protocol, the remains of an unfinished publish.
         log.warning("removing %d leftover object(s) of an unfinished publish under %s", len(stale), store.uri)
         store.delete_prefix("")
-    for rel in manifest["files"]:
-        store.upload_file(src / rel, rel)
+    remote = remote or {}
+    with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:  # many objects: latency-bound
+        list(pool.map(lambda rel: store.copy_from(remote[rel], rel) if rel in remote else
+                      store.upload_file(src / rel, rel), manifest["files"]))
     store.write_bytes(MANIFEST_NAME, _manifest_bytes(manifest))
 
 
-def seal_dir(local_dir: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def seal_dir(local_dir: str | os.PathLike[str], extra: dict[str, Any] | None = None, *,
+             remote: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Publish a local directory where it is, once it is whole: its manifest, written last and renamed into
-    place, makes it readable by :func:`fetch_dir` (a KFP artifact a TrainJob reads from object storage)."""
+    place, makes it readable by :func:`fetch_dir` (a KFP artifact a TrainJob reads from object storage).
+
+    ``remote`` lists files the directory holds that are not here (relative path → their manifest entry, sha256 and
+    size): the directory is then whole only once published, :func:`publish_dir` copying them from where they are."""
     root = Path(local_dir)
     manifest = build_manifest(root, extra)
+    if remote:
+        clash = sorted(set(remote) & set(manifest["files"]))
+        if clash:
+            raise StorageError(f"seal_dir {root}: {clash[0]} is both here and elsewhere")
+        manifest["files"] = dict(sorted({**manifest["files"],
+                                         **{rel: {"sha256": e["sha256"], "size": e["size"]}
+                                            for rel, e in remote.items()}}.items()))
+        manifest["total_size"] = sum(e["size"] for e in manifest["files"].values())
     tmp = root.parent / f".{root.name}-{MANIFEST_NAME}{TMP_MARK}{uuid.uuid4().hex}"  # outside the tree it lists
     try:
         tmp.write_bytes(_manifest_bytes(manifest))
@@ -783,6 +831,7 @@ def publish_dir(
     move: bool = False,
     skip: tuple[str, ...] = (),
     sealed: bool = False,
+    remote: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Publish ``local_dir`` at ``dest_uri`` so readers see all of it or nothing; returns the manifest.
 
@@ -791,7 +840,9 @@ def publish_dir(
     is refused unless ``overwrite``. ``move=True`` lets a local publish rename ``local_dir`` itself
     into place instead of copying (the caller gives the directory up). The folders named in ``skip``
     are left out. ``sealed``: ``local_dir`` was just sealed (:func:`seal_dir`), so its manifest is
-    used as it is instead of hashing every file again (``extra`` then does not apply).
+    used as it is instead of hashing every file again (``extra`` then does not apply). ``remote`` maps files of the
+    manifest that are not in ``local_dir`` (see :func:`seal_dir`) to the URI each is copied from: on S3, from an S3
+    object by the server, never through this process.
     """
     src = Path(local_dir)
     if sealed and extra:
@@ -807,10 +858,10 @@ def publish_dir(
     if isinstance(store, LocalStore):
         if store.root == src.absolute():
             raise StorageError(f"cannot publish {src} onto itself")
-        _publish_local(src, store.root, manifest, overwrite, move)
+        _publish_local(src, store.root, manifest, overwrite, move, remote)
     else:
         assert isinstance(store, S3Store)
-        _publish_s3(src, store, manifest, overwrite)
+        _publish_s3(src, store, manifest, overwrite, remote)
     log.info("published %s (%d files, %d bytes)", store.uri, len(manifest["files"]), manifest["total_size"])
     return manifest
 

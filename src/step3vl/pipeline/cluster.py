@@ -68,6 +68,7 @@ class ClusterSettings:
     executor: str = "pod"
     trainjob_runtime: str = TRAINER_RUNTIME
     retry_backoff_max: str = "3600s"
+    parallel_parts: int = 64  # data prep's parts (its ParallelFor) running at once, each a data_prep-sized pod
     stages: dict[str, Resources] = field(default_factory=lambda: {
         "data_prep": Resources(cpu="16", memory="64Gi", timeout_s=12 * 3600),
         # one 8-GPU node per training stage in-pod; executor "trainjob" spreads it over `nodes`. /tmp as the

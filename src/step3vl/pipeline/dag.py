@@ -29,6 +29,7 @@ from step3vl.pipeline import lineage
 from step3vl.pipeline.cluster import DEFAULT, ClusterSettings, apply
 
 FIELD_SEP = "__"
+STEP_KEY_ENV = "STEP3VL_STEP_KEY"  # a looped task's input-addressed key (LocalTarget.configure_step)
 PIPELINE_PARAMS = ("config_yaml", "mlflow_parent_run_id", "pipeline_run_name")
 
 
@@ -116,6 +117,7 @@ class Target:
         self.config_yaml = config_yaml  # also the pipeline's default config_yaml
         self.reuse = dict(reuse or {})
         self.keys: dict[str, str] = {}  # stage → cache key, filled while the DAG is built
+        self.step_tasks: dict[str, str] = {}  # task name → stage, of the tasks before a planned stage's last one
 
     def dag(self, **params: Any) -> Dag:
         missing = set(PIPELINE_PARAMS) - set(params)
@@ -123,8 +125,18 @@ class Target:
             raise TypeError(f"pipeline parameters missing: {', '.join(sorted(missing))}")
         return Dag(self, params)
 
-    def configure(self, stage: str, component: Any, task: Any, inputs: dict[str, tuple[str, str]]) -> None:
+    def configure(self, stage: str, component: Any, task: Any, inputs: dict[str, tuple[str, str]],
+                  steps: Mapping[str, str] | None = None) -> None:
         raise NotImplementedError
+
+    def configure_step(self, stage: str, step: str, component: Any, task: Any, upstream: Mapping[str, str], *,
+                       looped: bool = False) -> str:
+        """A task of stage ``stage`` before its last one (``Dag.planned_stage``); its key ("" where none)."""
+        raise NotImplementedError
+
+    def parallelism(self, stage: str) -> int:
+        """How many of a planned stage's parts run at once (0: as many as the runner likes)."""
+        return 0
 
 
 class LocalTarget(Target):
@@ -136,14 +148,35 @@ class LocalTarget(Target):
         self.caching = caching
         self.code = code  # tests pin it; otherwise each component's own import closure
         self.code_digests: dict[str, str] = {}
+        self.step_keys: dict[str, str] = {}  # "<stage>.<step>" → key of a planned stage's earlier task
 
-    def configure(self, stage: str, component: Any, task: Any, inputs: dict[str, tuple[str, str]]) -> None:
+    def configure(self, stage: str, component: Any, task: Any, inputs: dict[str, tuple[str, str]],
+                  steps: Mapping[str, str] | None = None) -> None:
         upstream = {name: f"{self.keys[src]}:{out}" for name, (src, out) in inputs.items()}
+        upstream.update({f"step:{name}": key for name, key in (steps or {}).items()})
         code = self.code or lineage.component_code_digest(component)
         self.code_digests[stage] = code
         key = lineage.task_cache_key(stage, lineage.component_digest(component), self.config_yaml, code, upstream)
         self.keys[stage] = key
         task.set_caching_options(self.caching, cache_key=key if self.caching else None)
+
+    def configure_step(self, stage: str, step: str, component: Any, task: Any, upstream: Mapping[str, str], *,
+                       looped: bool = False) -> str:
+        code = self.code or lineage.component_code_digest(component)
+        key = lineage.task_cache_key(f"{stage}.{step}", lineage.component_digest(component), self.config_yaml, code,
+                                     dict(upstream))
+        self.step_keys[f"{stage}.{step}"] = key
+        if looped:
+            # one task runs once per item of the loop: a cache key of its own would be every iteration's. KFP's own
+            # key covers the item and the upstream artifacts; this variable adds the code and config digests to it
+            task.set_env_variable(STEP_KEY_ENV, key)
+            task.set_caching_options(self.caching)
+        else:
+            task.set_caching_options(self.caching, cache_key=key if self.caching else None)
+        return key
+
+    def parallelism(self, stage: str) -> int:
+        return 1  # a part already uses every CPU (the gate's scan, packing's tokenizer workers)
 
 
 class ClusterTarget(Target):
@@ -154,8 +187,17 @@ class ClusterTarget(Target):
         super().__init__(config_yaml, reuse=reuse)
         self.settings = settings
 
-    def configure(self, stage: str, component: Any, task: Any, inputs: dict[str, tuple[str, str]]) -> None:
+    def configure(self, stage: str, component: Any, task: Any, inputs: dict[str, tuple[str, str]],
+                  steps: Mapping[str, str] | None = None) -> None:
         apply(task, stage, self.settings)
+
+    def configure_step(self, stage: str, step: str, component: Any, task: Any, upstream: Mapping[str, str], *,
+                       looped: bool = False) -> str:
+        apply(task, stage, self.settings)
+        return ""
+
+    def parallelism(self, stage: str) -> int:
+        return self.settings.parallel_parts
 
 
 class Dag:
@@ -167,12 +209,35 @@ class Dag:
         self.stages: dict[str, dict[str, Any]] = {}
         self._origin: dict[tuple[str, str], tuple[str, str]] = {}  # (task, output) → (stage, output)
 
+    def planned_stage(self, name: str, plan: Any, part: Any, merge: Any, *, params: Mapping[str, Any] | None = None,
+                      **inputs: Any) -> dict[str, Any]:
+        """Add stage ``name`` as a plan, its parts and a merge (data prep): ``plan`` (given the config) writes its
+        output ``plan`` and returns the parts' indices; ``part`` runs once per index in a ``dsl.ParallelFor`` (on
+        ``plan``, output ``part``); ``merge`` takes ``plan``, every part (``dsl.Collected``, in index order) and
+        ``inputs``, and its outputs are the stage's. A reused stage imports the merge's outputs; nothing runs."""
+        from kfp import dsl
+
+        if name in self.target.reuse:
+            return self.stage(name, merge, params=params, **inputs)
+        if name in self.stages:
+            raise ValueError(f"stage {name} added twice")
+        planned = plan(config_yaml=self.params["config_yaml"])
+        plan_key = self.target.configure_step(name, "plan", plan, planned, {})
+        with dsl.ParallelFor(planned.outputs["Output"], parallelism=self.target.parallelism(name)) as index:
+            each = part(config_yaml=self.params["config_yaml"], plan=planned.outputs["plan"], index=index)
+            part_key = self.target.configure_step(name, "part", part, each, {"plan": plan_key}, looped=True)
+        self.target.step_tasks[planned.name] = self.target.step_tasks[each.name] = name
+        return self.stage(name, merge, params=params, steps={
+            "plan": (planned.outputs["plan"], plan_key), "parts": (dsl.Collected(each.outputs["part"]), part_key)},
+            **inputs)
+
     def stage(self, name: str, component: Any, *, params: Mapping[str, Any] | None = None,
-              **inputs: Any) -> dict[str, Any]:
+              steps: Mapping[str, tuple[Any, str]] | None = None, **inputs: Any) -> dict[str, Any]:
         """Add stage ``name`` running ``component`` on ``inputs`` (outputs of earlier stages).
 
         ``params`` are extra parameter values (constants or KFP placeholders such as the run id); they
         are deliberately not part of the local cache key, so a run-specific value never forces a rerun.
+        ``steps`` are outputs of the stage's own earlier tasks (:meth:`planned_stage`), each with its key.
         """
         from kfp import dsl
 
@@ -196,8 +261,9 @@ class Dag:
                 if origin is None:
                     raise ValueError(f"stage {name}: input {arg} is not an output of an earlier stage")
                 sources[arg] = origin
-            task = component(**self.params, **dict(params or {}), **inputs)
-            self.target.configure(name, component, task, sources)
+            steps = dict(steps or {})
+            task = component(**self.params, **dict(params or {}), **inputs, **{k: ch for k, (ch, _) in steps.items()})
+            self.target.configure(name, component, task, sources, {k: key for k, (_, key) in steps.items()})
             for out, channel in task.outputs.items():
                 outputs[out] = channel
                 self._origin[(task.name, out)] = (name, out)

@@ -104,6 +104,7 @@ class RunResult:
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXECUTING = re.compile(r" - INFO - Executing task '([^']+)'")
 _CACHE_HIT = re.compile(r" - INFO - Task (\S+) cache hit")
+_ITERATION = re.compile(r"-iteration-\d+$")
 _FINISHED = re.compile(r" - (?:INFO|ERROR) - Task '([^']+)' finished with status (SUCCESS|FAILURE)")
 _OWN_LOG = re.compile(r"^\d\d:\d\d:\d\d (?:INFO|WARNING|ERROR) step3vl[\w.]*: (.*)")
 
@@ -118,12 +119,14 @@ class LogSink(io.TextIOBase):
 
     encoding = "utf-8"
 
-    def __init__(self, path: Path, board: StatusBoard, task_to_stage: dict[str, str]) -> None:
+    def __init__(self, path: Path, board: StatusBoard, task_to_stage: dict[str, str],
+                 step_tasks: dict[str, str] | None = None) -> None:
         super().__init__()
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (closed in close())
         self._board = board
         self._stages = task_to_stage
+        self._steps = dict(step_tasks or {})  # the tasks before a planned stage's last: they never finish it
         self._buf = ""
         self.current: str | None = None
         self.failed: str | None = None
@@ -154,12 +157,26 @@ class LogSink(io.TextIOBase):
         super().close()
         self._file.close()
 
+    def _step(self, task: str) -> str | None:
+        return self._steps.get(_ITERATION.sub("", task))
+
     def _line(self, line: str) -> None:
-        if m := _EXECUTING.search(line):
+        if (m := _EXECUTING.search(line)) and (stage := self._step(m[1])):
+            self.current = stage
+            if self._board.status(stage) != "running":
+                self._board.set(stage, "running", m[1])
+            else:
+                self._board.detail(stage, m[1])
+        elif (m := _FINISHED.search(line)) and (stage := self._step(m[1])):
+            if m[2] != "SUCCESS":
+                self._board.set(stage, "failed")
+                self.failed = stage
+        elif m := _EXECUTING.search(line):
             stage = self._stages.get(m[1])
             if stage:
                 self.current = stage
-                self._board.set(stage, "running")
+                if self._board.status(stage) != "running":  # running already: its earlier tasks ran
+                    self._board.set(stage, "running")
         elif m := _CACHE_HIT.search(line):
             stage = self._stages.get(m[1])
             if stage:
@@ -297,7 +314,7 @@ def run_local(cfg: PipelineConfig, *, run_name: str | None = None, from_stage: s
         tracking.log_config(cfg)
         kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                        enable_caching=cache, cache_root=str(root / "cache"), raise_on_error=True)
-        sink = LogSink(log_path, board, {s.replace("_", "-"): s for s in stages})
+        sink = LogSink(log_path, board, {s.replace("_", "-"): s for s in stages}, target.step_tasks)
         error: Exception | None = None
         outputs: dict[str, Any] = {}
         try:

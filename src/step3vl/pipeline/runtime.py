@@ -243,6 +243,38 @@ def stage(name: str, config_yaml: str, mlflow_parent_run_id: str = "", pipeline_
         yield Stage(name, cfg, run.info.run_id, t0, config_yaml, mlflow_parent_run_id)
 
 
+def step_config(stage: str, step: str, config_yaml: str) -> PipelineConfig:
+    """The config of one step of a stage that runs as several tasks (data prep's plan and parts), logging set up;
+    the stage's last task opens its MLflow run (:func:`stage`)."""
+    from step3vl.config import config_hash
+
+    _configure_logging()
+    atexit.register(gc.freeze)
+    cfg = load_config(config_yaml, source=f"config_yaml of stage {stage} ({step})")
+    log.info("%s (%s): config %s", stage, step, config_hash(cfg))
+    return cfg
+
+
+def publish_part(cfg: PipelineConfig, artifact: Any, local_dir: str | Path) -> None:
+    """One part of a planned stage (data prep's), written in ``artifact``: with ``storage.root`` on S3 it is
+    published to ``<storage.root>/data-parts/<hash of the artifact's URI>`` and the artifact keeps a pointer (its
+    ``data_uri``), so that the merge task downloads no part whole (KFP's launcher would) and copies the parts' packed
+    shards on the server. The location is the task's own: a retried task publishes over it."""
+    import hashlib
+    import shutil
+
+    from step3vl.storage import is_s3_uri, join_uri, publish_dir
+
+    if not is_s3_uri(cfg.storage.root):
+        return
+    uri = join_uri(cfg.storage.root, "data-parts", hashlib.sha256(str(artifact.uri).encode()).hexdigest()[:16])
+    publish_dir(local_dir, uri, overwrite=True)
+    shutil.rmtree(artifact.path, ignore_errors=True)
+    artifact.metadata["data_uri"] = uri
+    _point_to(Path(artifact.path), {"data_uri": uri})
+    log.info("part published to %s", uri)
+
+
 @contextlib.contextmanager
 def _exclusive(work_uri: str) -> Iterator[None]:
     """One writer per checkpoint root. Two runs of the same stage on the same inputs share a root (that is
@@ -284,6 +316,11 @@ def data_dir(data: Any) -> str:
         raise RuntimeError(f"{data.path} points to {pointer}, but the artifact's metadata has no data_uri: "
                            "it lost its metadata on the way")
     return str(data.path)
+
+
+def data_dirs(artifacts: list[Any]) -> list[str]:
+    """:func:`data_dir` of each artifact (the parts a ``dsl.Collected`` hands the merge), in order."""
+    return [data_dir(a) for a in artifacts]
 
 
 def model_dirs(**models: Any) -> dict[str, str]:

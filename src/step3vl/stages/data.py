@@ -14,6 +14,7 @@ The stage is three steps with files between them, :func:`run` calling them in tu
 3. :func:`merge`: the gate's verdict on each set over its parts' scans together (ids unique across parts, no
    eval content), each packed set's parts joined (shards renumbered, counts summed), the manifest; sealed last.
 
+In the pipeline the three are tasks of their own (``components/data_prep.py``), the parts a ``ParallelFor``.
 A set in one part (``part_shards: 0``) is packed exactly as the whole set was before parts existed; in several
 parts, each part shuffles and packs its own records (another order, a few more part-filled rows).
 
@@ -341,11 +342,12 @@ def plan(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True) -> 
     return the_plan
 
 
-def prepare_part(cfg: PipelineConfig, data_dir: str | Path, index: int, *, progress: bool = True) -> Path:
-    """Gate and pack part ``index`` of the plan in ``data_dir`` (:func:`plan`): the gate's scan of its shards
-    (``scan.parquet``, judged by :func:`merge` with the set's other parts) and its packed shards, under
-    ``prep/parts/<index>``, which it returns. A part holding a record packing cannot read (a bad line, a schema
-    violation, a broken image) is scanned but not packed: the gate reports it at the merge."""
+def prepare_part(cfg: PipelineConfig, data_dir: str | Path, index: int, *, out: str | Path | None = None,
+                 progress: bool = True) -> Path:
+    """Gate and pack part ``index`` of the plan in ``data_dir`` (:func:`plan`; only read): the gate's scan of its
+    shards (``scan.parquet``, judged by :func:`merge` with the set's other parts) and its packed shards, in ``out``
+    (default ``prep/parts/<index>`` of ``data_dir``), which it returns. A part holding a record packing cannot read
+    (a bad line, a schema violation, a broken image) is scanned but not packed: the gate reports it at the merge."""
     from step3vl.data.gate import scan_dataset
     from step3vl.data.io import DataError
     from step3vl.data.pack import pack_dataset
@@ -353,29 +355,31 @@ def prepare_part(cfg: PipelineConfig, data_dir: str | Path, index: int, *, progr
     from step3vl.model.tokenizer import load_tokenizer
     from step3vl.storage import manifest_digest
 
-    out = Path(data_dir)
-    the_plan = json.loads((out / PLAN_FILE).read_text())
+    plan_dir = Path(data_dir)
+    the_plan = json.loads((plan_dir / PLAN_FILE).read_text())
     if not 0 <= index < len(the_plan["parts"]):
-        raise DataError(f"{out / PLAN_FILE}: no part {index} (it has {len(the_plan['parts'])})")
+        raise DataError(f"{plan_dir / PLAN_FILE}: no part {index} (it has {len(the_plan['parts'])})")
     part = the_plan["parts"][index]
     name, shards = part["set"], part["shards"]
     if name not in cfg.data.sets:
-        raise DataError(f"{out / PLAN_FILE}: part {index} is of set {name!r}, which data.sets does not name")
+        raise DataError(f"{plan_dir / PLAN_FILE}: part {index} is of set {name!r}, which data.sets does not name")
     spec = cfg.data.sets[name]
     source = the_plan["sets"][name].get("source")
-    raw = _RawSet(out, name, source["uri"] if source else "")
+    raw = _RawSet(plan_dir, name, source["uri"] if source else "")
     if source and manifest_digest(raw.remote.manifest) != source["manifest_sha256"]:
         raise DataError(f"{source['uri']} (set {name}) was published again since data prep planned it: run it again")
     t0 = time.perf_counter()
     root = raw.root(shards)
-    tok = load_tokenizer(out / "tokenizer")
+    tok = load_tokenizer(plan_dir / "tokenizer")
     processor = ImageProcessor(cfg.model.vision)
     df = scan_dataset(root, shards=shards, require_answer=spec.purpose in ANSWER_PURPOSES,
                       token_len=token_counter(tok, processor))
     scan_s = time.perf_counter() - t0
-    dest = out / PREP_DIR / "parts" / f"{index:05d}"
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
+    dest = Path(out) if out is not None else plan_dir / PREP_DIR / "parts" / f"{index:05d}"
+    (dest / PART_FILE).unlink(missing_ok=True)  # written last
+    for stale in (dest / SCAN_FILE, dest / "packed"):
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    dest.mkdir(parents=True, exist_ok=True)
     df.to_parquet(dest / SCAN_FILE)
     unreadable = int((df[["parse_error", "schema_error", "image_path_error", "image_error"]].notna().any(axis=1)
                       | (df["n_image_tags"] != df["n_images"])).sum())
@@ -390,35 +394,59 @@ def prepare_part(cfg: PipelineConfig, data_dir: str | Path, index: int, *, progr
     return dest
 
 
-def merge(cfg: PipelineConfig, data_dir: str | Path, *, progress: bool = True, log_mlflow: bool = False,
+def merge(cfg: PipelineConfig, data_dir: str | Path, *, plan_dir: str | Path | None = None,
+          parts: list[str | Path] | None = None, progress: bool = True, log_mlflow: bool = False,
           started: float | None = None) -> DataPrepOutputs:
     """Data prep's last step, once every part is prepared (:func:`prepare_part`): the gate's verdict on each set
     (its parts' scans together: ids unique across parts, no eval content), reports, ``hashes/``, each packed set's
-    parts joined into one (``packed/<name>``), ``data_manifest.json``; then the directory is sealed and, with
+    parts joined into one (``packed/<name>``), ``data_manifest.json``; then ``data_dir`` is sealed and, with
     ``storage.root`` on object storage, published. Raises ``GateFailed`` (with its report written) if any set fails.
+
+    By default the plan and the parts are where :func:`run` leaves them, in ``data_dir`` (whose ``prep/`` is then
+    removed, its packed shards moved). In the pipeline they are other tasks' outputs, only read: ``plan_dir`` (its
+    raw sets, tokenizer and plan are copied into ``data_dir``) and ``parts``, one per part in plan order: a folder
+    (its packed shards are linked, or copied) or the ``s3://`` URI the part was published to (only its scan and
+    indexes are fetched; its packed shards are copied by the S3 server when the data directory is published, so
+    ``storage.root`` must be on S3 too, and ``data_dir`` is whole only there).
     """
     import pandas as pd
 
     from step3vl.data.gate import GateFailed, check_scan, concat_scans
     from step3vl.data.io import DataError, dataset_sha256, dataset_sha256_of_manifest
     from step3vl.model.tokenizer import load_tokenizer
-    from step3vl.storage import is_s3_uri, manifest_digest, read_manifest, seal_dir
+    from step3vl.storage import MANIFEST_NAME, is_s3_uri, manifest_digest, read_manifest, seal_dir
 
     t0 = time.perf_counter() if started is None else started
     out = Path(data_dir)
-    prep = out / PREP_DIR
-    the_plan = json.loads((out / PLAN_FILE).read_text())
+    own = plan_dir is None  # the plan and the parts are run's, in out: moved, and prep/ removed at the end
+    planned = out if own else Path(plan_dir)
+    prep = planned / PREP_DIR
+    the_plan = json.loads((planned / PLAN_FILE).read_text())
     info = json.loads((prep / "plan_info.json").read_text())
     eval_hashes = set((prep / EVAL_HASHES).read_text().split())
-    parts: dict[str, list[tuple[dict[str, Any], Path]]] = {name: [] for name in the_plan["sets"]}
-    for i, part in enumerate(the_plan["parts"]):
-        d = prep / "parts" / f"{i:05d}"
-        if not (d / PART_FILE).is_file():
+    given = [prep / "parts" / f"{i:05d}" for i in range(len(the_plan["parts"]))] if parts is None else list(parts)
+    if len(given) != len(the_plan["parts"]):
+        raise DataError(f"{planned / PLAN_FILE} plans {len(the_plan['parts'])} parts; {len(given)} were given")
+    if any(is_s3_uri(str(d)) for d in given) and not is_s3_uri(cfg.storage.root):
+        raise DataError("parts on object storage are joined there: storage.root must be on object storage too")
+    parts_of: dict[str, list[_Part]] = {name: [] for name in the_plan["sets"]}
+    for i, (part, d) in enumerate(zip(the_plan["parts"], given)):
+        got = _Part.open(d, [packed for packed, _ in packings(part["set"], cfg.data.sets[part["set"]])]
+                         if part["set"] in cfg.data.sets else [])
+        if got is None or {k: got.done[k] for k in ("set", "index", "shards")} != part:
             raise DataError(f"{d}: part {i} of data prep (set {part['set']}, {len(part['shards'])} shards) "
-                            "was not prepared")
-        parts[part["set"]].append((json.loads((d / PART_FILE).read_text()), d))
-    if set(parts) != set(cfg.data.sets):
-        raise DataError(f"{out / PLAN_FILE} plans sets {sorted(parts)}, data.sets names {sorted(cfg.data.sets)}")
+                            "was not prepared" + ("" if got is None else f" (it holds set {got.done['set']} part "
+                                                  f"{got.done['index']})"))
+        parts_of[part["set"]].append(got)
+    if set(parts_of) != set(cfg.data.sets):
+        raise DataError(f"{planned / PLAN_FILE} plans sets {sorted(parts_of)}, data.sets names "
+                        f"{sorted(cfg.data.sets)}")
+    if not own:  # the data directory holds the plan's raw sets, tokenizer and plan
+        out.mkdir(parents=True, exist_ok=True)
+        for entry in planned.iterdir():
+            if entry.name not in (PREP_DIR, MANIFEST_NAME):
+                (shutil.copytree(entry, out / entry.name, symlinks=True, dirs_exist_ok=True) if entry.is_dir()
+                 else shutil.copy2(entry, out / entry.name))
 
     # the context each purpose is consumed with; a preference pair holds a prompt and two responses
     context = {"pretrain": cfg.pretrain.seq_len, "sft": cfg.sft.seq_len, "rl": cfg.sft.seq_len,
@@ -426,15 +454,15 @@ def merge(cfg: PipelineConfig, data_dir: str | Path, *, progress: bool = True, l
     reports_dir = out / "reports"
     reports_dir.mkdir(exist_ok=True)
     manifest: dict[str, Any] = {"sets": {}, "tokenizer": {"vocab_size": len(load_tokenizer(out / "tokenizer"))}}
-    scans: dict[str, Any] = {}
+    remote: dict[str, tuple[str, dict[str, Any]]] = {}  # packed shards left in their parts on object storage
     failed = []
     for name, spec in track(list(cfg.data.sets.items()), "gate", enabled=progress, unit=" set"):
-        df = concat_scans([pd.read_parquet(d / SCAN_FILE) for _, d in parts[name]])
+        df = concat_scans([pd.read_parquet(p.dir / SCAN_FILE) for p in parts_of[name]])
         source = the_plan["sets"][name].get("source")
         report = check_scan(df, source["uri"] if source else str(out / "raw" / name),
                             max_tokens=context[spec.purpose],
                             forbidden_hashes=eval_hashes if spec.split == "train" else None,
-                            seconds=sum(p["scan_seconds"] for p, _ in parts[name]))
+                            seconds=sum(p.done["scan_seconds"] for p in parts_of[name]))
         (reports_dir / f"{name}.md").write_text(report.to_markdown())
         (reports_dir / f"{name}.json").write_text(report.to_json())
         if source:
@@ -461,7 +489,6 @@ def merge(cfg: PipelineConfig, data_dir: str | Path, *, progress: bool = True, l
             failed.append(report)
         elif spec.split == "train":
             _write_hashes(out, name, report.content_hashes)
-        scans[name] = df
     if failed:
         _write_manifest(out, manifest)
         print("\n\n".join(r.to_markdown() for r in failed))
@@ -469,29 +496,73 @@ def merge(cfg: PipelineConfig, data_dir: str | Path, *, progress: bool = True, l
 
     for name, spec in cfg.data.sets.items():
         for packed, _loss_on in packings(name, spec):
-            unpacked = [p["index"] for p, d in parts[name] if not (d / "packed" / packed).is_dir()]
+            unpacked = [p.done["index"] for p in parts_of[name] if not p.has(f"packed/{packed}/")]
             if unpacked:  # the gate passed, so every record was readable
                 raise DataError(f"set {name}: parts {unpacked} were not packed into {packed}")
-            index = _join_packed(out / "packed" / packed, [d / "packed" / packed for _, d in parts[name]])
+            index, elsewhere = _join_packed(out / "packed" / packed, packed, parts_of[name], move=own)
+            remote.update({f"packed/{packed}/{rel}": src for rel, src in elsewhere.items()})
             manifest["sets"][name].setdefault("packed", {})[packed] = {
                 k: index[k] for k in ("rows", "samples", "tokens", "loss_tokens", "padding_fraction",
                                       "dropped_too_long")}
     _write_manifest(out, manifest)  # no timings or absolute paths: same inputs, byte-identical manifest
     timings = {"total": round(time.perf_counter() - t0, 2),
                "generate": {k: v.get("seconds") for k, v in info["generate"].items()},
-               "parts": [p["seconds"] for name in parts for p, _ in parts[name]]}
+               "parts": [p.done["seconds"] for name in parts_of for p in parts_of[name]]}
     (out / "timings.json").write_text(json.dumps(timings, indent=1, sort_keys=True))
-    shutil.rmtree(prep)
-    seal_dir(out)  # last: a TrainJob fetches the data from object storage verified against it
-    data_uri = publish(out, cfg.storage.root) if is_s3_uri(cfg.storage.root) else str(out)
+    if own:
+        shutil.rmtree(prep)
+    # last: a TrainJob fetches the data from object storage verified against it. Shards of parts on object storage
+    # are not here: the manifest lists them, and publishing copies them there from their parts
+    seal_dir(out, remote={rel: entry for rel, (_, entry) in remote.items()})
+    data_uri = publish(out, cfg.storage.root, remote={rel: uri for rel, (uri, _) in remote.items()}) \
+        if is_s3_uri(cfg.storage.root) else str(out)
     if log_mlflow:
         _log_to_mlflow(out, manifest, data_uri)
     return DataPrepOutputs(out, manifest, data_uri)
 
 
-def _join_packed(dest: Path, parts: list[Path]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Part:
+    """A prepared part as the merge reads it: ``done`` (its ``part.json``) and ``dir``, a local folder with its
+    scan and packed indexes; for a part published on object storage (the pipeline's, with ``storage.root`` there),
+    ``remote`` holds its files, of which only those are fetched: its packed shards are copied on the server."""
+
+    done: dict[str, Any]
+    dir: Path
+    remote: Any = None  # step3vl.storage.RemoteFiles
+
+    @classmethod
+    def open(cls, where: str | Path, packed: list[str]) -> _Part | None:
+        """The part at ``where`` (a folder, or an ``s3://`` URI); None if it is not a finished part."""
+        from step3vl.data.pack import INDEX_FILE
+        from step3vl.storage import NotPublishedError, RemoteFiles, is_s3_uri
+
+        if not is_s3_uri(str(where)):
+            d = Path(where)
+            return cls(json.loads((d / PART_FILE).read_text()), d) if (d / PART_FILE).is_file() else None
+        try:
+            files = RemoteFiles(str(where))
+        except NotPublishedError:
+            return None
+        have = files.manifest["files"]
+        if PART_FILE not in have:
+            return None
+        d = files.only([PART_FILE, SCAN_FILE] + [f"packed/{p}/{INDEX_FILE}" for p in packed
+                                                 if f"packed/{p}/{INDEX_FILE}" in have])
+        return cls(json.loads((d / PART_FILE).read_text()), d, files)
+
+    def has(self, prefix: str) -> bool:
+        if self.remote is not None:
+            return any(rel.startswith(prefix) for rel in self.remote.manifest["files"])
+        return (self.dir / prefix).is_dir()
+
+
+def _join_packed(dest: Path, packed: str, parts: list[_Part], *, move: bool
+                 ) -> tuple[dict[str, Any], dict[str, tuple[str, dict[str, Any]]]]:
     """One packed set at ``dest`` from the packed sets of its parts, in order: their shards renumbered
-    (``pack-00000``, … across parts), their counts summed; sealed. A set of one part is that part as it was."""
+    (``pack-00000``, … across parts), moved (``move``) or else linked or copied, their counts summed; sealed. A set
+    of one part is that part as it was. Returns the index, and the shards left where they are (those of parts on
+    object storage): name → (their URI, their manifest entry)."""
     from step3vl.data.io import DataError
     from step3vl.data.pack import INDEX_FILE, padding_fraction
     from step3vl.storage import seal_dir, verify_dir
@@ -500,31 +571,49 @@ def _join_packed(dest: Path, parts: list[Path]) -> dict[str, Any]:
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     index: dict[str, Any] = {}
-    for src in parts:
-        verify_dir(src)
-        part = json.loads((src / INDEX_FILE).read_text())
+    elsewhere: dict[str, tuple[str, dict[str, Any]]] = {}
+    for part in parts:
+        src = part.dir / "packed" / packed
+        if part.remote is None:
+            verify_dir(src)
+        got = json.loads((src / INDEX_FILE).read_text())
         if not index:
-            index = {**part, "shards": [], "too_long_examples": [], "per_task": {}}
+            index = {**got, "shards": [], "too_long_examples": [], "per_task": {}}
             for k in ("samples", "rows", "tokens", "loss_tokens", "dropped_too_long"):
                 index[k] = 0
-        for shard in part["shards"]:
+        for shard in got["shards"]:
             name = f"pack-{len(index['shards']):05d}.safetensors"
-            os.replace(src / shard["file"], dest / name)
+            if part.remote is None:
+                _move_or_link(src / shard["file"], dest / name, move)
+            else:
+                rel = f"packed/{packed}/{shard['file']}"
+                elsewhere[name] = (f"{part.remote.uri}/{rel}", part.remote.manifest["files"][rel])
             index["shards"].append({**shard, "file": name})
         for k in ("samples", "rows", "tokens", "loss_tokens", "dropped_too_long"):
-            index[k] += part[k]
-        for task, n in part["per_task"].items():
+            index[k] += got[k]
+        for task, n in got["per_task"].items():
             index["per_task"][task] = index["per_task"].get(task, 0) + n
-        index["too_long_examples"] = (index["too_long_examples"] + part["too_long_examples"])[:5]
+        index["too_long_examples"] = (index["too_long_examples"] + got["too_long_examples"])[:5]
     if not index["shards"]:
         raise DataError(f"{dest.name}: nothing to pack (every sample longer than seq_len={index['seq_len']}?)")
     index["padding_fraction"] = padding_fraction(index["tokens"], index["rows"], index["seq_len"])
     (dest / INDEX_FILE).write_text(json.dumps(index, indent=1, sort_keys=True))
-    seal_dir(dest, extra={"kind": "packed-dataset", "rows": index["rows"]})
-    return index
+    seal_dir(dest, extra={"kind": "packed-dataset", "rows": index["rows"]},
+             remote={rel: entry for rel, (_, entry) in elsewhere.items()})
+    return index, elsewhere
 
 
-def publish(out: Path, root: str) -> str:
+def _move_or_link(src: Path, dest: Path, move: bool) -> None:
+    if move:
+        os.replace(src, dest)
+        return
+    try:
+        os.link(src, dest)  # a packed shard is never written again: the part's output and ours can share it
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+def publish(out: Path, root: str, *, remote: dict[str, str] | None = None) -> str:
     """Publish the sealed data directory ``out`` to ``<root>/data/<digest>/<version>``; its URI.
 
     ``digest`` is :func:`content_digest`: every file but the reports and timings, so the same data prepared again the
@@ -532,7 +621,8 @@ def publish(out: Path, root: str) -> str:
     packed otherwise (another ``seq_len``) is published apart. ``version`` hashes every file (reports and timings
     differ per run): two data preps publishing the same data at once write to folders of their own, never into each
     other's files. A user's set read from object storage is not in ``out`` (:func:`plan`): ``data_manifest.json``
-    names it and the version read.
+    names it and the version read. ``remote``: files of ``out``'s manifest that are elsewhere on object storage (the
+    packed shards of the pipeline's parts), copied from there by the server.
     """
     from step3vl.pipeline.lineage import sha256_json
     from step3vl.storage import NotPublishedError, join_uri, open_store, publish_dir, read_manifest
@@ -549,7 +639,7 @@ def publish(out: Path, root: str) -> str:
             return join_uri(base, entry)
     uri = join_uri(base, sha256_json(files)[:16])
     # what an interrupted upload of this very version left there is replaced
-    publish_dir(out, uri, sealed=True)
+    publish_dir(out, uri, sealed=True, remote=remote)
     return uri
 
 
