@@ -280,7 +280,8 @@ def test_the_steps_run_apart_as_pipeline_tasks_do(micro_cfg, micro_data, tmp_pat
     with pytest.raises(DataError, match=f"plans {n} parts; {n - 1} were given"):
         data.merge(micro_cfg, tmp_path / "bad", plan_dir=plan_dir, parts=parts[1:], progress=False)
     done = data.merge(micro_cfg, tmp_path / "data", plan_dir=plan_dir, parts=parts, progress=False)
-    assert (done.out_dir / "data_manifest.json").read_bytes() == (micro_data.out_dir / "data_manifest.json").read_bytes()
+    manifest = "data_manifest.json"
+    assert (done.out_dir / manifest).read_bytes() == (micro_data.out_dir / manifest).read_bytes()
     verify_dir(done.out_dir)
     assert not (done.out_dir / "prep").exists()
     assert {p: sorted(q.relative_to(p) for q in p.rglob("*")) for p in [plan_dir, *parts]} == before

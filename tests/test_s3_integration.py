@@ -483,6 +483,14 @@ def test_pipeline_with_storage_on_s3_passes_data_and_models_as_pointers(prefix: 
     from step3vl.pipeline.lineage import data_digest
 
     assert data["metadata"]["digest"] == data_digest(uri)  # computed on the local folder before it was published
+    # data prep's parts were published apart and joined there: each part's packed shards, not a copy of them, went
+    # through the merge; the part artifacts hold pointers
+    plan = json.loads(RemoteFiles(uri).file("plan.json").read_text())
+    parts = open_store(f"{root}/data-parts").list(recursive=False)
+    assert len(parts) == len(plan["parts"]) > 1 and all(read_manifest(f"{root}/data-parts/{d}") for d in parts)
+    part_cache = [RemoteFiles(f"{root}/data-parts/{d}").dir for d in parts]
+    assert not [f for d in part_cache for f in d.rglob("*.safetensors")]
+    assert sorted(Path(data["uri"]).parent.parent.glob("for-loop-*/data-part/part/REMOTE.json"))
 
     # what this machine's node cache holds of the data: the sets the RL stages and evaluate read, the hashes the
     # contamination check reads; no raw set that only data prep reads

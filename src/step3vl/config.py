@@ -486,7 +486,8 @@ def _validate(obj: Any, source: str, prefix: str) -> None:
         raise ConfigError(f"{source}: '{prefix}pack_open_rows' must be >= 1 (1 = next-fit packing), "
                           f"got {obj.pack_open_rows}")
     if isinstance(obj, DataConfig) and obj.part_shards < 0:
-        raise ConfigError(f"{source}: '{prefix}part_shards' must be >= 0 (0 = a set is one part), got {obj.part_shards}")
+        raise ConfigError(f"{source}: '{prefix}part_shards' must be >= 0 (0 = a set is one part), "
+                          f"got {obj.part_shards}")
     if isinstance(obj, DataConfig) and obj.tokenizer_max_texts < 0:
         raise ConfigError(f"{source}: '{prefix}tokenizer_max_texts' must be >= 0 (0 = every training text), "
                           f"got {obj.tokenizer_max_texts}")

@@ -787,9 +787,12 @@ def _publish_s3(src: Path, store: S3Store, manifest: dict[str, Any], overwrite: 
         log.warning("removing %d leftover object(s) of an unfinished publish under %s", len(stale), store.uri)
         store.delete_prefix("")
     remote = remote or {}
-    with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:  # many objects: latency-bound
-        list(pool.map(lambda rel: store.copy_from(remote[rel], rel) if rel in remote else
-                      store.upload_file(src / rel, rel), manifest["files"]))
+    for rel in manifest["files"]:
+        if rel not in remote:
+            store.upload_file(src / rel, rel)
+    with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:  # server-side copies: latency-bound, many of them
+        list(pool.map(lambda rel: store.copy_from(remote[rel], rel),
+                      [rel for rel in manifest["files"] if rel in remote]))
     store.write_bytes(MANIFEST_NAME, _manifest_bytes(manifest))
 
 

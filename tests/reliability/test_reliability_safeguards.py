@@ -161,7 +161,7 @@ def test_cases_hold_with_every_safeguard(tmp_path):
 
 
 def test_without_atomic_publish_a_partial_checkpoint_is_visible(tmp_path, monkeypatch, reliability):
-    def in_place(src, dest, manifest, overwrite, move, remote=None):  # no staging, no rename: written where readers look
+    def in_place(src, dest, manifest, overwrite, move, remote=None):  # no staging, no rename: where readers look
         dest.mkdir(parents=True, exist_ok=True)
         (dest / storage.MANIFEST_NAME).write_bytes(storage._manifest_bytes(manifest))
         for rel in manifest["files"]:

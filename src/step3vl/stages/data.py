@@ -466,10 +466,10 @@ def merge(cfg: PipelineConfig, data_dir: str | Path, *, plan_dir: str | Path | N
         (reports_dir / f"{name}.md").write_text(report.to_markdown())
         (reports_dir / f"{name}.json").write_text(report.to_json())
         if source:
-            remote = read_manifest(source["uri"])
-            if manifest_digest(remote) != source["manifest_sha256"]:
+            published = read_manifest(source["uri"])
+            if manifest_digest(published) != source["manifest_sha256"]:
                 raise DataError(f"{source['uri']} (set {name}) was published again during data prep: run it again")
-            content_hash = dataset_sha256_of_manifest(remote)
+            content_hash = dataset_sha256_of_manifest(published)
         else:
             content_hash = dataset_sha256(out / "raw" / name)
         valid = df[df["task"].notna()]
