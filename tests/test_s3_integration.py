@@ -618,6 +618,13 @@ def test_a_users_set_on_s3_is_read_where_it_is_not_published_again(prefix: str, 
     ids = [r.record["id"] for r in iter_records(local / "raw" / "rl")]
     assert ids == [r.record["id"] for r in iter_records(micro_data.raw("rl"))]
     assert data.local_copy(out.data_uri, ["rl"]) == local  # again, as another rank of the node
+    # with a local root the data directory stays self-contained: the set is copied in, its source still named
+    here = data.run(replace(cfg, storage=StorageConfig(root=str(tmp_path / "root"))), tmp_path / "here",
+                    progress=False)
+    assert here.manifest["sets"]["rl"]["source"] == source and here.data_uri == str(tmp_path / "here")
+    assert not (here.out_dir / "raw" / "rl").is_symlink()
+    assert [r.record["id"] for r in iter_records(here.out_dir / "raw" / "rl")] == ids
+    assert here.manifest["sets"]["rl"]["content_hash"] == out.manifest["sets"]["rl"]["content_hash"]
 
     shard = sorted(micro_data.raw("rl").glob("*.jsonl"))[0].name
     changed = tmp_path / "changed"

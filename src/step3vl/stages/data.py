@@ -289,11 +289,12 @@ def plan(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True) -> 
     from step3vl.data.gate import dataset_hashes
     from step3vl.data.io import DataError
     from step3vl.model.tokenizer import build_tokenizer, save_tokenizer
-    from step3vl.storage import MANIFEST_NAME, fetch_dir, is_s3_uri, manifest_digest
+    from step3vl.storage import MANIFEST_NAME, fetch_dir, is_s3_uri, manifest_digest, read_manifest
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # rewritten by merge: never sealed while half-written
+    (out / PLAN_FILE).unlink(missing_ok=True)  # rewritten last: no part starts from an earlier plan
     shutil.rmtree(out / PREP_DIR, ignore_errors=True)
     gen = generate(cfg, out, progress=progress)
     in_place = is_s3_uri(cfg.storage.root)
@@ -304,7 +305,8 @@ def plan(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True) -> 
             raw[name] = _RawSet(out, name, spec.path)
             sources[name] = {"uri": spec.path, "manifest_sha256": manifest_digest(raw[name].remote.manifest)}
             if not in_place:  # a local data directory is self-contained (a pipeline artifact other pods read)
-                fetch_dir(spec.path, out / "raw" / name, overwrite=True)  # verified against the version planned
+                fetched = fetch_dir(spec.path, out / "raw" / name, overwrite=True)
+                sources[name]["manifest_sha256"] = manifest_digest(read_manifest(fetched))  # the version copied
                 raw[name] = _RawSet(out, name)
             continue
         raw[name] = _RawSet(out, name)
