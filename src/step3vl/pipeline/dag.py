@@ -154,17 +154,13 @@ class LocalTarget(Target):
                   steps: Mapping[str, str] | None = None) -> None:
         upstream = {name: f"{self.keys[src]}:{out}" for name, (src, out) in inputs.items()}
         upstream.update({f"step:{name}": key for name, key in (steps or {}).items()})
-        code = self.code or lineage.component_code_digest(component)
-        self.code_digests[stage] = code
-        key = lineage.task_cache_key(stage, lineage.component_digest(component), self.config_yaml, code, upstream)
+        key, self.code_digests[stage] = self._key(stage, component, upstream)
         self.keys[stage] = key
         task.set_caching_options(self.caching, cache_key=key if self.caching else None)
 
     def configure_step(self, stage: str, step: str, component: Any, task: Any, upstream: Mapping[str, str], *,
                        looped: bool = False) -> str:
-        code = self.code or lineage.component_code_digest(component)
-        key = lineage.task_cache_key(f"{stage}.{step}", lineage.component_digest(component), self.config_yaml, code,
-                                     dict(upstream))
+        key, _ = self._key(f"{stage}.{step}", component, dict(upstream))
         self.step_keys[f"{stage}.{step}"] = key
         if looped:
             # one task runs once per item of the loop: a cache key of its own would be every iteration's. KFP's own
@@ -174,6 +170,12 @@ class LocalTarget(Target):
         else:
             task.set_caching_options(self.caching, cache_key=key if self.caching else None)
         return key
+
+    def _key(self, name: str, component: Any, upstream: dict[str, str]) -> tuple[str, str]:
+        """The input-addressed cache key of task ``name`` (and the code digest in it)."""
+        code = self.code or lineage.component_code_digest(component)
+        return lineage.task_cache_key(name, lineage.component_digest(component), self.config_yaml, code,
+                                      upstream), code
 
     def parallelism(self, stage: str) -> int:
         return 1  # a part already uses every CPU (the gate's scan, packing's tokenizer workers)

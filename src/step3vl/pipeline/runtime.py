@@ -126,11 +126,7 @@ class Stage:
         reports = sorted(Path(out.out_dir, "reports").glob("*.md"))
         Path(report.path).write_text("\n\n".join(p.read_text() for p in reports) or "No datasets.\n")
         if out.data_uri.startswith("s3://"):  # published to object storage: the artifact holds only a pointer there
-            import shutil
-
-            shutil.rmtree(data.path, ignore_errors=True)
-            data.metadata["data_uri"] = out.data_uri
-            _point_to(Path(data.path), {"data_uri": out.data_uri})
+            _leave_pointer(data, "data_uri", out.data_uri)
         self._finish(metrics, values, data, report)
 
     def execute(self, fn: Any, *args: Any, work_uri: str, **kwargs: Any) -> Any:
@@ -231,12 +227,8 @@ def stage(name: str, config_yaml: str, mlflow_parent_run_id: str = "", pipeline_
     from step3vl import tracking
     from step3vl.config import config_hash
 
-    _configure_logging()
-    # the task process exits right after the stage: skip the garbage collector's final passes over
-    # torch/mlflow objects (~1 s per task); refcounted objects and every atexit handler still run
-    atexit.register(gc.freeze)
     t0 = time.perf_counter()
-    cfg = load_config(config_yaml, source=f"config_yaml of stage {name}")
+    cfg = _task_config(config_yaml, f"config_yaml of stage {name}")
     with tracking.stage_run(name, cfg.tracking, parent_run_id=mlflow_parent_run_id or None, config=cfg) as run:
         mlflow.set_tags({"step3vl.pipeline_run_name": pipeline_run_name, "step3vl.config_hash": config_hash(cfg)})
         log.info("%s: config %s, MLflow run %s", name, config_hash(cfg), run.info.run_id)
@@ -248,11 +240,18 @@ def step_config(stage: str, step: str, config_yaml: str) -> PipelineConfig:
     the stage's last task opens its MLflow run (:func:`stage`)."""
     from step3vl.config import config_hash
 
-    _configure_logging()
-    atexit.register(gc.freeze)
-    cfg = load_config(config_yaml, source=f"config_yaml of stage {stage} ({step})")
+    cfg = _task_config(config_yaml, f"config_yaml of stage {stage} ({step})")
     log.info("%s (%s): config %s", stage, step, config_hash(cfg))
     return cfg
+
+
+def _task_config(config_yaml: str, source: str) -> PipelineConfig:
+    """What every component task does first: logging, then its config."""
+    _configure_logging()
+    # the task process exits right after the stage: skip the garbage collector's final passes over
+    # torch/mlflow objects (~1 s per task); refcounted objects and every atexit handler still run
+    atexit.register(gc.freeze)
+    return load_config(config_yaml, source=source)
 
 
 def publish_part(cfg: PipelineConfig, artifact: Any, local_dir: str | Path) -> None:
@@ -261,7 +260,6 @@ def publish_part(cfg: PipelineConfig, artifact: Any, local_dir: str | Path) -> N
     ``data_uri``), so that the merge task downloads no part whole (KFP's launcher would) and copies the parts' packed
     shards on the server. The location is the task's own: a retried task publishes over it."""
     import hashlib
-    import shutil
 
     from step3vl.storage import is_s3_uri, join_uri, publish_dir
 
@@ -269,9 +267,7 @@ def publish_part(cfg: PipelineConfig, artifact: Any, local_dir: str | Path) -> N
         return
     uri = join_uri(cfg.storage.root, "data-parts", hashlib.sha256(str(artifact.uri).encode()).hexdigest()[:16])
     publish_dir(local_dir, uri, overwrite=True)
-    shutil.rmtree(artifact.path, ignore_errors=True)
-    artifact.metadata["data_uri"] = uri
-    _point_to(Path(artifact.path), {"data_uri": uri})
+    _leave_pointer(artifact, "data_uri", uri)
     log.info("part published to %s", uri)
 
 
@@ -356,6 +352,16 @@ def log_metrics(metrics: Any, values: dict[str, Any]) -> None:
             log.warning("metric %s is %s: not logged", k, v)
     Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
     Path(metrics.path).write_text(json.dumps(clean, indent=1, sort_keys=True) + "\n")
+
+
+def _leave_pointer(artifact: Any, key: str, uri: str) -> None:
+    """An output artifact whose content was published to ``uri``: emptied, it holds only ``REMOTE.json`` and the
+    ``key`` metadata (what KFP's launcher downloads into each consuming pod)."""
+    import shutil
+
+    shutil.rmtree(artifact.path, ignore_errors=True)
+    artifact.metadata[key] = uri
+    _point_to(Path(artifact.path), {key: uri})
 
 
 def _point_to(path: Path, pointer: dict[str, str]) -> None:

@@ -41,6 +41,7 @@ is: the tokenizer its first shards, each part its own shards and the images thei
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import logging
 import os
@@ -179,8 +180,9 @@ class _RawSet:
         self.local = Path(data_dir) / "raw" / name
         self.remote = RemoteFiles(source) if source else None
 
+    @functools.cached_property
     def shard_sizes(self) -> dict[str, int]:
-        """Shard file name → bytes, in name order (the order records are read in)."""
+        """Shard file name → bytes, in name order (the order records are read in); listed once."""
         from step3vl.data.io import SHARD_GLOB, DataError, list_shards
 
         if self.remote is None:
@@ -196,7 +198,7 @@ class _RawSet:
         fetched at a time."""
         from step3vl.data.io import iter_shard
 
-        for name in self.shard_sizes() if shards is None else shards:
+        for name in self.shard_sizes if shards is None else shards:
             yield from iter_shard(self.local / name if self.remote is None else self.remote.file(name))
 
     def root(self, shards: list[str]) -> Path:
@@ -222,7 +224,7 @@ def _corpus(sets: list[_RawSet], max_texts: int = 0) -> Iterator[str]:
     read from its first records only (a set on object storage: only the shards those are in are fetched)."""
     quota: dict[str, int | None] = {s.name: None for s in sets}
     if max_texts:
-        size = {s.name: sum(s.shard_sizes().values()) for s in sets}
+        size = {s.name: sum(s.shard_sizes.values()) for s in sets}
         total = sum(size.values()) or 1
         quota = {s.name: max(1, int(max_texts * size[s.name] / total)) for s in sets}
     for s in sets:
@@ -287,7 +289,7 @@ def plan(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True) -> 
     under ``prep/``; returns the plan. Each part is then gated and packed on its own (:func:`prepare_part`).
     """
     from step3vl.data.gate import dataset_hashes
-    from step3vl.data.io import DataError
+    from step3vl.data.io import DataError, dataset_sha256_of_manifest
     from step3vl.model.tokenizer import build_tokenizer, save_tokenizer
     from step3vl.storage import MANIFEST_NAME, fetch_dir, is_s3_uri, manifest_digest, read_manifest
 
@@ -299,15 +301,17 @@ def plan(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True) -> 
     gen = generate(cfg, out, progress=progress)
     in_place = is_s3_uri(cfg.storage.root)
     raw: dict[str, _RawSet] = {}
-    sources: dict[str, dict[str, str]] = {}
+    sets: dict[str, Any] = {name: {} for name in cfg.data.sets}  # per set: its source, and how it is read
     for name, spec in cfg.data.sets.items():
         if spec.path and is_s3_uri(spec.path):
             raw[name] = _RawSet(out, name, spec.path)
-            sources[name] = {"uri": spec.path, "manifest_sha256": manifest_digest(raw[name].remote.manifest)}
-            if not in_place:  # a local data directory is self-contained (a pipeline artifact other pods read)
-                fetched = fetch_dir(spec.path, out / "raw" / name, overwrite=True)
-                sources[name]["manifest_sha256"] = manifest_digest(read_manifest(fetched))  # the version copied
+            manifest = raw[name].remote.manifest
+            if in_place:  # each part reads it there, checking that it reads this version
+                sets[name].update(in_place=True, content_hash=dataset_sha256_of_manifest(manifest))
+            else:  # a local data directory is self-contained (a pipeline artifact other pods read)
+                manifest = read_manifest(fetch_dir(spec.path, out / "raw" / name, overwrite=True))  # the version copied
                 raw[name] = _RawSet(out, name)
+            sets[name]["source"] = {"uri": spec.path, "manifest_sha256": manifest_digest(manifest)}
             continue
         raw[name] = _RawSet(out, name)
         if spec.path:
@@ -327,18 +331,17 @@ def plan(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True) -> 
             eval_hashes |= dataset_hashes(raw[name].whole())
 
     parts: list[dict[str, Any]] = []
-    sets: dict[str, Any] = {}
     for name in cfg.data.sets:
-        shards = list(raw[name].shard_sizes())
+        shards = list(raw[name].shard_sizes)
         step = cfg.data.part_shards or len(shards)
         chunks = [shards[i:i + step] for i in range(0, len(shards), step)]
         parts += [{"set": name, "index": i, "shards": chunk} for i, chunk in enumerate(chunks)]
-        sets[name] = {"parts": len(chunks), **({"source": sources[name]} if name in sources and in_place else {})}
+        sets[name]["parts"] = len(chunks)
     the_plan = {"sets": sets, "parts": parts}
     prep = out / PREP_DIR
     (prep / "parts").mkdir(parents=True)
     (prep / EVAL_HASHES).write_text("".join(f"{h}\n" for h in sorted(eval_hashes)))
-    (prep / "plan_info.json").write_text(json.dumps({"generate": gen, "sources": sources}, indent=1, sort_keys=True))
+    (prep / "generate.json").write_text(json.dumps(gen, indent=1, sort_keys=True))
     _write_json(out / PLAN_FILE, the_plan)  # last: a plan file means the step is done
     log.info("data prep: %d sets in %d parts", len(sets), len(parts))
     return the_plan
@@ -366,7 +369,8 @@ def prepare_part(cfg: PipelineConfig, data_dir: str | Path, index: int, *, out: 
     if name not in cfg.data.sets:
         raise DataError(f"{plan_dir / PLAN_FILE}: part {index} is of set {name!r}, which data.sets does not name")
     spec = cfg.data.sets[name]
-    source = the_plan["sets"][name].get("source")
+    entry = the_plan["sets"][name]
+    source = entry["source"] if entry.get("in_place") else None
     raw = _RawSet(plan_dir, name, source["uri"] if source else "")
     if source and manifest_digest(raw.remote.manifest) != source["manifest_sha256"]:
         raise DataError(f"{source['uri']} (set {name}) was published again since data prep planned it: run it again")
@@ -414,9 +418,9 @@ def merge(cfg: PipelineConfig, data_dir: str | Path, *, plan_dir: str | Path | N
     import pandas as pd
 
     from step3vl.data.gate import GateFailed, check_scan, concat_scans
-    from step3vl.data.io import DataError, dataset_sha256, dataset_sha256_of_manifest
+    from step3vl.data.io import DataError, dataset_sha256
     from step3vl.model.tokenizer import load_tokenizer
-    from step3vl.storage import MANIFEST_NAME, is_s3_uri, manifest_digest, read_manifest, seal_dir
+    from step3vl.storage import MANIFEST_NAME, is_s3_uri, seal_dir
 
     t0 = time.perf_counter() if started is None else started
     out = Path(data_dir)
@@ -424,7 +428,7 @@ def merge(cfg: PipelineConfig, data_dir: str | Path, *, plan_dir: str | Path | N
     planned = out if own else Path(plan_dir)
     prep = planned / PREP_DIR
     the_plan = json.loads((planned / PLAN_FILE).read_text())
-    info = json.loads((prep / "plan_info.json").read_text())
+    generated = json.loads((prep / "generate.json").read_text())
     eval_hashes = set((prep / EVAL_HASHES).read_text().split())
     given = [prep / "parts" / f"{i:05d}" for i in range(len(the_plan["parts"]))] if parts is None else list(parts)
     if len(given) != len(the_plan["parts"]):
@@ -460,31 +464,25 @@ def merge(cfg: PipelineConfig, data_dir: str | Path, *, plan_dir: str | Path | N
     failed = []
     for name, spec in track(list(cfg.data.sets.items()), "gate", enabled=progress, unit=" set"):
         df = concat_scans([pd.read_parquet(p.dir / SCAN_FILE) for p in parts_of[name]])
-        source = the_plan["sets"][name].get("source")
-        report = check_scan(df, source["uri"] if source else str(out / "raw" / name),
+        entry = the_plan["sets"][name]  # a set read in place: each part checked the version it read
+        report = check_scan(df, entry["source"]["uri"] if entry.get("in_place") else str(out / "raw" / name),
                             max_tokens=context[spec.purpose],
                             forbidden_hashes=eval_hashes if spec.split == "train" else None,
                             seconds=sum(p.done["scan_seconds"] for p in parts_of[name]))
         (reports_dir / f"{name}.md").write_text(report.to_markdown())
         (reports_dir / f"{name}.json").write_text(report.to_json())
-        if source:
-            published = read_manifest(source["uri"])
-            if manifest_digest(published) != source["manifest_sha256"]:
-                raise DataError(f"{source['uri']} (set {name}) was published again during data prep: run it again")
-            content_hash = dataset_sha256_of_manifest(published)
-        else:
-            content_hash = dataset_sha256(out / "raw" / name)
+        content_hash = entry["content_hash"] if entry.get("in_place") else dataset_sha256(out / "raw" / name)
         valid = df[df["task"].notna()]
         manifest["sets"][name] = {
             "purpose": spec.purpose,
             "split": spec.split,
             "path": f"raw/{name}",
-            **({"source": info["sources"][name]} if name in info["sources"] else {}),
+            **({"source": entry["source"]} if "source" in entry else {}),
             "content_hash": content_hash,
             "n_records": report.n_records,
             "rows_per_task": {str(k): int(v) for k, v in sorted(valid["task"].value_counts().items())},
             "gate": {"passed": report.passed, "failed_checks": [c.name for c in report.failed_checks]},
-            "generate": {k: v for k, v in info["generate"].get(name, {}).items()
+            "generate": {k: v for k, v in generated.get(name, {}).items()
                          if k in ("n_records", "n_images", "shards", "skipped_eval_duplicates")},
         }
         if not report.passed:
@@ -508,7 +506,7 @@ def merge(cfg: PipelineConfig, data_dir: str | Path, *, plan_dir: str | Path | N
                                       "dropped_too_long")}
     _write_manifest(out, manifest)  # no timings or absolute paths: same inputs, byte-identical manifest
     timings = {"total": round(time.perf_counter() - t0, 2),
-               "generate": {k: v.get("seconds") for k, v in info["generate"].items()},
+               "generate": {k: v.get("seconds") for k, v in generated.items()},
                "parts": [p.done["seconds"] for name in parts_of for p in parts_of[name]]}
     (out / "timings.json").write_text(json.dumps(timings, indent=1, sort_keys=True))
     if own:
