@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from step3vl import config
+from step3vl.pipeline import trainjob
 from step3vl.stages.train import run_training
 
 data_dir, out_dir = sys.argv[1], sys.argv[2]
@@ -42,6 +43,7 @@ if os.environ.get("DS_GATHER_PROBE"):  # every rank prints how much of each gath
 
     loop.full_state_dict, zero.gather_optimizer_state = probe_model, probe_optimizer
 res = run_training("pretrain", cfg, data_dir, out_dir, progress=False, stop_after_step=stop)
+trainjob.end_process_group()  # as `step3vl stage exec` does after the stage
 
 if os.environ.get("RANK", "0") == "0":
     print("BACKEND=" + res.result.backend)

@@ -305,7 +305,18 @@ def exec_call(spec: dict[str, Any]) -> dict[str, Any]:
     summary = _summary(out)
     if rank0:
         _write(spec["result_uri"], json.dumps(summary, sort_keys=True))
+    end_process_group()
     return summary
+
+
+def end_process_group() -> None:
+    """Tear down the process group DeepSpeed started, once a rank is done: a rank that exits with it alive can abort
+    at interpreter shutdown ("terminate called without an active exception", its gloo threads still joinable), and
+    torchrun then reports the finished job as failed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _write(uri: str, text: str) -> None:
