@@ -26,8 +26,8 @@ def data_plan(config_yaml: str, plan: Output[Dataset]) -> List[int]:
 
 @dsl.component(base_image=TRAINER_IMAGE, install_kfp_package=False)
 def data_part(config_yaml: str, plan: Input[Dataset], index: int, part: Output[Dataset]):
-    """step3vl.stages.data.prepare_part: the gate's scan and the packed shards of one part of the plan (with
-    storage.root on S3, published there: the artifact is a pointer)."""
+    """step3vl.stages.data.prepare_part: the gate's row-level checks, ids' digests and content hashes, and the
+    packed shards of one part of the plan (with storage.root on S3, published there: the artifact is a pointer)."""
     from step3vl.pipeline import runtime
     from step3vl.stages import data as data_stage
 

@@ -220,6 +220,71 @@ def test_duplicate_id_across_shards(tmp_path: Path) -> None:
     assert report.check("unique_ids").failing_rows == 2
 
 
+def test_a_set_judged_in_parts_gets_the_verdict_of_the_whole(tmp_path: Path) -> None:
+    """Each shard a part (check_part), the set judged from them (check_set): the same report as one frame, and the
+    same unique_ids as Great Expectations' own expectation over the whole frame (every row of a repeated id fails,
+    rows without one are skipped), also when the digests are compared a few at a time."""
+    import great_expectations.expectations as gxe
+    import pandas as pd
+
+    from step3vl.data import gate
+
+    recs = [text_record(i) for i in range(14)]
+    recs[3] = text_record(3, id="rec-1")  # the same shard as rec-1 (3 per shard)
+    recs[8] = text_record(8, id="rec-1")  # and another shard
+    recs[11] = text_record(11, id="rec-9")
+    for i in (5, 7, 10, 13):  # a failing row-level check in several parts: more rows than examples
+        recs[i] = record(i, images=[], messages=[{"role": "user", "content": " "}, {"role": "assistant", "content": "x"}])
+    ds = make(tmp_path, recs, shard_size=3)
+    append_lines(ds, b"not json")
+    shards = sorted(p.name for p in ds.glob("*.jsonl"))
+    assert len(shards) == 5
+    whole = validate_dataset(ds, max_examples=3, max_tokens=30, token_len=len, workers=1)
+    frames = [gate.scan_dataset(ds, shards=[s], token_len=len, workers=1) for s in shards]
+    read = []
+
+    def rows(k: int):
+        def f():
+            read.append(k)
+            return frames[k]
+        return f
+
+    parts = [gate.PartGate(gate.check_part(df, str(ds), max_tokens=30, max_examples=3), gate.id_digests(df["id"]),
+                           rows(k)) for k, df in enumerate(frames)]
+    joined = gate.check_set(str(ds), parts, max_examples=3, chunk=2)
+    assert joined.checks == whole.checks and joined.n_records == whole.n_records == 15
+    assert [c.name for c in joined.failed_checks] == ["parse", "unique_ids", "no_empty_turns"]
+    assert joined.check("no_empty_turns").failing_rows == 4
+    assert joined.check("no_empty_turns").example_ids == ["rec-5", "rec-7", "rec-10"]
+    assert joined.check("unique_ids").example_ids == ["rec-1", "rec-1", "rec-1"]
+    assert sorted(read) == [0, 1, 2, 3]  # the part holding no repeated id is not read again
+    frame = pd.concat(frames, ignore_index=True)
+    check = gate._Check("unique_ids", "", lambda: gxe.ExpectColumnValuesToBeUnique(column="id"), lambda r: "")
+    ge = gate._check_result(check, gate._run_suite(frame, [check])["unique_ids"], frame, 10)
+    assert ge.failing_rows == joined.check("unique_ids").failing_rows == 5
+    assert ge.example_ids == ["rec-1", "rec-1", "rec-1", "rec-9", "rec-9"]  # rows in order; joined: the first 3
+    assert json.loads(GateReport.from_json(joined.to_json()).to_json()) == json.loads(joined.to_json())
+
+
+def test_check_set_reads_ids_back_before_calling_them_repeated(tmp_path: Path) -> None:
+    """Two ids that share a 64-bit digest are not repeated; digests at the ends of the range are compared."""
+    import numpy as np
+    import pandas as pd
+
+    from step3vl.data import gate
+
+    top = np.uint64(2**64 - 1)
+    assert list(gate._repeated_digests([np.array([0, 5, top], np.uint64), np.array([top], np.uint64)], chunk=1)) \
+        == [top]
+    report = GateReport("p", True, 1, [], 0.0)
+    parts = [gate.PartGate(report, np.array([7], np.uint64), lambda i=i: pd.DataFrame(
+        {"id": [f"id-{i}"], "shard": ["s"], "line_no": [1]})) for i in range(2)]
+    result = gate.check_set("p", parts)
+    assert result.passed and result.check("unique_ids").failing_rows == 0
+    with pytest.raises(ValueError, match="at least one part"):
+        gate.check_set("p", [])
+
+
 def test_empty_assistant_turn(tmp_path: Path) -> None:
     rec = record(9, messages=[
         {"role": "user", "content": "<image> What is it?"},

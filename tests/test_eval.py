@@ -26,9 +26,11 @@ def test_data_prep_records_the_content_hashes_of_every_training_set_as_written(m
 
     src = Path(micro_data.out_dir)
     train = sorted(n for n, s in micro_cfg.data.sets.items() if s.split == "train")
-    assert sorted(p.stem for p in (src / "hashes").glob("*.txt")) == train
+    assert sorted(p.name for p in (src / "hashes").iterdir()) == train
     for name in train:
-        lines = (src / "hashes" / f"{name}.txt").read_text().splitlines()
+        files = sorted((src / "hashes" / name).iterdir())
+        assert [f.name for f in files] == ["part-00000.txt"], name  # micro: one part per set
+        lines = files[0].read_text().splitlines()
         assert lines == sorted(dataset_hashes(src / "raw" / name)), name
 
 
@@ -50,13 +52,13 @@ def test_contamination_check_reports_a_planted_duplicate(micro_data, tmp_path):
                 if '"task": "text_math"' in ln or '"task":"text_math"' in ln)
     rec = json.loads(line)
     planted = content_hash({**rec, "id": "planted-duplicate", "split": "train"}, data / "raw" / "eval")
-    with (data / "hashes" / "sft_stage1.txt").open("a") as f:
+    with (data / "hashes" / "sft_stage1" / "part-00001.txt").open("w") as f:  # a set's second part
         f.write(planted + "\n")
     dirty = contamination.check(data)
     assert dirty.count == 1 and dirty.duplicates == {rec["id"]: ["sft_stage1"]}
     assert f"`{rec['id']}` | sft_stage1" in dirty.to_markdown()
-    (data / "hashes" / "pretrain_hq.txt").unlink()
-    with pytest.raises(DataError, match=r"pretrain_hq\.txt: no content hashes of training set pretrain_hq"):
+    shutil.rmtree(data / "hashes" / "pretrain_hq")
+    with pytest.raises(DataError, match=r"hashes/pretrain_hq: no content hashes of training set pretrain_hq"):
         contamination.check(data)
 
 

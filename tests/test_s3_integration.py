@@ -679,8 +679,9 @@ def test_data_prep_fetches_what_each_part_of_a_users_set_on_s3_needs(prefix: str
 
 def test_data_prep_parts_on_s3_are_joined_by_copies_on_the_server(prefix: str, micro_cfg: Any, tmp_path: Path,
                                                                    monkeypatch: Any) -> None:
-    """The pipeline's parts (storage.root on S3) are published; the merge fetches their scans and indexes only, and
-    the published data directory gets their packed shards by server-side copies: the same data as in one process."""
+    """The pipeline's parts (storage.root on S3) are published; the merge fetches their verdicts, ids' digests and
+    indexes only (no scan: no id is repeated), and the published data directory gets their packed shards and content
+    hashes by server-side copies: the same data as in one process."""
     from dataclasses import replace
 
     from step3vl.config import StorageConfig
@@ -703,12 +704,16 @@ def test_data_prep_parts_on_s3_are_joined_by_copies_on_the_server(prefix: str, m
     real = S3Store.copy_from
     monkeypatch.setattr(S3Store, "copy_from", lambda self, src, key: (copies.append((src, key)), real(self, src, key)))
     done = data.merge(cfg, tmp_path / "data", plan_dir=plan_dir, parts=uris, progress=False)
-    assert not [k for k in uploads + downloads if str(k).endswith(".safetensors")]
-    assert copies and all(src.startswith(f"{prefix}/parts/") and src.endswith(".safetensors") for src, _ in copies)
+    assert not [k for k in uploads + downloads if str(k).endswith((".safetensors", "scan.parquet", "hashes.txt"))]
+    assert {src.rsplit("/", 1)[-1].split("-")[0] for src, _ in copies} == {"pack", "hashes.txt"}
+    assert all(src.startswith(f"{prefix}/parts/") for src, _ in copies)
     assert verify_published(done.data_uri)  # every file, the copied shards included, against the manifest
     whole = data.run(local, tmp_path / "whole", progress=False)
     assert (done.out_dir / "data_manifest.json").read_bytes() == (whole.out_dir / "data_manifest.json").read_bytes()
     published = storage.RemoteFiles(done.data_uri).all()
+    for name in ("pretrain_broad", "sft_stage1"):
+        assert [f.read_bytes() for f in sorted((published / "hashes" / name).glob("*.txt"))] == \
+            [f.read_bytes() for f in sorted((whole.out_dir / "hashes" / name).glob("*.txt"))], name
     for packed in ("pretrain_broad", "sft_stage1", "eval-all"):
         assert [p.read_bytes() for p in sorted((published / "packed" / packed).glob("*.safetensors"))] == \
             [p.read_bytes() for p in sorted(whole.packed(packed).glob("*.safetensors"))], packed

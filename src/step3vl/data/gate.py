@@ -11,7 +11,7 @@ Checks (``CheckResult.name``):
 - ``has_records``: the dataset is not empty.
 - ``parse``: every line is UTF-8 JSON, one object, no duplicate keys, under the line-size limit.
 - ``schema``: every record matches ``schemas/dataset.schema.json``.
-- ``unique_ids``: ids are unique across all shards.
+- ``unique_ids``: ids are unique across all shards (and parts).
 - ``messages_non_empty`` / ``no_empty_turns``: at least one message; no blank message content.
 - ``image_tags_match``: ``<image>`` tags in user turns = ``len(images)``.
 - ``image_paths_safe``: image paths stay inside the dataset directory.
@@ -24,6 +24,13 @@ Checks (``CheckResult.name``):
 
 Rows that fail ``parse`` or ``schema`` get nulls in the derived columns, which GE skips, so one bad
 line is reported once, under the check that explains it.
+
+A set too large for one process is judged in parts (data prep's): each part's frame goes through the suite's
+row-level checks on its own (:func:`check_part`), which settle every check but the two about the whole set
+(:data:`SET_CHECKS`); :func:`check_set` decides those from the parts' record counts and their ids' 64-bit digests
+(sorted, cut into ranges of the digest space: memory bounded whatever the set's size), reads the ids back only
+for the parts holding a repeated digest, and joins the parts' verdicts into the set's. One frame
+(:func:`validate_dataset`, :func:`check_scan`) is a set of one part.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ from step3vl.data.io import (
 from step3vl.data.schema import schema_errors
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
 
 log = logging.getLogger(__name__)
@@ -126,16 +134,20 @@ class GateReport:
             lines.append(f"| {c.name} | {'ok' if c.passed else 'FAIL'} | {c.failing_rows} | {ids} |")
         for c in self.failed_checks:
             lines += ["", f"### {c.name}: {c.description}"]
-            if c.example_ids:
-                lines += [f"- `{i}`: {d}" for i, d in zip(c.example_ids, c.details, strict=False)]
-            else:
-                lines += [f"- {d}" for d in c.details]
+            lines += [f"- `{i}`: {d}" for i, d in zip(c.example_ids, c.details, strict=False)]
+            lines += [f"- {d}" for d in c.details[len(c.example_ids):]]  # a table-level or erring check's
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> str:
         report = asdict(self)
         del report["content_hashes"]
         return json.dumps(report, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> GateReport:
+        """The report :meth:`to_json` wrote (without ``content_hashes``, which it does not hold)."""
+        report = json.loads(text)
+        return cls(**{**report, "checks": [CheckResult(**c) for c in report["checks"]]})
 
     def raise_if_failed(self) -> None:
         """Raise :class:`GateFailed` (carrying this report) unless every check passed."""
@@ -339,72 +351,82 @@ def _scan(
 class _Check:
     name: str
     description: str
-    expectation: Callable[[], Any]  # builds the GE expectation (GE is imported lazily)
+    # builds the GE expectation (GE is imported lazily); None for SET_CHECKS, which check_set decides
+    expectation: Callable[[], Any] | None
     detail: Callable[[Mapping[str, Any]], str]
 
 
-def _checks(max_tokens: int | None, forbidden_hashes: Collection[str] | None) -> list[_Check]:
+# Checks about a whole set, decided by check_set over its parts; every other check is row-level: a part settles it.
+SET_CHECKS: Final = ("has_records", "unique_ids")
+
+
+def _gxe() -> Any:
     import great_expectations.expectations as gxe
 
+    return gxe
+
+
+def _checks(max_tokens: int | None, forbidden_hashes: Collection[str] | None) -> list[_Check]:
+    """The gate's checks, in report order; GE is imported only when an expectation is built."""
     checks = [
         _Check(
             "has_records",
             "the dataset has at least one record",
-            lambda: gxe.ExpectTableRowCountToBeBetween(min_value=1),
+            None,
             lambda r: "",
         ),
         _Check(
             "parse",
             "every line is one UTF-8 JSON object with unique keys, within the line-size limit",
-            lambda: gxe.ExpectColumnValuesToBeNull(column="parse_error"),
+            lambda: _gxe().ExpectColumnValuesToBeNull(column="parse_error"),
             lambda r: str(r["parse_error"]),
         ),
         _Check(
             "schema",
             "every record matches schemas/dataset.schema.json",
-            lambda: gxe.ExpectColumnValuesToBeNull(column="schema_error"),
+            lambda: _gxe().ExpectColumnValuesToBeNull(column="schema_error"),
             lambda r: str(r["schema_error"]),
         ),
         _Check(
             "unique_ids",
             "ids are unique across all shards",
-            lambda: gxe.ExpectColumnValuesToBeUnique(column="id"),
+            None,
             lambda r: f"id {r['id']!r} appears more than once",
         ),
         _Check(
             "messages_non_empty",
             "every record has at least one message",
-            lambda: gxe.ExpectColumnValuesToBeBetween(column="n_messages", min_value=1),
+            lambda: _gxe().ExpectColumnValuesToBeBetween(column="n_messages", min_value=1),
             lambda r: "no messages",
         ),
         _Check(
             "no_empty_turns",
             "no message has empty or whitespace-only content",
-            lambda: gxe.ExpectColumnValuesToBeBetween(column="n_empty_turns", min_value=0, max_value=0),
+            lambda: _gxe().ExpectColumnValuesToBeBetween(column="n_empty_turns", min_value=0, max_value=0),
             lambda r: f"{int(r['n_empty_turns'])} empty turn(s)",
         ),
         _Check(
             "image_tags_match",
             f"the number of {IMAGE_TAG} tags in user turns equals len(images)",
-            lambda: gxe.ExpectColumnPairValuesToBeEqual(column_A="n_image_tags", column_B="n_images"),
+            lambda: _gxe().ExpectColumnPairValuesToBeEqual(column_A="n_image_tags", column_B="n_images"),
             lambda r: f"{int(r['n_image_tags'])} {IMAGE_TAG} tag(s) but {int(r['n_images'])} image(s)",
         ),
         _Check(
             "image_paths_safe",
             "image references stay inside the dataset directory",
-            lambda: gxe.ExpectColumnValuesToBeNull(column="image_path_error"),
+            lambda: _gxe().ExpectColumnValuesToBeNull(column="image_path_error"),
             lambda r: str(r["image_path_error"]),
         ),
         _Check(
             "images_decode",
             "images exist, decode as PNG/JPEG and fit the byte and pixel budgets",
-            lambda: gxe.ExpectColumnValuesToBeNull(column="image_error"),
+            lambda: _gxe().ExpectColumnValuesToBeNull(column="image_error"),
             lambda r: str(r["image_error"]),
         ),
         _Check(
             "answers_present",
             "records that need an answer (require_answer, split eval, or a reward) have one",
-            lambda: gxe.ExpectColumnPairValuesAToBeGreaterThanB(
+            lambda: _gxe().ExpectColumnPairValuesAToBeGreaterThanB(
                 column_A="has_answer", column_B="needs_answer", or_equal=True
             ),
             lambda r: "needs an answer but has none (or a blank one)",
@@ -415,7 +437,7 @@ def _checks(max_tokens: int | None, forbidden_hashes: Collection[str] | None) ->
             _Check(
                 "token_length",
                 f"prompt + completion is at most {max_tokens} tokens",
-                lambda: gxe.ExpectColumnValuesToBeBetween(column="token_len", max_value=max_tokens),
+                lambda: _gxe().ExpectColumnValuesToBeBetween(column="token_len", max_value=max_tokens),
                 lambda r: f"{int(r['token_len'])} tokens > {max_tokens}",
             )
         )
@@ -425,7 +447,7 @@ def _checks(max_tokens: int | None, forbidden_hashes: Collection[str] | None) ->
             _Check(
                 "no_split_leakage",
                 "no record's content hash appears in the forbidden (eval) hashes",
-                lambda: gxe.ExpectColumnValuesToNotBeInSet(column="content_hash", value_set=forbidden),
+                lambda: _gxe().ExpectColumnValuesToNotBeInSet(column="content_hash", value_set=forbidden),
                 lambda r: f"content hash {str(r['content_hash'])[:16]}... is in the eval set",
             )
         )
@@ -473,6 +495,7 @@ def _run_suite(df: pd.DataFrame, checks: list[_Check]) -> dict[str, Any]:
         )
         suite = gx.ExpectationSuite(name="step3vl_data_gate")
         for check in checks:
+            assert check.expectation is not None, f"{check.name} is decided over the whole set"
             expectation = check.expectation()
             expectation.meta = {"check": check.name}
             suite.add_expectation(expectation)
@@ -517,7 +540,8 @@ def _check_result(check: _Check, ge_result: Any, df: pd.DataFrame, max_examples:
 # --------------------------------------------------------------------------- entry points
 
 
-def _import_ge() -> None:
+def import_ge() -> None:
+    """Import Great Expectations (quietly): a few seconds the first time in a process."""
     with _quiet_ge():
         pass
 
@@ -555,7 +579,7 @@ def validate_dataset(
     start = time.perf_counter()
     df = scan_dataset(path, require_answer=require_answer, token_len=token_len, max_line_bytes=max_line_bytes,
                       max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, workers=workers,
-                      while_waiting=_import_ge)
+                      while_waiting=import_ge)
     return check_scan(df, str(path), max_tokens=max_tokens, forbidden_hashes=forbidden_hashes,
                       max_examples=max_examples, seconds=time.perf_counter() - start)
 
@@ -591,13 +615,33 @@ def check_scan(
     max_examples: int = 5,
     seconds: float = 0.0,
 ) -> GateReport:
-    """The gate's second half: the Great Expectations suite over a :func:`scan_dataset` frame (its parts'
-    frames concatenated, index reset); ``path`` names the dataset in the report, ``seconds`` is the scan's."""
+    """The gate's second half on one :func:`scan_dataset` frame, the whole set: :func:`check_part` and
+    :func:`check_set` of it as a set of one part; ``path`` names the dataset in the report, ``seconds`` is the
+    scan's."""
+    part = check_part(df, path, max_tokens=max_tokens, forbidden_hashes=forbidden_hashes,
+                      max_examples=max_examples, seconds=seconds)
+    whole = check_set(path, [PartGate(part, id_digests(df["id"]), lambda: df)], max_examples=max_examples)
+    return GateReport(whole.path, whole.passed, whole.n_records, whole.checks, whole.seconds, part.content_hashes)
+
+
+def check_part(
+    df: pd.DataFrame,
+    path: str,
+    *,
+    max_tokens: int | None = None,
+    forbidden_hashes: Collection[str] | None = None,
+    max_examples: int = 5,
+    seconds: float = 0.0,
+) -> GateReport:
+    """The Great Expectations suite's row-level checks (all but :data:`SET_CHECKS`) over a :func:`scan_dataset`
+    frame of a set or of a part of one: what the part settles alone. Its ``content_hashes`` are the frame's."""
     valid = df["parse_error"].isna() & df["schema_error"].isna()
     if max_tokens is not None and df.loc[valid, "token_len"].isna().any():
         raise ValueError(f"{path}: max_tokens needs token lengths, and the scan measured none (scan with token_len)")
+    if max_examples < 0:
+        raise ValueError(f"max_examples must be >= 0, got {max_examples}")
     start = time.perf_counter()
-    checks = _checks(max_tokens, forbidden_hashes)
+    checks = [c for c in _checks(max_tokens, forbidden_hashes) if c.name not in SET_CHECKS]
     ge_results = _run_suite(df, checks)
     results = [_check_result(c, ge_results.get(c.name), df, max_examples) for c in checks]
     return GateReport(
@@ -610,19 +654,107 @@ def check_scan(
     )
 
 
-def concat_scans(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """The frame of a dataset from its parts' :func:`scan_dataset` frames, in shard order: one index, and numeric
-    columns numeric even where a part had no value in them (every line of it unreadable)."""
+def id_digests(ids: pd.Series) -> np.ndarray:
+    """The 64-bit digests of a scan's ``id`` column (rows without an id left out), sorted: what :func:`check_set`
+    compares across parts. Two ids may share a digest; check_set reads the ids back before calling them repeated."""
+    import numpy as np
     import pandas as pd
 
-    df = pd.concat(frames, ignore_index=True)
-    for c in _NUMERIC:
-        df[c] = pd.to_numeric(df[c])
-    return df
+    present = ids.dropna().astype(str)
+    return np.sort(pd.util.hash_pandas_object(present, index=False).to_numpy(dtype=np.uint64))
 
 
-_NUMERIC: Final = ("line_no", "n_messages", "n_empty_turns", "n_image_tags", "n_images", "has_answer",
-                   "needs_answer", "token_len")
+@dataclass(frozen=True)
+class PartGate:
+    """A part of a set as :func:`check_set` judges it: its :func:`check_part` report, its :func:`id_digests` (a
+    memory-mapped array will do), and ``rows``, which returns its scan's ``id``, ``shard`` and ``line_no`` columns
+    in row order (called only for a part holding a digest that occurs twice in the set)."""
+
+    report: GateReport
+    ids: np.ndarray
+    rows: Callable[[], pd.DataFrame]
+
+
+def check_set(path: str, parts: list[PartGate], *, max_examples: int = 5, chunk: int = 1 << 23) -> GateReport:
+    """The gate's verdict on a set from its parts' (in order): ``has_records`` and ``unique_ids`` decided over them
+    all, every other check joined from theirs (failing rows summed, examples in the set's order). Repeated ids are
+    found ``chunk`` digests at a time (:func:`_repeated_digests`), so memory does not grow with the set."""
+    if not parts:
+        raise ValueError(f"{path}: a set has at least one part")
+    names = [[c.name for c in p.report.checks] for p in parts]
+    if any(n != names[0] for n in names):
+        raise ValueError(f"{path}: its parts were judged with different checks: {names[0]} and "
+                         f"{next(n for n in names if n != names[0])}")
+    start = time.perf_counter()
+    n_records = sum(p.report.n_records for p in parts)
+    described = {c.name: c for c in _checks(None, None)}
+    results: dict[str, CheckResult] = {
+        "has_records": CheckResult("has_records", n_records >= 1, 0, [], described["has_records"].description,
+                                   [] if n_records >= 1 else [f"observed: {n_records}"]),
+        "unique_ids": _unique_ids(parts, described["unique_ids"], max_examples, chunk),
+    }
+    for i, name in enumerate(names[0]):
+        got = [p.report.checks[i] for p in parts]
+        ids = [x for c in got for x in c.example_ids][:max_examples]
+        details = [d for c in got for d in c.details[:len(c.example_ids)]][:len(ids)]
+        details += [d for c in got for d in c.details[len(c.example_ids):]]  # a check that erred in a part
+        results[name] = CheckResult(name, all(c.passed for c in got), sum(c.failing_rows for c in got), ids,
+                                    got[0].description, details)
+    order = [c.name for c in _checks(0, ())]  # every check there is, in report order
+    checks = sorted(results.values(), key=lambda c: order.index(c.name))
+    return GateReport(
+        path=path,
+        passed=all(c.passed for c in checks),
+        n_records=n_records,
+        checks=checks,
+        seconds=round(sum(p.report.seconds for p in parts) + time.perf_counter() - start, 3),
+        content_hashes=frozenset().union(*(p.report.content_hashes for p in parts)),
+    )
+
+
+def _unique_ids(parts: list[PartGate], check: _Check, max_examples: int, chunk: int) -> CheckResult:
+    """``unique_ids`` over every part, as GE's ExpectColumnValuesToBeUnique judges one frame: each row whose id
+    another row also has fails (rows without an id are skipped)."""
+    import numpy as np
+    import pandas as pd
+
+    repeated = _repeated_digests([p.ids for p in parts], chunk)
+    rows = []  # (part, row, id, shard, line_no) of every row whose id's digest is repeated
+    for k, part in enumerate(parts):
+        if not len(repeated) or not len(part.ids):
+            continue
+        at = np.minimum(np.searchsorted(part.ids, repeated), len(part.ids) - 1)
+        if not (part.ids[at] == repeated).any():
+            continue
+        frame = part.rows().reset_index(drop=True)
+        named = frame[frame["id"].notna()]
+        digests = pd.util.hash_pandas_object(named["id"].astype(str), index=False).to_numpy(dtype=np.uint64)
+        hit = named[np.isin(digests, repeated)]
+        rows += [(k, i, r["id"], r["shard"], r["line_no"]) for i, r in zip(hit.index, hit.to_dict("records"))]
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row[2]] = counts.get(row[2], 0) + 1
+    failing = sorted(r for r in rows if counts[r[2]] > 1)  # digests shared by distinct ids are not repeats
+    examples = failing[:max_examples]
+    return CheckResult(check.name, not failing, len(failing), [r[2] for r in examples], check.description,
+                       [check.detail({"id": r[2]}) for r in examples])
+
+
+def _repeated_digests(arrays: list[np.ndarray], chunk: int) -> np.ndarray:
+    """The values occurring more than once across the sorted ``arrays`` (and within any one), sorted. The uint64
+    space is cut into ranges holding about ``chunk`` values in all; each range's slices are joined and sorted alone."""
+    import numpy as np
+
+    total = sum(len(a) for a in arrays)
+    n_ranges = max(1, -(-total // chunk))
+    bounds = [(k << 64) // n_ranges for k in range(n_ranges)] + [None]
+    found = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        pieces = [a[np.searchsorted(a, np.uint64(lo)):(None if hi is None else np.searchsorted(a, np.uint64(hi)))]
+                  for a in arrays]
+        joined = np.sort(np.concatenate(pieces)) if pieces else np.empty(0, np.uint64)
+        found.append(np.unique(joined[1:][joined[1:] == joined[:-1]]))
+    return np.concatenate(found).astype(np.uint64)
 
 
 def _named_shards(root: Path, names: list[str]) -> list[Path]:

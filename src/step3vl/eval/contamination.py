@@ -3,7 +3,7 @@
 Uses the data gate's leakage hash (:func:`step3vl.data.gate.content_hash`: task, prompt turns and
 image pixels). Data prep already keeps training sets clear of eval content, so the expected count is
 0. The eval set's hashes are computed here from the records evaluated; each training set's are the
-ones data prep's gate computed from the set as written (``hashes/<set>.txt``, sealed with the data
+ones data prep's gate computed from the set as written (``hashes/<set>/part-*.txt``, sealed with the data
 directory's sha256 manifest), so the check does not read the training corpus again: at the recipe's
 scale that is terabytes.
 """
@@ -55,12 +55,14 @@ def check(data_dir: str | Path, eval_set: str = "eval") -> ContaminationReport:
     train = sorted(n for n, s in manifest["sets"].items() if s.get("split") == "train")
     dup: dict[str, list[str]] = {}
     for name in train:
-        path = data_dir / HASHES_DIR / f"{name}.txt"
-        if not path.is_file():
-            raise DataError(f"{path}: no content hashes of training set {name}; data prep writes them for every "
-                            "training set (this data directory comes from an older or a different data prep)")
-        with path.open() as f:
-            for line in f:
-                if (h := line.strip()) in ev:
-                    dup.setdefault(ev[h], []).append(name)
+        files = sorted((data_dir / HASHES_DIR / name).glob("part-*.txt"))
+        if not files:
+            raise DataError(f"{data_dir / HASHES_DIR / name}: no content hashes of training set {name}; data prep "
+                            "writes them for every training set, a file per part (this data directory comes from an "
+                            "older or a different data prep)")
+        for path in files:
+            with path.open() as f:
+                for line in f:
+                    if (h := line.strip()) in ev and name not in dup.get(ev[h], []):
+                        dup.setdefault(ev[h], []).append(name)
     return ContaminationReport(eval_set, len(ev), train, dup)

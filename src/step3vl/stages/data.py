@@ -10,9 +10,11 @@ The stage is three steps with files between them, :func:`run` calling them in tu
 1. :func:`plan`: the raw sets, the tokenizer, the eval sets' hashes, and ``plan.json``: every set split into
    parts of ``data.part_shards`` input shards;
 2. :func:`prepare_part`, once per part, each on its own: the gate's scan of its shards (``scan.parquet``: the
-   gate's derived columns, not its text) and its packed shards;
-3. :func:`merge`: the gate's verdict on each set over its parts' scans together (ids unique across parts, no
-   eval content), each packed set's parts joined (shards renumbered, counts summed), the manifest; sealed last.
+   gate's derived columns, not its text), its row-level checks (``gate.json``: every check but the two about the
+   whole set), its ids' digests, its records' content hashes, and its packed shards;
+3. :func:`merge`: the gate's verdict on each set from its parts' (records present, ids unique across parts; a part's
+   scan is read again only if it holds a repeated id), each packed set's parts joined (shards renumbered, counts
+   summed), the manifest; sealed last. Its memory does not grow with the sets.
 
 In the pipeline the three are tasks of their own (``components/data_prep.py``), the parts a ``ParallelFor``.
 A set in one part (``part_shards: 0``) is packed exactly as the whole set was before parts existed; in several
@@ -24,7 +26,8 @@ Output layout under ``out_dir``::
     tokenizer/        the locally trained tokenizer
     packed/<set>/     packed shards for pretrain/sft sets, and eval packed twice (loss on all / assistant)
     reports/<set>.md  gate reports
-    hashes/<set>.txt  the content hash of every record of each training set, sorted (the contamination check's)
+    hashes/<set>/     the content hashes of each training set's records, a sorted file per part (the contamination
+                      check's)
     data_manifest.json  content hash, rows per task and the gate result of every set
     plan.json         the sets' parts
     MANIFEST.json     sha256 of every file, written last (the directory is whole; see ``storage.seal_dir``)
@@ -58,6 +61,7 @@ from step3vl.config import DataConfig, DatasetSpec, PipelineConfig
 from step3vl.progress import track
 
 if TYPE_CHECKING:
+    from step3vl.data.gate import PartGate
     from step3vl.data.pack import LossOn
 
 log = logging.getLogger(__name__)
@@ -69,6 +73,9 @@ PLAN_FILE = "plan.json"  # the sets' parts (data prep's plan), kept in the data 
 PREP_DIR = "prep"  # what the plan hands its parts and the merge: removed by the merge
 PART_FILE = "part.json"  # written last in prep/parts/<index>: the part is done
 SCAN_FILE = "scan.parquet"  # the gate's derived columns of a part
+GATE_FILE = "gate.json"  # the gate's row-level checks of a part (gate.check_part)
+IDS_FILE = "ids.npy"  # the 64-bit digests of a part's ids, sorted (gate.id_digests)
+PART_HASHES = "hashes.txt"  # the content hashes of a training set's part, sorted
 EVAL_HASHES = "eval_hashes.txt"
 ANSWER_PURPOSES = ("rl", "eval")
 
@@ -253,6 +260,13 @@ def token_counter(tokenizer: Any, processor: Any):
     return count
 
 
+def _context(cfg: PipelineConfig) -> dict[str, int]:
+    """The context (tokens) each purpose is consumed with: the gate's token_length; a preference pair holds a
+    prompt and two responses."""
+    return {"pretrain": cfg.pretrain.seq_len, "sft": cfg.sft.seq_len, "rl": cfg.sft.seq_len,
+            "eval": cfg.sft.seq_len, "preference": 2 * cfg.sft.seq_len}
+
+
 def packings(name: str, spec: DatasetSpec) -> list[tuple[str, LossOn]]:
     """(packed set name, loss on) of each packing of the set ``name``: pre-training and SFT sets once, the held-out
     set twice (loss on every token / on assistant tokens); RL and preference sets are not packed."""
@@ -353,7 +367,9 @@ def prepare_part(cfg: PipelineConfig, data_dir: str | Path, index: int, *, out: 
     shards (``scan.parquet``, judged by :func:`merge` with the set's other parts) and its packed shards, in ``out``
     (default ``prep/parts/<index>`` of ``data_dir``), which it returns. A part holding a record packing cannot read
     (a bad line, a schema violation, a broken image) is scanned but not packed: the gate reports it at the merge."""
-    from step3vl.data.gate import scan_dataset
+    import numpy as np
+
+    from step3vl.data.gate import check_part, id_digests, import_ge, scan_dataset
     from step3vl.data.io import DataError
     from step3vl.data.pack import pack_dataset
     from step3vl.model.processor import ImageProcessor
@@ -379,14 +395,21 @@ def prepare_part(cfg: PipelineConfig, data_dir: str | Path, index: int, *, out: 
     tok = load_tokenizer(plan_dir / "tokenizer")
     processor = ImageProcessor(cfg.model.vision)
     df = scan_dataset(root, shards=shards, require_answer=spec.purpose in ANSWER_PURPOSES,
-                      token_len=token_counter(tok, processor))
+                      token_len=token_counter(tok, processor), while_waiting=import_ge)
     scan_s = time.perf_counter() - t0
+    eval_hashes = set((plan_dir / PREP_DIR / EVAL_HASHES).read_text().split()) if spec.split == "train" else None
+    report = check_part(df, entry["source"]["uri"] if source else f"raw/{name}", max_tokens=_context(cfg)[spec.purpose],
+                        forbidden_hashes=eval_hashes, seconds=scan_s)
     dest = Path(out) if out is not None else plan_dir / PREP_DIR / "parts" / f"{index:05d}"
     (dest / PART_FILE).unlink(missing_ok=True)  # written last
-    for stale in (dest / SCAN_FILE, dest / "packed"):
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    for stale in (SCAN_FILE, GATE_FILE, IDS_FILE, PART_HASHES, "packed"):
+        shutil.rmtree(dest / stale) if (dest / stale).is_dir() else (dest / stale).unlink(missing_ok=True)
     dest.mkdir(parents=True, exist_ok=True)
-    df.to_parquet(dest / SCAN_FILE)
+    df.to_parquet(dest / SCAN_FILE)  # read again only where the set's gate finds a repeated id in this part
+    (dest / GATE_FILE).write_text(report.to_json())
+    np.save(dest / IDS_FILE, id_digests(df["id"]))
+    if spec.split == "train":
+        (dest / PART_HASHES).write_text("".join(f"{h}\n" for h in sorted(report.content_hashes)))
     unreadable = int((df[["parse_error", "schema_error", "image_path_error", "image_error"]].notna().any(axis=1)
                       | (df["n_image_tags"] != df["n_images"])).sum())
     if not unreadable:
@@ -395,7 +418,9 @@ def prepare_part(cfg: PipelineConfig, data_dir: str | Path, index: int, *, out: 
                          seq_len=cfg.pretrain.seq_len if loss_on == "all" else cfg.sft.seq_len, loss_on=loss_on,
                          seed=part_seed(cfg.data, packed, part["index"]), open_rows=cfg.data.pack_open_rows,
                          progress=progress, extra_meta={"source": name}, shards=shards, allow_empty=True)
-    _write_json(dest / PART_FILE, {**part, "unreadable_records": unreadable, "scan_seconds": round(scan_s, 3),
+    tasks = df.loc[df["task"].notna(), "task"].value_counts()
+    _write_json(dest / PART_FILE, {**part, "unreadable_records": unreadable,
+                                   "rows_per_task": {str(k): int(v) for k, v in sorted(tasks.items())},
                                    "seconds": round(time.perf_counter() - t0, 3)})  # last: the part is done
     return dest
 
@@ -404,20 +429,19 @@ def merge(cfg: PipelineConfig, data_dir: str | Path, *, plan_dir: str | Path | N
           parts: list[str | Path] | None = None, progress: bool = True, log_mlflow: bool = False,
           started: float | None = None) -> DataPrepOutputs:
     """Data prep's last step, once every part is prepared (:func:`prepare_part`): the gate's verdict on each set
-    (its parts' scans together: ids unique across parts, no eval content), reports, ``hashes/``, each packed set's
-    parts joined into one (``packed/<name>``), ``data_manifest.json``; then ``data_dir`` is sealed and, with
+    (:func:`step3vl.data.gate.check_set` of its parts' verdicts: ids unique across parts), reports, ``hashes/``,
+    each packed set's parts joined into one (``packed/<name>``), ``data_manifest.json``; then ``data_dir`` is sealed and, with
     ``storage.root`` on object storage, published. Raises ``GateFailed`` (with its report written) if any set fails.
 
     By default the plan and the parts are where :func:`run` leaves them, in ``data_dir`` (whose ``prep/`` is then
     removed, its packed shards moved). In the pipeline they are other tasks' outputs, only read: ``plan_dir`` (its
     raw sets, tokenizer and plan are copied into ``data_dir``) and ``parts``, one per part in plan order: a folder
-    (its packed shards are linked, or copied) or the ``s3://`` URI the part was published to (only its scan and
-    indexes are fetched; its packed shards are copied by the S3 server when the data directory is published, so
-    ``storage.root`` must be on S3 too, and ``data_dir`` is whole only there).
+    (its packed shards are linked, or copied) or the ``s3://`` URI the part was published to (only its verdict, its
+    ids' digests and its indexes are fetched, its scan only if it holds a repeated id; its packed shards and hashes
+    are copied by the S3 server when the data directory is published, so ``storage.root`` must be on S3 too, and
+    ``data_dir`` is whole only there).
     """
-    import pandas as pd
-
-    from step3vl.data.gate import GateFailed, check_scan, concat_scans
+    from step3vl.data.gate import GateFailed, check_set
     from step3vl.data.io import DataError, dataset_sha256
     from step3vl.model.tokenizer import load_tokenizer
     from step3vl.storage import MANIFEST_NAME, is_s3_uri, seal_dir
@@ -429,7 +453,6 @@ def merge(cfg: PipelineConfig, data_dir: str | Path, *, plan_dir: str | Path | N
     prep = planned / PREP_DIR
     the_plan = json.loads((planned / PLAN_FILE).read_text())
     generated = json.loads((prep / "generate.json").read_text())
-    eval_hashes = set((prep / EVAL_HASHES).read_text().split())
     given = [prep / "parts" / f"{i:05d}" for i in range(len(the_plan["parts"]))] if parts is None else list(parts)
     if len(given) != len(the_plan["parts"]):
         raise DataError(f"{planned / PLAN_FILE} plans {len(the_plan['parts'])} parts; {len(given)} were given")
@@ -454,25 +477,22 @@ def merge(cfg: PipelineConfig, data_dir: str | Path, *, plan_dir: str | Path | N
                 (shutil.copytree(entry, out / entry.name, symlinks=True, dirs_exist_ok=True) if entry.is_dir()
                  else shutil.copy2(entry, out / entry.name))
 
-    # the context each purpose is consumed with; a preference pair holds a prompt and two responses
-    context = {"pretrain": cfg.pretrain.seq_len, "sft": cfg.sft.seq_len, "rl": cfg.sft.seq_len,
-               "eval": cfg.sft.seq_len, "preference": 2 * cfg.sft.seq_len}
     reports_dir = out / "reports"
     reports_dir.mkdir(exist_ok=True)
     manifest: dict[str, Any] = {"sets": {}, "tokenizer": {"vocab_size": len(load_tokenizer(out / "tokenizer"))}}
-    remote: dict[str, tuple[str, dict[str, Any]]] = {}  # packed shards left in their parts on object storage
+    remote: dict[str, tuple[str, dict[str, Any]]] = {}  # files left in their parts on object storage
     failed = []
     for name, spec in track(list(cfg.data.sets.items()), "gate", enabled=progress, unit=" set"):
-        df = concat_scans([pd.read_parquet(p.dir / SCAN_FILE) for p in parts_of[name]])
         entry = the_plan["sets"][name]  # a set read in place: each part checked the version it read
-        report = check_scan(df, entry["source"]["uri"] if entry.get("in_place") else str(out / "raw" / name),
-                            max_tokens=context[spec.purpose],
-                            forbidden_hashes=eval_hashes if spec.split == "train" else None,
-                            seconds=sum(p.done["scan_seconds"] for p in parts_of[name]))
+        report = check_set(entry["source"]["uri"] if entry.get("in_place") else str(out / "raw" / name),
+                           [p.gate() for p in parts_of[name]])
         (reports_dir / f"{name}.md").write_text(report.to_markdown())
         (reports_dir / f"{name}.json").write_text(report.to_json())
         content_hash = entry["content_hash"] if entry.get("in_place") else dataset_sha256(out / "raw" / name)
-        valid = df[df["task"].notna()]
+        rows_per_task: dict[str, int] = {}
+        for p in parts_of[name]:
+            for task, n in p.done["rows_per_task"].items():
+                rows_per_task[task] = rows_per_task.get(task, 0) + n
         manifest["sets"][name] = {
             "purpose": spec.purpose,
             "split": spec.split,
@@ -480,15 +500,15 @@ def merge(cfg: PipelineConfig, data_dir: str | Path, *, plan_dir: str | Path | N
             **({"source": entry["source"]} if "source" in entry else {}),
             "content_hash": content_hash,
             "n_records": report.n_records,
-            "rows_per_task": {str(k): int(v) for k, v in sorted(valid["task"].value_counts().items())},
+            "rows_per_task": dict(sorted(rows_per_task.items())),
             "gate": {"passed": report.passed, "failed_checks": [c.name for c in report.failed_checks]},
             "generate": {k: v for k, v in generated.get(name, {}).items()
                          if k in ("n_records", "n_images", "shards", "skipped_eval_duplicates")},
         }
         if not report.passed:
             failed.append(report)
-        elif spec.split == "train":
-            _write_hashes(out, name, report.content_hashes)
+        elif spec.split == "train":  # each part's file, where the contamination check reads them
+            remote.update(_join_hashes(out / HASHES_DIR / name, parts_of[name], move=own))
     if failed:
         _write_manifest(out, manifest)
         print("\n\n".join(r.to_markdown() for r in failed))
@@ -547,9 +567,24 @@ class _Part:
         have = files.manifest["files"]
         if PART_FILE not in have:
             return None
-        d = files.only([PART_FILE, SCAN_FILE] + [f"packed/{p}/{INDEX_FILE}" for p in packed
-                                                 if f"packed/{p}/{INDEX_FILE}" in have])
+        d = files.only([PART_FILE, GATE_FILE, IDS_FILE] + [f"packed/{p}/{INDEX_FILE}" for p in packed
+                                                           if f"packed/{p}/{INDEX_FILE}" in have])
         return cls(json.loads((d / PART_FILE).read_text()), d, files)
+
+    def gate(self) -> PartGate:
+        """The part as the set's gate judges it: its row-level verdict, its ids' digests (memory-mapped), and its
+        scan's id columns, read (fetched, for a part on object storage) only if the gate asks for them."""
+        import numpy as np
+        import pandas as pd
+
+        from step3vl.data.gate import GateReport, PartGate
+
+        def rows() -> pd.DataFrame:
+            scan = self.dir / SCAN_FILE if self.remote is None else self.remote.file(SCAN_FILE)
+            return pd.read_parquet(scan, columns=["id", "shard", "line_no"])
+
+        return PartGate(GateReport.from_json((self.dir / GATE_FILE).read_text()),
+                        np.load(self.dir / IDS_FILE, mmap_mode="r"), rows)
 
     def has(self, prefix: str) -> bool:
         if self.remote is not None:
@@ -601,6 +636,24 @@ def _join_packed(dest: Path, packed: str, parts: list[_Part], *, move: bool
     seal_dir(dest, extra={"kind": "packed-dataset", "rows": index["rows"]},
              remote={rel: entry for rel, (_, entry) in elsewhere.items()})
     return index, elsewhere
+
+
+def _join_hashes(dest: Path, parts: list[_Part], *, move: bool) -> dict[str, tuple[str, dict[str, Any]]]:
+    """A training set's content hashes in ``dest``, one file per part (``part-00000.txt``, … in order): moved
+    (``move``) or else linked or copied. Returns the files left where they are (those of parts on object storage),
+    as :func:`_join_packed` does, by their path in the data directory."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    elsewhere = {}
+    for k, part in enumerate(parts):
+        name = f"part-{k:05d}.txt"
+        if part.remote is None:
+            _move_or_link(part.dir / PART_HASHES, dest / name, move)
+        else:
+            elsewhere[f"{HASHES_DIR}/{dest.name}/{name}"] = (f"{part.remote.uri}/{PART_HASHES}",
+                                                            part.remote.manifest["files"][PART_HASHES])
+    return elsewhere
 
 
 def _move_or_link(src: Path, dest: Path, move: bool) -> None:
@@ -691,12 +744,6 @@ def local_copy(data_dir: str | Path, sets: list[str] | tuple[str, ...] = (), fil
 def read_data_manifest(data_dir: str | Path) -> dict[str, Any]:
     """``data_manifest.json`` of a data directory, local or ``s3://`` (verified against its MANIFEST.json)."""
     return json.loads((local_copy(data_dir, files=(DATA_MANIFEST,)) / DATA_MANIFEST).read_text())
-
-
-def _write_hashes(out: Path, name: str, hashes: frozenset[str]) -> None:
-    d = out / HASHES_DIR
-    d.mkdir(exist_ok=True)
-    (d / f"{name}.txt").write_text("".join(f"{h}\n" for h in sorted(hashes)))
 
 
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
