@@ -234,7 +234,8 @@ def test_a_set_judged_in_parts_gets_the_verdict_of_the_whole(tmp_path: Path) -> 
     recs[8] = text_record(8, id="rec-1")  # and another shard
     recs[11] = text_record(11, id="rec-9")
     for i in (5, 7, 10, 13):  # a failing row-level check in several parts: more rows than examples
-        recs[i] = record(i, images=[], messages=[{"role": "user", "content": " "}, {"role": "assistant", "content": "x"}])
+        blank = [{"role": "user", "content": " "}, {"role": "assistant", "content": "x"}]
+        recs[i] = record(i, images=[], messages=blank)
     ds = make(tmp_path, recs, shard_size=3)
     append_lines(ds, b"not json")
     shards = sorted(p.name for p in ds.glob("*.jsonl"))

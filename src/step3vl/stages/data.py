@@ -363,10 +363,12 @@ def plan(cfg: PipelineConfig, out_dir: str | Path, *, progress: bool = True) -> 
 
 def prepare_part(cfg: PipelineConfig, data_dir: str | Path, index: int, *, out: str | Path | None = None,
                  progress: bool = True) -> Path:
-    """Gate and pack part ``index`` of the plan in ``data_dir`` (:func:`plan`; only read): the gate's scan of its
-    shards (``scan.parquet``, judged by :func:`merge` with the set's other parts) and its packed shards, in ``out``
-    (default ``prep/parts/<index>`` of ``data_dir``), which it returns. A part holding a record packing cannot read
-    (a bad line, a schema violation, a broken image) is scanned but not packed: the gate reports it at the merge."""
+    """Gate and pack part ``index`` of the plan in ``data_dir`` (:func:`plan`; only read), in ``out`` (default
+    ``prep/parts/<index>`` of ``data_dir``), which it returns: the gate's scan of its shards (``scan.parquet``), its
+    row-level checks (``gate.json``, :func:`step3vl.data.gate.check_part`; :func:`merge` decides the rest with the
+    set's other parts), its ids' digests (``ids.npy``), a training set's content hashes (``hashes.txt``) and its
+    packed shards. A part holding a record packing cannot read (a bad line, a schema violation, a broken image) is
+    judged but not packed: the merge fails the set."""
     import numpy as np
 
     from step3vl.data.gate import check_part, id_digests, import_ge, scan_dataset
@@ -398,7 +400,7 @@ def prepare_part(cfg: PipelineConfig, data_dir: str | Path, index: int, *, out: 
                       token_len=token_counter(tok, processor), while_waiting=import_ge)
     scan_s = time.perf_counter() - t0
     eval_hashes = set((plan_dir / PREP_DIR / EVAL_HASHES).read_text().split()) if spec.split == "train" else None
-    report = check_part(df, entry["source"]["uri"] if source else f"raw/{name}", max_tokens=_context(cfg)[spec.purpose],
+    report = check_part(df, source["uri"] if source else f"raw/{name}", max_tokens=_context(cfg)[spec.purpose],
                         forbidden_hashes=eval_hashes, seconds=scan_s)
     dest = Path(out) if out is not None else plan_dir / PREP_DIR / "parts" / f"{index:05d}"
     (dest / PART_FILE).unlink(missing_ok=True)  # written last
@@ -430,8 +432,9 @@ def merge(cfg: PipelineConfig, data_dir: str | Path, *, plan_dir: str | Path | N
           started: float | None = None) -> DataPrepOutputs:
     """Data prep's last step, once every part is prepared (:func:`prepare_part`): the gate's verdict on each set
     (:func:`step3vl.data.gate.check_set` of its parts' verdicts: ids unique across parts), reports, ``hashes/``,
-    each packed set's parts joined into one (``packed/<name>``), ``data_manifest.json``; then ``data_dir`` is sealed and, with
-    ``storage.root`` on object storage, published. Raises ``GateFailed`` (with its report written) if any set fails.
+    each packed set's parts joined into one (``packed/<name>``), ``data_manifest.json``; then ``data_dir`` is sealed
+    and, with ``storage.root`` on object storage, published. Raises ``GateFailed`` (with its report written) if any set
+    fails.
 
     By default the plan and the parts are where :func:`run` leaves them, in ``data_dir`` (whose ``prep/`` is then
     removed, its packed shards moved). In the pipeline they are other tasks' outputs, only read: ``plan_dir`` (its
