@@ -717,3 +717,36 @@ def test_data_prep_parts_on_s3_are_joined_by_copies_on_the_server(prefix: str, m
     for packed in ("pretrain_broad", "sft_stage1", "eval-all"):
         assert [p.read_bytes() for p in sorted((published / "packed" / packed).glob("*.safetensors"))] == \
             [p.read_bytes() for p in sorted(whole.packed(packed).glob("*.safetensors"))], packed
+
+
+def test_the_merge_fetches_a_parts_scan_only_to_name_its_repeated_ids(prefix: str, tmp_path: Path,
+                                                                       monkeypatch: Any) -> None:
+    """A part published on S3, as the set's gate opens it: its verdict and ids' digests are fetched, its scan only
+    when the gate asks which of its rows hold a repeated id (a part that holds none is never read again)."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from step3vl.data import gate
+    from step3vl.stages import data
+
+    monkeypatch.setenv(storage.NODE_CACHE_ENV, str(tmp_path / "node"))
+    frames = [pd.DataFrame({c: [None] * 2 for c in gate.COLUMNS}) for _ in range(3)]
+    for k, (frame, ids) in enumerate(zip(frames, (["a", "b"], ["c", "a"], ["d", "e"]))):
+        frame["id"], frame["shard"], frame["line_no"] = ids, f"data-{k:05d}.jsonl", [1, 2]
+        d = tmp_path / f"part{k}"
+        d.mkdir()
+        report = gate.GateReport(f"part {k}", True, 2, [], 0.0)
+        (d / data.PART_FILE).write_text(json.dumps({"set": "s", "index": k, "shards": [f"data-{k:05d}.jsonl"]}))
+        (d / data.GATE_FILE).write_text(report.to_json())
+        np.save(d / data.IDS_FILE, gate.id_digests(frame["id"]))
+        frame.to_parquet(d / data.SCAN_FILE)
+        publish_dir(d, f"{prefix}/parts/{k}")
+    downloads = count_store_calls(monkeypatch, prefix)
+    parts = [data._Part.open(f"{prefix}/parts/{k}", []) for k in range(3)]
+    assert all(p is not None for p in parts)
+    assert not [k for k in downloads if k.endswith(data.SCAN_FILE)]
+    result = gate.check_set("s", [p.gate() for p in parts])
+    assert result.check("unique_ids").failing_rows == 2 and result.check("unique_ids").example_ids == ["a", "a"]
+    assert sorted(k for k in downloads if k.endswith(data.SCAN_FILE)) == [data.SCAN_FILE] * 2  # parts 0 and 1
