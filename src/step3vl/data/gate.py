@@ -620,8 +620,7 @@ def check_scan(
     scan's."""
     part = check_part(df, path, max_tokens=max_tokens, forbidden_hashes=forbidden_hashes,
                       max_examples=max_examples, seconds=seconds)
-    whole = check_set(path, [PartGate(part, id_digests(df["id"]), lambda: df)], max_examples=max_examples)
-    return GateReport(whole.path, whole.passed, whole.n_records, whole.checks, whole.seconds, part.content_hashes)
+    return check_set(path, [PartGate(part, id_digests(df["id"]), lambda: df)], max_examples=max_examples)
 
 
 def check_part(
@@ -658,10 +657,16 @@ def id_digests(ids: pd.Series) -> np.ndarray:
     """The 64-bit digests of a scan's ``id`` column (rows without an id left out), sorted: what :func:`check_set`
     compares across parts. Two ids may share a digest; check_set reads the ids back before calling them repeated."""
     import numpy as np
+
+    return np.sort(_digests(ids.dropna()))
+
+
+def _digests(ids: pd.Series) -> np.ndarray:
+    """Each id's 64-bit digest, in order (pandas' vectorised hash of the ids as strings)."""
+    import numpy as np
     import pandas as pd
 
-    present = ids.dropna().astype(str)
-    return np.sort(pd.util.hash_pandas_object(present, index=False).to_numpy(dtype=np.uint64))
+    return pd.util.hash_pandas_object(ids.astype(str), index=False).to_numpy(dtype=np.uint64)
 
 
 @dataclass(frozen=True)
@@ -687,7 +692,7 @@ def check_set(path: str, parts: list[PartGate], *, max_examples: int = 5, chunk:
                          f"{next(n for n in names if n != names[0])}")
     start = time.perf_counter()
     n_records = sum(p.report.n_records for p in parts)
-    described = {c.name: c for c in _checks(None, None)}
+    described = {c.name: c for c in _checks(0, ())}  # every check there is, in report order
     results: dict[str, CheckResult] = {
         "has_records": CheckResult("has_records", n_records >= 1, 0, [], described["has_records"].description,
                                    [] if n_records >= 1 else [f"observed: {n_records}"]),
@@ -700,7 +705,7 @@ def check_set(path: str, parts: list[PartGate], *, max_examples: int = 5, chunk:
         details += [d for c in got for d in c.details[len(c.example_ids):]]  # a check that erred in a part
         results[name] = CheckResult(name, all(c.passed for c in got), sum(c.failing_rows for c in got), ids,
                                     got[0].description, details)
-    order = [c.name for c in _checks(0, ())]  # every check there is, in report order
+    order = list(described)
     checks = sorted(results.values(), key=lambda c: order.index(c.name))
     return GateReport(
         path=path,
@@ -716,20 +721,18 @@ def _unique_ids(parts: list[PartGate], check: _Check, max_examples: int, chunk: 
     """``unique_ids`` over every part, as GE's ExpectColumnValuesToBeUnique judges one frame: each row whose id
     another row also has fails (rows without an id are skipped)."""
     import numpy as np
-    import pandas as pd
 
     repeated = _repeated_digests([p.ids for p in parts], chunk)
     rows = []  # (part, row, id, shard, line_no) of every row whose id's digest is repeated
-    for k, part in enumerate(parts):
-        if not len(repeated) or not len(part.ids):
+    for k, part in enumerate(parts if len(repeated) else []):
+        if not len(part.ids):
             continue
         at = np.minimum(np.searchsorted(part.ids, repeated), len(part.ids) - 1)
         if not (part.ids[at] == repeated).any():
             continue
         frame = part.rows().reset_index(drop=True)
         named = frame[frame["id"].notna()]
-        digests = pd.util.hash_pandas_object(named["id"].astype(str), index=False).to_numpy(dtype=np.uint64)
-        hit = named[np.isin(digests, repeated)]
+        hit = named[np.isin(_digests(named["id"]), repeated)]
         rows += [(k, i, r["id"], r["shard"], r["line_no"]) for i, r in zip(hit.index, hit.to_dict("records"))]
     counts: dict[str, int] = {}
     for row in rows:
@@ -752,9 +755,9 @@ def _repeated_digests(arrays: list[np.ndarray], chunk: int) -> np.ndarray:
     for lo, hi in zip(bounds, bounds[1:]):
         pieces = [a[np.searchsorted(a, np.uint64(lo)):(None if hi is None else np.searchsorted(a, np.uint64(hi)))]
                   for a in arrays]
-        joined = np.sort(np.concatenate(pieces)) if pieces else np.empty(0, np.uint64)
+        joined = np.sort(np.concatenate(pieces))
         found.append(np.unique(joined[1:][joined[1:] == joined[:-1]]))
-    return np.concatenate(found).astype(np.uint64)
+    return np.concatenate(found)
 
 
 def _named_shards(root: Path, names: list[str]) -> list[Path]:

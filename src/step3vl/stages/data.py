@@ -52,6 +52,7 @@ import posixpath
 import shutil
 import time
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -492,10 +493,7 @@ def merge(cfg: PipelineConfig, data_dir: str | Path, *, plan_dir: str | Path | N
         (reports_dir / f"{name}.md").write_text(report.to_markdown())
         (reports_dir / f"{name}.json").write_text(report.to_json())
         content_hash = entry["content_hash"] if entry.get("in_place") else dataset_sha256(out / "raw" / name)
-        rows_per_task: dict[str, int] = {}
-        for p in parts_of[name]:
-            for task, n in p.done["rows_per_task"].items():
-                rows_per_task[task] = rows_per_task.get(task, 0) + n
+        rows_per_task = sum((Counter(p.done["rows_per_task"]) for p in parts_of[name]), Counter())
         manifest["sets"][name] = {
             "purpose": spec.purpose,
             "split": spec.split,
