@@ -153,3 +153,80 @@ def test_eval_cli_writes_metrics_and_logs_to_the_active_run(micro_data, checkpoi
         assert logged["greedy/mean_accuracy"] == metrics["greedy/mean_accuracy"]
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_eval_cli_reads_a_registered_versions_own_data(micro_cfg, micro_data, checkpoints, tmp_path, monkeypatch):
+    """``step3vl eval --model models:/…`` without ``--data`` evaluates on the data the version's lineage records (as
+    a pipeline run registers it), checked against the version's eval-set hash; without such a record it needs a data
+    prep output at the default place, and says so."""
+    import mlflow
+    from typer.testing import CliRunner
+
+    from step3vl import registry
+    from step3vl.cli import app
+    from step3vl.stages.data import read_data_manifest
+    from step3vl.stages.release import data_location
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("STEP3VL_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    micro = Path(__file__).parent / "conf" / "micro.yaml"
+    name = micro_cfg.tracking.registered_model
+    hashes = registry.data_hashes(read_data_manifest(micro_data.out_dir))
+    assert hashes["eval"]
+
+    def register(**kw) -> str:
+        mv = registry.register_final(name, checkpoints["sft"], metrics={}, stage="sft", config_hash="c",
+                                     commit="deadbeef", **kw)
+        return f"models:/{name}/{mv.version}"
+
+    def evaluate(model: str, out: str):
+        return CliRunner().invoke(app, ["eval", "--model", model, "--config", str(micro), "--mode", "greedy",
+                                        "--per-family", "2", "--out", str(tmp_path / out)], terminal_width=400)
+
+    try:
+        recorded = register(data_manifest_hashes=hashes, data_uri=data_location(micro_data.out_dir))
+        assert registry.registered_data(recorded) == registry.RegisteredData(
+            str(Path(micro_data.out_dir).resolve()), hashes)
+        res = evaluate(recorded, "ok")
+        assert res.exit_code == 0, res.output
+        assert f"from {recorded}'s lineage" in res.output and "contamination: 0 of 70" in res.output
+        assert json.loads((tmp_path / "ok" / "metrics.json").read_text())["greedy/text_math/n"] == 2
+
+        # the recorded location now holds another eval set than the version was registered with
+        other = register(data_manifest_hashes={**hashes, "eval": "0" * 64}, data_uri=data_location(micro_data.out_dir))
+        res = evaluate(other, "other")
+        assert isinstance(res.exception, Step3VLError), res.output
+        assert "is not the one" in str(res.exception) and "0" * 64 in str(res.exception)
+        assert not (tmp_path / "other").exists()
+
+        gone = register(data_manifest_hashes=hashes, data_uri=str(tmp_path / "deleted"))
+        res = evaluate(gone, "gone")
+        assert isinstance(res.exception, Step3VLError) and "cannot be read" in str(res.exception), res.output
+        assert str(tmp_path / "deleted") in str(res.exception) and "--data" in str(res.exception)
+
+        # no location recorded (registered by hand without --data): the default place, which is empty here
+        bare = register(data_manifest_hashes=hashes)
+        assert registry.registered_data(bare).uri == ""
+        res = evaluate(bare, "bare")
+        assert isinstance(res.exception, Step3VLError), res.output
+        msg = str(res.exception)
+        assert "records no data location" in msg and str(home / "data" / micro_cfg.name) in msg
+        assert "step3vl stage data" in msg
+
+        # `step3vl register --data DIR` records both the hashes and the location
+        metrics = tmp_path / "metrics.json"
+        metrics.write_text("{}")
+        res = CliRunner().invoke(app, ["register", "--model-uri", checkpoints["sft"], "--metrics", str(metrics),
+                                       "--config", str(micro), "--data", str(micro_data.out_dir)])
+        assert res.exit_code == 0, res.output
+        latest = registry.describe(name)["versions"][-1]["version"]
+        assert registry.registered_data(f"models:/{name}/{latest}") == registry.RegisteredData(
+            str(Path(micro_data.out_dir).resolve()), hashes)
+        res = CliRunner().invoke(app, ["register", "--model-uri", checkpoints["sft"], "--metrics", str(metrics),
+                                       "--config", str(micro), "--data", str(micro_data.out_dir),
+                                       "--data-manifest", str(Path(micro_data.out_dir) / "data_manifest.json")])
+        assert isinstance(res.exception, Step3VLError) and "not both" in str(res.exception), res.output
+    finally:
+        mlflow.set_tracking_uri(None)

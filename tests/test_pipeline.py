@@ -496,6 +496,9 @@ def test_run_killed_resumes_then_reruns_all_cached_then_from_stage(tmp_path, mon
     assert tags["step3vl.kfp_run_id"] not in ("", "none") and tags["step3vl.config_hash"]
     assert float(tags["metric.greedy/text_math/accuracy"]) == ev["pacore/greedy/text_math/accuracy"]
     assert any(k.startswith("step3vl.data.") for k in tags)
+    data_out = st["data_prep"]["outputs"]["data"]["uri"]
+    assert tags["step3vl.data_uri"] == str(Path(data_out).resolve())  # the data `step3vl eval` then reads
+    assert (Path(tags["step3vl.data_uri"]) / "data_manifest.json").is_file()
     assert str(client.get_registered_model("step3vl-micro").aliases["candidate"]) == "1"
     assert st["deploy_serving"]["metrics"]["completion_tokens"] >= 1
 

@@ -58,6 +58,7 @@ def test_register_then_gate(micro_cfg, checkpoint, store, tmp_path):
     assert tags["step3vl.kfp_run_id"] == "kfp-run-1" and tags["step3vl.mlflow_parent_run_id"] == "parent-1"
     assert tags["step3vl.git_commit"] == "abc123" and tags["step3vl.stage"] == "pacore"
     assert tags["step3vl.data.rl.sha256"] == "r" * 64 and tags["step3vl.config_hash"]
+    assert tags["step3vl.data_uri"] == str(data.resolve())  # where `step3vl eval` finds the version's eval set
     assert float(tags["metric.greedy/text_math/accuracy"]) == 0.5 and float(tags["metric.sere/mm_math/accuracy"]) == 0.2
     rm = c.get_registered_model(micro_cfg.tracking.registered_model)
     assert {k: str(v) for k, v in rm.aliases.items()} == {"candidate": "1", "champion": "1"}

@@ -282,6 +282,35 @@ def stage_exec_cmd(stage: Annotated[str, typer.Argument(help="The stage the call
     console.print(f"{stage}: {res['model_uri']} after {res['step']} steps", highlight=False)
 
 
+def _eval_data(cfg, model: str) -> str | Path:
+    """The data ``step3vl eval`` reads when no ``--data`` is given: a registered version's own data (the location
+    its lineage records, checked against its eval set's content hash), else ``.step3vl/data/<name>``."""
+    from step3vl.stages.data import DATA_MANIFEST, read_data_manifest
+
+    if model.startswith("models:/"):
+        from step3vl import registry
+
+        lineage = registry.registered_data(model, cfg.tracking)
+        if lineage.uri:
+            try:
+                sets = read_data_manifest(lineage.uri).get("sets", {})
+            except (Step3VLError, OSError, ValueError) as e:  # gone, unreadable or corrupt: say where and what next
+                raise Step3VLError(f"{model} records its data at {lineage.uri}, which cannot be read ({e}); "
+                                   "pass --data DIR to evaluate on another data prep output") from None
+            got, want = sets.get("eval", {}).get("content_hash"), lineage.hashes.get("eval")
+            if want and got != want:
+                raise Step3VLError(f"the eval set at {lineage.uri} (content hash {got}) is not the one {model} was "
+                                   f"registered with ({want}); pass --data DIR to evaluate on other data")
+            console.print(f"data: {lineage.uri} (from {model}'s lineage)", highlight=False, soft_wrap=True)
+            return lineage.uri
+    default = _default_out(cfg, "data")
+    if not (default / DATA_MANIFEST).is_file():
+        where = "its version records no data location, and " if model.startswith("models:/") else ""
+        raise Step3VLError(f"no data to evaluate on: {where}there is no data prep output at {default}; pass "
+                           f"--data DIR, or run `step3vl stage data` first")
+    return default
+
+
 @app.command("eval")
 def eval_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint path, s3://…, models:/NAME@alias or models:/NAME/V.")],
@@ -303,7 +332,7 @@ def eval_cmd(
     from step3vl.stages.evaluate import run as evaluate_run
 
     cfg = _pipeline_config(config_path or PACKAGE_DIR.parent.parent / "conf" / "pipeline" / "tiny.yaml", overrides)
-    data = data or _default_out(cfg, "data")
+    data = data or _eval_data(cfg, model)
     out = out or _default_out(cfg, "eval") / f"{dt.datetime.now():%Y%m%d-%H%M%S}"
     ctx: Any = contextlib.nullcontext()
     if os.environ.get("MLFLOW_RUN_ID"):
@@ -462,7 +491,8 @@ def register_cmd(
     overrides: SetOpt = None,
     stage: Annotated[str, typer.Option(help="The stage the checkpoint came from.")] = "final",
     model: Annotated[Optional[str], typer.Option(help="Registered model (default: tracking.registered_model).")] = None,
-    data_manifest: Annotated[Optional[Path], typer.Option(help="Data prep's data_manifest.json (dataset hashes).")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="The data prep output (path or s3://) the model was trained and evaluated on: its sets' hashes and its location go into the lineage.")] = None,
+    data_manifest: Annotated[Optional[Path], typer.Option(help="Only data prep's data_manifest.json (dataset hashes, no location).")] = None,
     kfp_run_id: Annotated[str, typer.Option(help="The KFP run this model came from.")] = "",
     parent_run_id: Annotated[str, typer.Option(help="The pipeline's MLflow parent run.")] = "",
 ) -> None:
@@ -470,11 +500,21 @@ def register_cmd(
     from step3vl import registry
     from step3vl.config import config_hash
 
+    from step3vl.stages.data import read_data_manifest
+    from step3vl.stages.release import data_location
+
+    if data and data_manifest:
+        raise Step3VLError("pass --data or --data-manifest, not both (--data reads its data_manifest.json itself)")
     cfg = _pipeline_config(config_path, overrides)
-    hashes = registry.data_hashes(json.loads(data_manifest.read_text())) if data_manifest else {}
+    hashes = {}
+    if data:
+        hashes = registry.data_hashes(read_data_manifest(data))
+    elif data_manifest:
+        hashes = registry.data_hashes(json.loads(data_manifest.read_text()))
     name = model or cfg.tracking.registered_model
     mv = registry.register_final(name, model_uri, metrics=json.loads(metrics.read_text()), stage=stage,
-                                 config_hash=config_hash(cfg), data_manifest_hashes=hashes, kfp_run_id=kfp_run_id,
+                                 config_hash=config_hash(cfg), data_manifest_hashes=hashes,
+                                 data_uri=data_location(data) if data else "", kfp_run_id=kfp_run_id,
                                  parent_run_id=parent_run_id, tracking=cfg.tracking)
     console.print(f"registered {name} version {mv.version} ({model_uri}); alias candidate → {mv.version}",
                   highlight=False)

@@ -49,6 +49,8 @@ _TAG_KEY_BAD = re.compile(r"[^/\w.\- :]")
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 MANIFEST_TAG = "step3vl.manifest_sha256"
+DATA_URI_TAG = "step3vl.data_uri"  # the data prep output the version was trained and evaluated on
+DATA_HASH_TAG = re.compile(r"^step3vl\.data\.(?P<set>.+)\.sha256$")  # step3vl.data.<set>.sha256: its content hash
 METRIC_TAG = "metric."  # + an eval metric key, e.g. metric.greedy/text_math/accuracy
 EVENT_TAG = "step3vl.event."  # + a 6-digit sequence number, on the registered model
 LOCK_PREFIX = "step3vl-lock."  # registered models named step3vl-lock.<model>.<alias> are locks
@@ -104,22 +106,41 @@ def default_actor() -> str:
 # --------------------------------------------------------------------------- resolve and register
 
 
-def resolve_model_uri(uri: str) -> str:
-    """``models:/NAME@alias`` or ``models:/NAME/VERSION`` → the checkpoint URI it points at."""
+def model_version(uri: str, tracking: TrackingConfig | None = None) -> Any:
+    """The registered version ``models:/NAME@alias`` or ``models:/NAME/VERSION`` names (an MLflow ModelVersion)."""
     m = _MODELS_URI.match(uri)
     if not m:
         raise RegistryError(f"'{uri}' is not of the form models:/NAME@alias or models:/NAME/VERSION")
-    c = client()
+    c = client(tracking)
     from mlflow.exceptions import MlflowException
 
     try:
         if m["alias"]:
-            mv = c.get_model_version_by_alias(m["name"], m["alias"])
-        else:
-            mv = c.get_model_version(m["name"], m["version"])
+            return c.get_model_version_by_alias(m["name"], m["alias"])
+        return c.get_model_version(m["name"], m["version"])
     except MlflowException as e:
         raise RegistryError(f"{uri}: {e.message}") from None
-    return mv.source
+
+
+def resolve_model_uri(uri: str) -> str:
+    """``models:/NAME@alias`` or ``models:/NAME/VERSION`` → the checkpoint URI it points at."""
+    return model_version(uri).source
+
+
+@dataclass(frozen=True)
+class RegisteredData:
+    """The data a version records in its lineage: where data prep published it ("" when the version does not
+    say: registered before step3vl recorded it, or by hand without ``--data``), and each set's content hash."""
+
+    uri: str
+    hashes: dict[str, str]
+
+
+def registered_data(uri: str, tracking: TrackingConfig | None = None) -> RegisteredData:
+    """The data lineage of the version ``models:/NAME@alias`` or ``models:/NAME/VERSION`` names."""
+    tags = model_version(uri, tracking).tags
+    hashes = {m["set"]: v for k, v in tags.items() if (m := DATA_HASH_TAG.match(k))}
+    return RegisteredData(tags.get(DATA_URI_TAG, ""), hashes)
 
 
 def manifest_digest(manifest: Mapping[str, Any]) -> str:
@@ -189,6 +210,7 @@ def register_final(
     stage: str,
     config_hash: str,
     data_manifest_hashes: Mapping[str, str] | None = None,
+    data_uri: str = "",
     kfp_run_id: str = "",
     parent_run_id: str = "",
     commit: str | None = None,
@@ -198,8 +220,9 @@ def register_final(
 ) -> Any:
     """Register a pipeline run's final model as a new version of ``name`` and point ``alias`` at it.
 
-    Tags: KFP run id, MLflow parent run id, git commit, config hash, every dataset's content hash,
-    every eval metric (``metric.<key>``), the stage the checkpoint came from, the manifest's sha256.
+    Tags: KFP run id, MLflow parent run id, git commit, config hash, every dataset's content hash and, when
+    given, where the data is (``data_uri``: data prep's output directory, local or ``s3://``), every eval metric
+    (``metric.<key>``), the stage the checkpoint came from, the manifest's sha256.
     """
     tags = {
         "step3vl.stage": stage,
@@ -209,6 +232,7 @@ def register_final(
         "step3vl.config_hash": config_hash,
         "step3vl.registered_by": default_actor(),
         **{f"step3vl.data.{_TAG_KEY_BAD.sub('_', k)}.sha256": v for k, v in (data_manifest_hashes or {}).items()},
+        **({DATA_URI_TAG: data_uri} if data_uri else {}),
         **metric_tags(metrics),
     }
     mv = register_checkpoint(name, checkpoint_uri, run_id=run_id, tags=tags, tracking=tracking)
@@ -651,8 +675,9 @@ def version_gate(info: Mapping[str, Any], alias: str = CHAMPION) -> dict[str, An
 
 
 __all__ = [
-    "CANDIDATE", "CHAMPION", "GateDecision", "LockTimeout", "PromotionConflict", "PromotionResult", "RegistryError",
-    "RegistryLock", "alias_stack", "client", "data_hashes", "describe", "events", "family_accuracies",
-    "gate", "git_commit", "list_models", "manifest_digest", "metric_tags", "metrics_from_tags", "promote",
-    "register_checkpoint", "register_final", "resolve_model_uri", "rollback", "version_gate",
+    "CANDIDATE", "CHAMPION", "DATA_URI_TAG", "GateDecision", "LockTimeout", "PromotionConflict",
+    "PromotionResult", "RegistryError", "RegistryLock", "alias_stack", "client", "data_hashes", "describe",
+    "events", "family_accuracies", "gate", "git_commit", "list_models", "manifest_digest", "metric_tags",
+    "metrics_from_tags", "model_version", "promote", "RegisteredData", "register_checkpoint", "register_final",
+    "registered_data", "resolve_model_uri", "rollback", "version_gate",
 ]
