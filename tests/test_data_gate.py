@@ -218,6 +218,10 @@ def test_duplicate_id_across_shards(tmp_path: Path) -> None:
     report = validate_dataset(ds, workers=1)
     assert_only_failure(report, "unique_ids", "rec-1")
     assert report.check("unique_ids").failing_rows == 2
+    # each copy is named where it is: the same id twice says nothing of where to look
+    first, second = sorted(ds.glob("*.jsonl"))[0].name, sorted(ds.glob("*.jsonl"))[2].name
+    assert report.check("unique_ids").details == [f"id 'rec-1' appears more than once: this copy is {first}:2",
+                                                  f"id 'rec-1' appears more than once: this copy is {second}:1"]
 
 
 def test_a_set_judged_in_parts_gets_the_verdict_of_the_whole(tmp_path: Path) -> None:

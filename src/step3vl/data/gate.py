@@ -391,7 +391,7 @@ def _checks(max_tokens: int | None, forbidden_hashes: Collection[str] | None) ->
             "unique_ids",
             "ids are unique across all shards",
             None,
-            lambda r: f"id {r['id']!r} appears more than once",
+            lambda r: f"id {r['id']!r} appears more than once: this copy is {r['shard']}:{r['line_no']}",
         ),
         _Check(
             "messages_non_empty",
@@ -740,7 +740,7 @@ def _unique_ids(parts: list[PartGate], check: _Check, max_examples: int, chunk: 
     failing = sorted(r for r in rows if counts[r[2]] > 1)  # digests shared by distinct ids are not repeats
     examples = failing[:max_examples]
     return CheckResult(check.name, not failing, len(failing), [r[2] for r in examples], check.description,
-                       [check.detail({"id": r[2]}) for r in examples])
+                       [check.detail({"id": r[2], "shard": r[3], "line_no": r[4]}) for r in examples])
 
 
 def _repeated_digests(arrays: list[np.ndarray], chunk: int) -> np.ndarray:
