@@ -485,6 +485,11 @@ def test_run_killed_resumes_then_reruns_all_cached_then_from_stage(tmp_path, mon
     model = st["sft"]["outputs"]["model"]
     assert model["type"] == "system.Model" and Path(model["uri"], "model", "MANIFEST.json").is_file()
     assert model["metadata"]["digest"] and model["metadata"]["mlflow_run_id"] == st["sft"]["mlflow_run_id"]
+    msgs = st["pacore"]["outputs"]["messages"]  # the message sets PaCoRe trained on: a Dataset of their own
+    assert msgs["type"] == "system.Dataset" and msgs["metadata"]["digest"]
+    assert msgs["metadata"]["steps"] == ["step-1", "step-2"]  # micro's curriculum
+    assert Path(msgs["uri"], "step-1", "MANIFEST.json").is_file() and list(Path(msgs["uri"], "step-1").glob("*.jsonl"))
+    assert not Path(st["pacore"]["outputs"]["model"]["uri"], "messages").exists()  # not inside the model any more
     assert _outputs(tmp_path, first["mlflow_run_id"]) == first  # recorded in the MLflow parent run
     # exactly one registered version, the PaCoRe model, carrying its eval metrics and lineage
     client = mlflow.MlflowClient()

@@ -513,6 +513,12 @@ def test_pipeline_with_storage_on_s3_passes_data_and_models_as_pointers(prefix: 
         assert read_manifest(model["metadata"]["model_uri"])["files"], stage
     assert st["register"]["outputs"]["decision"]["metadata"]["model_uri"] == \
         st["pacore"]["outputs"]["model"]["metadata"]["model_uri"]
+    # PaCoRe's message sets are a Dataset of their own, on object storage too: one published dataset per step
+    msgs = st["pacore"]["outputs"]["messages"]
+    assert msgs["type"] == "system.Dataset" and os.listdir(msgs["uri"]) == ["REMOTE.json"]
+    assert msgs["metadata"]["data_uri"].startswith(f"{root}/pacore-messages/pacore-")
+    assert msgs["metadata"]["steps"] == ["step-1", "step-2"] and msgs["metadata"]["digest"]
+    assert read_manifest(msgs["metadata"]["data_uri"] + "/step-1")["files"]
     assert st["deploy_serving"]["metrics"]["completion_tokens"] >= 1
     ckpts = {k.split("/")[0].split("-")[0] for k in open_store(f"{root}/checkpoints").list()}
     assert {"pretrain", "sft", "rlvr", "rlhf", "pacore"} <= ckpts

@@ -97,15 +97,24 @@ class Stage:
         register pod and the thin pods launching TrainJobs would each copy a model they never read (38 GiB at
         10B), and the evaluate pod all five before its first one loads. The location is the task's own, so a
         retried task (and the TrainJob it re-attaches to) writes to the same place."""
+        return self._location(model, "models")
+
+    def dataset_location(self, dataset: Any, kind: str) -> str:
+        """Where this stage writes a ``Dataset`` output it makes itself (PaCoRe's message sets): into the artifact,
+        or with ``storage.root`` on S3 to ``<storage.root>/<kind>/<stage>-<hash of the artifact's URI>``, the
+        artifact then holding a pointer (as :meth:`model_location`, for the same reasons)."""
+        return self._location(dataset, kind)
+
+    def _location(self, artifact: Any, kind: str) -> str:
         import hashlib
 
         from step3vl.storage import is_s3_uri, join_uri
 
         if not is_s3_uri(self.cfg.storage.root):
-            return str(model.path)
-        key = hashlib.sha256(str(model.uri).encode()).hexdigest()[:16]
-        uri = join_uri(self.cfg.storage.root, "models", f"{self.name}-{key}")
-        log.info("%s: model goes to %s", self.name, uri)
+            return str(artifact.path)
+        key = hashlib.sha256(str(artifact.uri).encode()).hexdigest()[:16]
+        uri = join_uri(self.cfg.storage.root, kind, f"{self.name}-{key}")
+        log.info("%s: %s go to %s", self.name, kind, uri)
         return uri
 
     # ------------------------------------------------------------------ outputs
@@ -164,6 +173,18 @@ class Stage:
         steps = getattr(res, "iteration", getattr(res, "step", 0)) if res is not None else 0
         self._publish_model(out.model_uri, steps, values, plot, model, metrics, curves, "RL curves",
                             getattr(out, "trainjob", ""))
+
+    def publish_messages(self, messages_uri: str, messages: Any) -> None:
+        """PaCoRe's message sets → ``messages``, a ``Dataset`` of one published dataset per curriculum step
+        (``step-<k>/``), stamped with their content digest; a pointer when they went to object storage."""
+        from step3vl.pipeline.lineage import sha256_json
+        from step3vl.storage import join_uri, read_manifest
+
+        steps = [f"step-{k}" for k in range(1, len(self.cfg.pacore.curriculum) + 1)]
+        files = {s: read_manifest(join_uri(messages_uri, s))["files"] for s in steps}  # refuses a missing step
+        _stamp(messages, self, digest=sha256_json(files), steps=steps, files=sum(len(f) for f in files.values()))
+        if messages_uri.startswith("s3://"):
+            _leave_pointer(messages, "data_uri", messages_uri)
 
     def _publish_model(self, model_uri: str, steps: int, values: dict[str, Any], plot: Any, model: Any,
                        metrics: Any, curve: Any, what: str, trainjob: str = "") -> None:

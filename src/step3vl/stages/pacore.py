@@ -8,7 +8,7 @@ A curriculum of steps (``cfg.pacore.curriculum``; the recipe's smaller set, then
    (:mod:`step3vl.pacore.inference`); ``pacore.subset_share`` of the sets show only a seeded random
    1 .. width-1 of their references, so the synthesis reads any PaCoRe width. They are written as a
    dataset (the problem's images included, its reference answer as the assistant turn), reused on rerun
-   and copied to ``<out>/messages/``.
+   and published to ``messages_uri`` (default ``<out>/messages/``; the pipeline's ``messages`` Dataset).
 2. **Warm-up** (``sft_steps``): SFT on those conversations on the one training loop (assistant tokens):
    the message sets ``pacore.synthesis_filter`` keeps (all; those a reference solves; those whose
    references disagree), with the reference's trace or only its answer as the target
@@ -18,9 +18,9 @@ A curriculum of steps (``cfg.pacore.curriculum``; the recipe's smaller set, then
 Layout under ``ckpt_uri`` (defaults to ``out_uri``): ``step-<k>/{messages,packed}`` (local work),
 ``step-<k>/sft/{checkpoints,model}``, ``step-<k>/rl/{checkpoints,model}``, ``step-<k>/model`` (the
 step's result; a finished step is never redone). Under ``out_uri``: ``model/`` (the final policy),
-``messages/step-<k>/`` (the message sets), ``metrics.json`` and, with ``pacore.scaling_per_family``, the
-accuracy-vs-rollouts curve (``scaling.json``, ``scaling.png``, also an MLflow artifact).
-Every sub-phase resumes exactly.
+``metrics.json`` and, with ``pacore.scaling_per_family``, the
+accuracy-vs-rollouts curve (``scaling.json``, ``scaling.png``, also an MLflow artifact). Under ``messages_uri``:
+``step-<k>/`` (each step's message sets, a published dataset). Every sub-phase resumes exactly.
 """
 
 from __future__ import annotations
@@ -219,23 +219,28 @@ def data_sets(cfg: PipelineConfig) -> list[str]:
 
 
 def run(cfg: PipelineConfig, data_dir: str | Path, init_uri: str, out_uri: str, *, ckpt_uri: str | None = None,
-        progress: bool = True, stop_after: tuple[int, str] | None = None) -> PaCoReOutputs:
-    """PaCoRe training from ``init_uri``; ``stop_after=(step, "messages"|"sft"|"rl")`` ends early (tests)."""
+        messages_uri: str | None = None, progress: bool = True,
+        stop_after: tuple[int, str] | None = None) -> PaCoReOutputs:
+    """PaCoRe training from ``init_uri``; the message sets go to ``messages_uri`` (default ``<out_uri>/messages``).
+    ``stop_after=(step, "messages"|"sft"|"rl")`` ends early (tests)."""
     from step3vl.stages.data import local_copy
     from step3vl.stages.rl import require_single_process
     from step3vl.storage import is_s3_uri
 
     require_single_process("pacore")
     data = local_copy(data_dir, data_sets(cfg))
+    from step3vl.storage import join_uri
+
     root = ckpt_uri or out_uri
+    msgs = messages_uri or join_uri(out_uri, "messages")
     if is_s3_uri(root):
         with tempfile.TemporaryDirectory(prefix="step3vl-pacore-") as tmp:
-            return _run(cfg, data, init_uri, out_uri, root, Path(tmp), progress, stop_after)
-    return _run(cfg, data, init_uri, out_uri, root, Path(root.removeprefix("file://")), progress, stop_after)
+            return _run(cfg, data, init_uri, out_uri, msgs, root, Path(tmp), progress, stop_after)
+    return _run(cfg, data, init_uri, out_uri, msgs, root, Path(root.removeprefix("file://")), progress, stop_after)
 
 
-def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root: str, work: Path, progress: bool,
-         stop_after: tuple[int, str] | None) -> PaCoReOutputs:
+def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, msgs_uri: str, root: str, work: Path,
+         progress: bool, stop_after: tuple[int, str] | None) -> PaCoReOutputs:
     from step3vl.checkpoint import save_checkpoint
     from step3vl.data.pack import PackedDataset, pack_dataset
     from step3vl.devices import default_device
@@ -303,7 +308,7 @@ def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root:
             _publish_dataset(warm_dir, train_recs + solvers, cfg.data.shard_size)
         log_m({f"step{k}/{n}": v for n, v in stats.items()} | {f"step{k}/seconds_messages": time.perf_counter() - t0})
         if stop_after == (k, "messages"):
-            return PaCoReOutputs(join_uri(out_uri, "model"), join_uri(out_uri, "messages"), metrics)
+            return PaCoReOutputs(join_uri(out_uri, "model"), msgs_uri, metrics)
         # 2. supervised warm-up on the correct synthesis answers
         if st.sft_steps:
             t1 = time.perf_counter()
@@ -334,7 +339,7 @@ def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root:
             current = sft_model
             log_m({f"step{k}/seconds_sft": time.perf_counter() - t1})
         if stop_after == (k, "sft"):
-            return PaCoReOutputs(join_uri(out_uri, "model"), join_uri(out_uri, "messages"), metrics)
+            return PaCoReOutputs(join_uri(out_uri, "model"), msgs_uri, metrics)
         # 3. outcome-based RL on the synthesis prompts
         if st.rl_iterations:
             t2 = time.perf_counter()
@@ -344,7 +349,7 @@ def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root:
                         records=load_records(msg_dir), records_dir=msg_dir, progress=progress,
                         ckpt_uri=join_uri(step_root, "rl", "checkpoints"))
             if rl.result.iteration < st.rl_iterations:
-                return PaCoReOutputs(join_uri(out_uri, "model"), join_uri(out_uri, "messages"), metrics)
+                return PaCoReOutputs(join_uri(out_uri, "model"), msgs_uri, metrics)
             if rl.result.history:
                 log_m({f"step{k}/rl_reward_first": rl.result.history[0]["reward_mean"],
                        f"step{k}/rl_reward_last": rl.result.history[-1]["reward_mean"]})
@@ -355,24 +360,26 @@ def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, root:
         save_checkpoint(step_model, model_state=final.model.state_dict(), config=ckpt_config, tokenizer_dir=tok_dir,
                         extra_meta={"stage": "pacore", "step": k}, overwrite=True)
         current = step_model
-    out = PaCoReOutputs(join_uri(out_uri, "model"), join_uri(out_uri, "messages"), metrics)
+    out = PaCoReOutputs(join_uri(out_uri, "model"), msgs_uri, metrics)
     final = load_model(current)
     tok_dir = str(final.tokenizer_dir)
     save_checkpoint(out.model_uri, model_state=final.model.state_dict(),
                     config=checkpoint_config(final.cfg, final.tokenizer, stage="pacore"), tokenizer_dir=tok_dir,
                     extra_meta={"stage": "pacore", "steps": len(pc.curriculum)}, overwrite=True)
-    if not is_s3_uri(out_uri):
-        dest = Path(out_uri.removeprefix("file://")) / "messages"
+    if not is_s3_uri(msgs_uri):
+        dest = Path(msgs_uri.removeprefix("file://"))
         for k, d in enumerate(msg_dirs, 1):
-            if d.resolve() != (dest / f"step-{k}").resolve():
-                if (dest / f"step-{k}").exists():
-                    shutil.rmtree(dest / f"step-{k}")
-                shutil.copytree(d, dest / f"step-{k}")
+            final, tmp = dest / f"step-{k}", dest / f".step-{k}.tmp"
+            if d.resolve() != final.resolve():  # copied whole under another name, then renamed into place
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(d, tmp)
+                shutil.rmtree(final, ignore_errors=True)
+                tmp.rename(final)
     else:
         from step3vl.storage import publish_dir
 
         for k, d in enumerate(msg_dirs, 1):
-            publish_dir(d, join_uri(out_uri, "messages", f"step-{k}"), overwrite=True)
+            publish_dir(d, join_uri(msgs_uri, f"step-{k}"), overwrite=True)
     log_m({"seconds": time.perf_counter() - t_start})
     # beside the model when it is local; else a folder of its own that outlives this call (MLflow sends the plot
     # later), uploaded next to the model below
