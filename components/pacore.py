@@ -19,7 +19,7 @@ def pacore(config_yaml: str, mlflow_parent_run_id: str, pipeline_run_name: str, 
         ckpt = st.checkpoint_uri(data, init_model)
         msgs = st.dataset_location(messages, "pacore-messages")
         out = st.execute(pacore_stage.run, data_dir=runtime.data_dir(data), init_uri=runtime.model_dir(init_model),
-                         out_uri=st.model_location(model), ckpt_uri=ckpt, messages_uri=msgs, progress=False,
-                         work_uri=ckpt)
+                         out_uri=st.model_location(model), ckpt_uri=ckpt, messages_uri=msgs,
+                         message_cache=st.storage_uri(pacore_stage.MESSAGE_CACHE), progress=False, work_uri=ckpt)
         st.publish_messages(msgs, messages)
         st.publish_rl(out, model, metrics, rl_curves)

@@ -263,3 +263,62 @@ def test_subset_share_shows_a_seeded_smaller_subset_of_the_references(tmp_path):
     assert any(r["meta"]["references_correct"] == 0 for r in out)
     with pytest.raises(ConfigError, match="'pacore.subset_share' must be a share in"):
         from_dict(PipelineConfig, {"pacore": {"subset_share": 1.5}})
+
+
+def test_message_sets_are_reused_across_runs_that_change_only_their_training(micro_cfg, micro_data, init_model,
+                                                                            tmp_path):
+    """With a message cache, a run that changed only training settings copies step 1's message sets (and warm-up
+    set) from an earlier run instead of generating them; a generation setting, another policy, a tampered cache
+    entry or no cache at all means generating."""
+    from dataclasses import replace
+
+    from step3vl.checkpoint import save_checkpoint
+    from step3vl.model.loading import checkpoint_config, new_model
+    from step3vl.model.tokenizer import load_tokenizer
+    from step3vl.stages import pacore
+    from step3vl.storage import read_manifest
+
+    cache = tmp_path / "cache"
+    sets = pacore._set_hashes(micro_data.out_dir)
+
+    def run(name: str, cfg=micro_cfg, message_cache=str(cache), init=init_model):
+        out = tmp_path / name
+        res = pacore.run(cfg, micro_data.out_dir, str(init), str(out), message_cache=message_cache, progress=False,
+                         stop_after=(1, "messages"))
+        files = read_manifest(out / "step-1" / "messages")["files"]
+        return res.metrics, files, read_manifest(out / "step-1" / "warmup")["files"]
+
+    first, msgs, warm = run("first")
+    assert first["step1/messages_reused"] == 0.0
+    (key,) = [p.name for p in cache.iterdir()]
+    assert key == pacore.messages_key(micro_cfg, 1, str(init_model), sets)[:32]
+    assert read_manifest(cache / key / "messages")["files"] == msgs
+
+    trained_otherwise = replace(micro_cfg, pacore=replace(micro_cfg.pacore, lr_start=1e-2, seq_len=192,
+                                                          rl=replace(micro_cfg.pacore.rl, kl_coef=0.5)))
+    again, msgs2, warm2 = run("again", trained_otherwise)
+    assert again["step1/messages_reused"] == 1.0 and (msgs2, warm2) == (msgs, warm)
+    assert again["step1/references_accuracy"] == first["step1/references_accuracy"]  # its statistics came along
+
+    hotter = replace(micro_cfg, pacore=replace(micro_cfg.pacore, temperature=0.5))
+    assert run("hotter", hotter)[0]["step1/messages_reused"] == 0.0
+    assert len(list(cache.iterdir())) == 2
+
+    tok = load_tokenizer(micro_data.tokenizer_dir)
+    other = tmp_path / "other-policy"
+    save_checkpoint(str(other), model_state=new_model(micro_cfg.model, tok, 1).state_dict(),
+                    config=checkpoint_config(micro_cfg.model, tok, stage="sft"), tokenizer_dir=micro_data.tokenizer_dir)
+    assert pacore.messages_key(micro_cfg, 1, str(other), sets) != pacore.messages_key(micro_cfg, 1, str(init_model),
+                                                                                      sets)
+    assert pacore.messages_key(micro_cfg, 2, str(init_model), sets) != pacore.messages_key(micro_cfg, 1,
+                                                                                           str(init_model), sets)
+
+    assert run("uncached", message_cache=None)[0]["step1/messages_reused"] == 0.0
+    assert len(list(cache.iterdir())) == 2
+
+    shard = next((cache / key / "messages").glob("*.jsonl"))
+    shard.write_text(shard.read_text().replace("pacore-s1", "pacore-sX", 1))  # tampered: not reused, and replaced
+    tampered, msgs3, _ = run("tampered")
+    assert tampered["step1/messages_reused"] == 0.0 and msgs3 == msgs
+    assert read_manifest(cache / key / "messages")["files"] == msgs
+    assert run("after", trained_otherwise)[0]["step1/messages_reused"] == 1.0

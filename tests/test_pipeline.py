@@ -490,6 +490,8 @@ def test_run_killed_resumes_then_reruns_all_cached_then_from_stage(tmp_path, mon
     assert msgs["metadata"]["steps"] == ["step-1", "step-2"]  # micro's curriculum
     assert Path(msgs["uri"], "step-1", "MANIFEST.json").is_file() and list(Path(msgs["uri"], "step-1").glob("*.jsonl"))
     assert not Path(st["pacore"]["outputs"]["model"]["uri"], "messages").exists()  # not inside the model any more
+    assert st["pacore"]["metrics"]["step1/messages_reused"] == 0  # made here, and kept for later runs to reuse
+    assert len(list((tmp_path / ".step3vl" / "artifacts" / "pacore-message-cache").iterdir())) == 2  # one per step
     assert _outputs(tmp_path, first["mlflow_run_id"]) == first  # recorded in the MLflow parent run
     # exactly one registered version, the PaCoRe model, carrying its eval metrics and lineage
     client = mlflow.MlflowClient()

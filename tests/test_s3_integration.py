@@ -519,6 +519,9 @@ def test_pipeline_with_storage_on_s3_passes_data_and_models_as_pointers(prefix: 
     assert msgs["metadata"]["data_uri"].startswith(f"{root}/pacore-messages/pacore-")
     assert msgs["metadata"]["steps"] == ["step-1", "step-2"] and msgs["metadata"]["digest"]
     assert read_manifest(msgs["metadata"]["data_uri"] + "/step-1")["files"]
+    cached = {k.split("/")[0] for k in open_store(f"{root}/pacore-message-cache").list()}
+    assert len(cached) == 2  # each step's message sets, stored on object storage for later runs to reuse
+    assert read_manifest(f"{root}/pacore-message-cache/{sorted(cached)[0]}/messages")["files"]
     assert st["deploy_serving"]["metrics"]["completion_tokens"] >= 1
     ckpts = {k.split("/")[0].split("-")[0] for k in open_store(f"{root}/checkpoints").list()}
     assert {"pretrain", "sft", "rlvr", "rlhf", "pacore"} <= ckpts

@@ -208,7 +208,7 @@ def stage_sft_cmd(config_path: ConfigOpt, overrides: SetOpt = None, data: DataOp
 
 
 def _rl_stage(stage: str, config_path: Path, overrides, data: Path | None, out: str | None, init: str | None,
-              tracking: bool) -> None:
+              tracking: bool, message_cache: str | None = None) -> None:
     import contextlib
 
     from step3vl import tracking as trk
@@ -234,7 +234,7 @@ def _rl_stage(stage: str, config_path: Path, overrides, data: Path | None, out: 
         else:
             from step3vl.stages import pacore
 
-            res = pacore.run(cfg, data, init, out)
+            res = pacore.run(cfg, data, init, out, message_cache=message_cache)
             metrics, uri, resumed = res.metrics, res.model_uri, None
     t = Table(title=f"{stage} → {uri}")
     t.add_column("metric")
@@ -265,9 +265,10 @@ def stage_rlhf_cmd(config_path: ConfigOpt, overrides: SetOpt = None, data: DataO
 
 @stage_app.command("pacore")
 def stage_pacore_cmd(config_path: ConfigOpt, overrides: SetOpt = None, data: DataOpt = None, out: OutOpt = None,
-                     init: InitOpt = None, tracking: TrackOpt = True) -> None:
+                     init: InitOpt = None, tracking: TrackOpt = True,
+                     message_cache: Annotated[Optional[str], typer.Option(help="Reuse and store each step's message sets here (a folder or s3://…), keyed by policy, data and settings; the pipeline uses <storage.root>/pacore-message-cache.")] = None) -> None:
     """PaCoRe training: on-policy message sets, synthesis warm-up, outcome RL (a curriculum of steps)."""
-    _rl_stage("pacore", config_path, overrides, data, out, init, tracking)
+    _rl_stage("pacore", config_path, overrides, data, out, init, tracking, message_cache)
 
 
 @stage_app.command("exec", hidden=True)

@@ -99,6 +99,12 @@ class Stage:
         retried task (and the TrainJob it re-attaches to) writes to the same place."""
         return self._location(model, "models")
 
+    def storage_uri(self, *parts: str) -> str:
+        """A location under ``storage.root`` shared by runs (e.g. PaCoRe's message cache)."""
+        from step3vl.storage import join_uri
+
+        return join_uri(self.cfg.storage.root, *parts)
+
     def dataset_location(self, dataset: Any, kind: str) -> str:
         """Where this stage writes a ``Dataset`` output it makes itself (PaCoRe's message sets): into the artifact,
         or with ``storage.root`` on S3 to ``<storage.root>/<kind>/<stage>-<hash of the artifact's URI>``, the

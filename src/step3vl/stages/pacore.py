@@ -38,10 +38,12 @@ import numpy as np
 
 from step3vl import tracking
 from step3vl.config import PaCoReConfig, PhaseConfig, PipelineConfig, TrainConfig
+from step3vl.errors import Step3VLError
 
 log = logging.getLogger(__name__)
 
 SYNTHESIS_SET = "pacore_synthesis"
+MESSAGE_CACHE = "pacore-message-cache"  # the pipeline's message_cache, under storage.root: <key>/{messages,warmup}
 REPORT_FILES = ("metrics.json", "scaling.json", "scaling.png")  # written beside model/ and messages/
 
 
@@ -170,6 +172,43 @@ def _publish_dataset(dest: Path, records: list[dict[str, Any]], shard_size: int,
         shutil.rmtree(staging.parent, ignore_errors=True)
 
 
+def _from_cache(cache: str, msg_dir: Path, warm_dir: Path) -> dict[str, float] | None:
+    """A step's message sets and warm-up set copied from the cache, verified, and their statistics; None on a miss
+    (nothing there, or a part of it that does not verify)."""
+    from step3vl.storage import StorageError, fetch_dir, join_uri
+
+    if not (_published(join_uri(cache, "messages")) and _published(join_uri(cache, "warmup"))):
+        return None
+    try:
+        fetch_dir(join_uri(cache, "warmup"), warm_dir, overwrite=True)
+        fetch_dir(join_uri(cache, "messages"), msg_dir, overwrite=True)
+    except StorageError as e:
+        log.warning("pacore: cached message sets at %s unusable (%s); generating them", cache, e)
+        for d in (msg_dir, warm_dir):
+            shutil.rmtree(d, ignore_errors=True)
+        return None
+    log.warning("pacore: message sets reused from %s (made from the same policy and settings)", cache)
+    return json.loads((msg_dir / "stats.json").read_text())
+
+
+def _to_cache(cache: str, msg_dir: Path, warm_dir: Path) -> None:
+    """Store a step's message sets and warm-up set under ``cache`` (the messages last: a reader checks both). Another
+    run storing the same key first is no error: the key fixes the content. A store that fails is reported, and the
+    stage goes on with the sets it made (only a later run's reuse is lost)."""
+    from step3vl.storage import StorageError, join_uri, publish_dir
+
+    for name, d in (("warmup", warm_dir), ("messages", msg_dir)):
+        dest = join_uri(cache, name)
+        if _published(dest):
+            continue
+        try:
+            publish_dir(d, dest, overwrite=True)  # over a copy that does not verify
+        except (StorageError, OSError) as e:
+            if not _published(dest):
+                log.warning("pacore: could not store message sets at %s (%s); later runs will generate them", dest, e)
+                return
+
+
 def _published(uri: str) -> bool:
     from step3vl.storage import StorageError, verify_published
 
@@ -219,15 +258,21 @@ def data_sets(cfg: PipelineConfig) -> list[str]:
 
 
 def run(cfg: PipelineConfig, data_dir: str | Path, init_uri: str, out_uri: str, *, ckpt_uri: str | None = None,
-        messages_uri: str | None = None, progress: bool = True,
+        messages_uri: str | None = None, message_cache: str | None = None, progress: bool = True,
         stop_after: tuple[int, str] | None = None) -> PaCoReOutputs:
     """PaCoRe training from ``init_uri``; the message sets go to ``messages_uri`` (default ``<out_uri>/messages``).
+
+    ``message_cache`` (a folder or ``s3://`` prefix; the pipeline passes ``<storage.root>/pacore-message-cache``):
+    each step's message sets and warm-up set are stored there under :func:`messages_key`, and a step whose key is
+    there copies them instead of generating them, e.g. a rerun that changed only how they are trained on. None: every
+    run generates its own (a rerun of the same run still reuses its own, from ``ckpt_uri``).
     ``stop_after=(step, "messages"|"sft"|"rl")`` ends early (tests)."""
     from step3vl.stages.data import local_copy
     from step3vl.stages.rl import require_single_process
     from step3vl.storage import is_s3_uri
 
     require_single_process("pacore")
+    sets = _set_hashes(data_dir) if message_cache else None
     data = local_copy(data_dir, data_sets(cfg))
     from step3vl.storage import join_uri
 
@@ -235,12 +280,57 @@ def run(cfg: PipelineConfig, data_dir: str | Path, init_uri: str, out_uri: str, 
     msgs = messages_uri or join_uri(out_uri, "messages")
     if is_s3_uri(root):
         with tempfile.TemporaryDirectory(prefix="step3vl-pacore-") as tmp:
-            return _run(cfg, data, init_uri, out_uri, msgs, root, Path(tmp), progress, stop_after)
-    return _run(cfg, data, init_uri, out_uri, msgs, root, Path(root.removeprefix("file://")), progress, stop_after)
+            return _run(cfg, data, message_cache, sets, init_uri, out_uri, msgs, root, Path(tmp), progress, stop_after)
+    return _run(cfg, data, message_cache, sets, init_uri, out_uri, msgs, root, Path(root.removeprefix("file://")),
+                progress, stop_after)
 
 
-def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, msgs_uri: str, root: str, work: Path,
-         progress: bool, stop_after: tuple[int, str] | None) -> PaCoReOutputs:
+# PaCoRe settings that do not change a step's message sets or its warm-up set (only what is trained on them, how)
+_TRAINING_ONLY = ("curriculum", "seq_len", "batch_size", "lr_start", "lr_end", "warmup_steps", "rl", "rounds",
+                  "scaling_ks", "scaling_per_family", "scaling_families", "scaling_data")
+
+
+def _set_hashes(data_dir: str | Path) -> dict[str, str] | None:
+    """Each set's content hash from the data's manifest; None for a data directory without one (no cache then)."""
+    from step3vl.stages.data import read_data_manifest
+
+    try:
+        manifest = read_data_manifest(data_dir)
+    except (OSError, ValueError, Step3VLError) as e:
+        log.warning("pacore: %s has no readable data manifest (%s): message sets are not cached across runs",
+                    data_dir, e)
+        return None
+    return {name: str(info.get("content_hash", "")) for name, info in manifest.get("sets", {}).items()}
+
+
+def messages_key(cfg: PipelineConfig, k: int, policy_uri: str, sets: dict[str, str]) -> str:
+    """What curriculum step ``k``'s message sets and warm-up set are a function of, as one digest: the policy's
+    checkpoint, the content of the sets they draw on, every PaCoRe setting but the training-only ones, the step's
+    prompts and width, the seed, the shard size, the controller template and the stage's code. Runs that agree on
+    all of it make the same sets, so one is reused where another made it (:func:`run`)."""
+    from step3vl.config import conf_dir, to_dict
+    from step3vl.pacore.inference import TEMPLATE
+    from step3vl.pipeline.lineage import checkpoint_digest, code_digest, sha256_json
+
+    pc = cfg.pacore
+    st = pc.curriculum[k - 1]
+    if policy_uri.startswith("models:/"):
+        from step3vl.registry import resolve_model_uri
+
+        policy_uri = resolve_model_uri(policy_uri)
+    return sha256_json({
+        "policy": checkpoint_digest(policy_uri),
+        "sets": {n: sets.get(n, "") for n in sorted({pc.data, pc.solver_data} - {""})},
+        "pacore": {f: v for f, v in to_dict(pc).items() if f not in _TRAINING_ONLY},
+        "step": k, "prompts": st.prompts, "width": st.width, "seed": cfg.seed, "shard_size": cfg.data.shard_size,
+        "template": (conf_dir() / TEMPLATE).read_text(),
+        "code": code_digest({__name__}),
+    })
+
+
+def _run(cfg: PipelineConfig, data_dir: Path, message_cache: str | None, sets: dict[str, str] | None, init_uri: str,
+         out_uri: str, msgs_uri: str, root: str, work: Path, progress: bool,
+         stop_after: tuple[int, str] | None) -> PaCoReOutputs:
     from step3vl.checkpoint import save_checkpoint
     from step3vl.data.pack import PackedDataset, pack_dataset
     from step3vl.devices import default_device
@@ -289,10 +379,16 @@ def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, msgs_
             verify_dir(warm_dir)
             with open(msg_dir / "stats.json") as f:
                 stats = json.load(f)
+            reused = 0.0
         except (StorageError, FileNotFoundError):
             for d in (msg_dir, warm_dir):
                 if d.exists():
                     shutil.rmtree(d)
+            cache = join_uri(message_cache, messages_key(cfg, k, current, sets)[:32]) \
+                if message_cache and sets is not None else None
+            stats, reused = (_from_cache(cache, msg_dir, warm_dir) if cache else None), 1.0
+        if stats is None:
+            reused = 0.0
             engine = TorchEngine(lm.model, lm.tokenizer, lm.processor)
             chosen = _take(problems, st.prompts, cfg.seed, k)
             recs, stats = synthesis_records(engine, chosen, src_dir, st.width, pc, cfg.seed, k, progress)
@@ -306,7 +402,10 @@ def _run(cfg: PipelineConfig, data_dir: Path, init_uri: str, out_uri: str, msgs_
             else:
                 solvers = _solver_records(chosen, src_dir, pc.solver_mix, cfg.seed, k)
             _publish_dataset(warm_dir, train_recs + solvers, cfg.data.shard_size)
-        log_m({f"step{k}/{n}": v for n, v in stats.items()} | {f"step{k}/seconds_messages": time.perf_counter() - t0})
+            if cache:
+                _to_cache(cache, msg_dir, warm_dir)
+        log_m({f"step{k}/{n}": v for n, v in stats.items()}
+              | {f"step{k}/seconds_messages": time.perf_counter() - t0, f"step{k}/messages_reused": reused})
         if stop_after == (k, "messages"):
             return PaCoReOutputs(join_uri(out_uri, "model"), msgs_uri, metrics)
         # 2. supervised warm-up on the correct synthesis answers
