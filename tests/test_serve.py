@@ -137,6 +137,10 @@ def test_api_key_is_required(server, served):
      "images exceed"),
     ({"temperature": 3}, "temperature"),
     ({"messages": []}, "messages"),
+    ({"extra_body": {"mode": "majority@0"}}, "mode"),
+    ({"extra_body": {"mode": "best-of"}}, "mode"),
+    ({"extra_body": {"mode": "majority@9"}, "n": 4}, "K x n = 36 exceeds the limit of 32 samples"),
+    ({"extra_body": {"mode": "sere", "pacore": {"rounds": [2]}}}, "pacore options go with mode pacore, not sere"),
 ])
 def test_bad_requests_are_400_in_the_openai_shape(client, served, kwargs, needle):
     args = {"model": served.name, "messages": _ask(), "max_tokens": 4, **kwargs}
@@ -348,3 +352,59 @@ def test_pacore_request(client, served):
     assert len(r.choices) == 1 and isinstance(r.choices[0].message.content, str)
     info = r.model_extra["pacore"]
     assert info["rounds"] == [4] and len(info["round_tokens"]) == 1
+
+
+def test_majority_mode_returns_the_voted_sample_of_each_choice(client, served):
+    """``"mode": "majority@K"``: each choice is the most common conclusion of its own K samples; the response says
+    how many samples agreed; concurrent voting requests with the same K and sampling share one engine call."""
+    from step3vl.api import vote
+    from step3vl.pacore.inference import compact
+
+    r = client.chat.completions.create(model=served.name, messages=_ask(), max_tokens=6, n=2, seed=5,
+                                       extra_body={"mode": "majority@5"})
+    info = r.model_extra["majority"]
+    assert info["k"] == 5 and len(info["votes"]) == 2 == len(r.choices)
+    assert all(1 <= v <= 5 for v in info["votes"]) and all(t >= 1 for t in info["sample_tokens"])
+    assert r.usage.completion_tokens <= sum(info["sample_tokens"])
+    again = client.chat.completions.create(model=served.name, messages=_ask(), max_tokens=6, n=2, seed=5,
+                                           extra_body={"mode": "majority@5"})
+    assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]  # seeded
+
+    # the vote itself, on a group whose conclusions are known
+    from step3vl.rl.rollout import Completion
+
+    group = [Completion(t, [1] * (i + 1), [], "stop", 3) for i, t in enumerate(
+        ["<think>a</think>7", "8", "<think></think>", "<think>b</think> 8", "7", "8"])]
+    v = vote(group)
+    assert v.completion is group[1] and v.votes == 3 == sum(compact(c.text) == "8" for c in group)
+    assert v.sample_tokens == 21
+
+    # pacore without options takes the recipe's rounds
+    p = client.chat.completions.create(model=served.name, messages=_ask(), max_tokens=4, seed=1,
+                                       extra_body={"mode": "pacore"})
+    assert p.model_extra["pacore"]["rounds"] == [16] and "majority" not in p.model_extra
+
+
+def test_voting_jobs_share_one_engine_call():
+    from step3vl.rl.rollout import Completion, Prompt, SamplingParams
+    from step3vl.serve.batcher import Batcher, Job
+
+    calls = []
+
+    class Engine:
+        def generate(self, prompts, n, params):
+            calls.append((len(prompts), n))
+            return [[Completion(str(i % 2), [0], [], "stop", 1) for i in range(n)] for _ in prompts]
+
+    b = Batcher(Engine(), max_pending=8, max_batch_sequences=64, batch_wait_s=0.2)
+    sp = SamplingParams(max_tokens=2)
+    jobs = [Job(Prompt([{"role": "user", "content": f"q{i}"}]), 2, sp, vote_k=3) for i in range(3)]
+    for j in jobs:
+        b.submit(j)
+    b.start()
+    try:
+        results = [j.future.result(timeout=30) for j in jobs]
+    finally:
+        b.close()
+    assert calls == [(6, 3)]  # 3 jobs x 2 choices, 3 samples each, one call
+    assert all(len(r) == 2 and all(v.votes == 2 and v.completion.text == "0" for v in r) for r in results)

@@ -38,6 +38,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from step3vl.api import DEFAULT_ROUNDS
 from step3vl.rl.rollout import Completion, Prompt, SamplingParams
 from step3vl.serve import schema
 from step3vl.serve.batcher import Batcher, Job, QueueFull
@@ -327,8 +328,9 @@ def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI
             result = await asyncio.wrap_future(fut)
         except ValueError as e:
             raise APIError(400, f"cannot generate for this request: {e}") from None
-        completions = [r.completion for r in result] if job.pacore_rounds is not None else list(result)
-        body = _completion_body(req, completions, result if job.pacore_rounds is not None else None)
+        extended = job.pacore_rounds is not None or job.vote_k is not None  # PaCoReResult or Vote per choice
+        completions = [r.completion for r in result] if extended else list(result)
+        body = _completion_body(req, job, completions, result if extended else None)
         if not req.stream:
             return JSONResponse(body)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -350,12 +352,20 @@ def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI
             raise APIError(400, "stop: at most 4 sequences, each 1 to 256 characters", param="stop")
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
-        rounds = None
-        if req.pacore is not None:
+        rounds, vote_k = None, None
+        mode = req.mode or ("pacore" if req.pacore is not None else "sere")
+        if req.pacore is not None and mode != "pacore":
+            raise APIError(400, f"pacore options go with mode pacore, not {mode}", param="pacore")
+        if mode.startswith("majority@"):
+            vote_k = int(mode.split("@", 1)[1])
+            if vote_k * req.n > cfg.max_pacore_samples:
+                raise APIError(400, f"{mode}: K x n = {vote_k * req.n} exceeds the limit of "
+                                    f"{cfg.max_pacore_samples} samples", param="mode")
+        if mode == "pacore":
             if not pacore_available:
                 raise APIError(400, "pacore is not available on this server (step3vl.pacore is not installed)",
                                param="pacore")
-            rounds = tuple(req.pacore.rounds)
+            rounds = tuple(req.pacore.rounds) if req.pacore is not None else DEFAULT_ROUNDS
             if not any(m.role == "user" for m in req.messages):  # its controller prompt replaces the last one
                 raise APIError(400, "pacore needs a user turn in messages", param="messages")
             if sum(rounds) * req.n > cfg.max_pacore_samples:
@@ -369,7 +379,7 @@ def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI
         # a vanishing temperature is the engine's to take at its limit (argmax), like any other caller's
         params = SamplingParams(temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens,
                                 stop=tuple(stop), seed=req.seed)
-        return params, Job(prompt, req.n, params, pacore_rounds=rounds)
+        return params, Job(prompt, req.n, params, pacore_rounds=rounds, vote_k=vote_k)
 
     def _prepare_prompt(messages: list[schema.Message]) -> tuple[Prompt, int]:
         from step3vl.rl.rollout import encode_prompt
@@ -381,8 +391,8 @@ def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI
             raise APIError(400, f"cannot encode the prompt: {e}", param="messages") from None
         return prompt, len(ids)
 
-    def _completion_body(req: schema.ChatCompletionRequest, completions: list[Completion],
-                         pacore: list[Any] | None) -> dict[str, Any]:
+    def _completion_body(req: schema.ChatCompletionRequest, job: Job, completions: list[Completion],
+                         extended: list[Any] | None) -> dict[str, Any]:
         prompt_tokens = completions[0].prompt_tokens if completions else 0
         completion_tokens = sum(len(c.token_ids) for c in completions)
         body = schema.ChatCompletion(
@@ -392,8 +402,10 @@ def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI
                      for i, c in enumerate(completions)],
             usage=schema.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                total_tokens=prompt_tokens + completion_tokens),
-            pacore=None if pacore is None else schema.PaCoReInfo(
-                rounds=list(req.pacore.rounds), round_tokens=[list(r.round_tokens) for r in pacore]),
+            pacore=None if job.pacore_rounds is None or extended is None else schema.PaCoReInfo(
+                rounds=list(job.pacore_rounds), round_tokens=[list(r.round_tokens) for r in extended]),
+            majority=None if job.vote_k is None or extended is None else schema.MajorityInfo(
+                k=job.vote_k, votes=[v.votes for v in extended], sample_tokens=[v.sample_tokens for v in extended]),
         ).model_dump(exclude_none=True)
         for choice in body["choices"]:
             choice["logprobs"] = None

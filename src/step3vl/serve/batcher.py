@@ -3,8 +3,9 @@
 Every request becomes a :class:`Job`. The worker takes the oldest job, gathers the queued jobs
 that can share its engine call (same ``n`` and sampling parameters) up to ``max_batch_sequences``
 sequences, and runs them as one batched ``engine.generate`` — so concurrent clients share the
-prefill and every decode step. Jobs that cannot share (a fixed ``seed``, whose samples must not
-depend on other traffic, and PaCoRe runs) run alone. At most ``max_pending`` jobs are queued or
+prefill and every decode step. Majority votes (``majority@K``) share a call with the
+votes of the same K and parameters. Jobs that cannot share (a fixed ``seed``, whose samples must not depend on other
+traffic, and PaCoRe runs) run alone. At most ``max_pending`` jobs are queued or
 running; :meth:`Batcher.submit` refuses the next one with :class:`QueueFull` (HTTP 429), which
 bounds the server's memory whatever the load.
 """
@@ -30,28 +31,32 @@ class QueueFull(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One request's work: ``n`` samples of ``prompt`` (or a PaCoRe run when ``pacore_rounds`` is set).
+    """One request's work: ``n`` samples of ``prompt``, ``n`` PaCoRe runs when ``pacore_rounds`` is set, or ``n``
+    majority votes over ``vote_k`` samples each.
 
-    ``future`` resolves to ``list[Completion]`` (or ``list[PaCoReResult]``, one per sample).
+    ``future`` resolves to ``list[Completion]`` (or ``list[PaCoReResult]``, or ``list[Vote]``, one per choice).
     """
 
     prompt: Prompt
     n: int
     params: SamplingParams
     pacore_rounds: tuple[int, ...] | None = None
+    vote_k: int | None = None  # majority@K: K samples per choice, voted
     future: Future = field(default_factory=Future)
 
     @property
     def key(self) -> tuple[Any, ...]:
         if self.pacore_rounds is not None or self.params.seed is not None:
             return ("alone", id(self))
+        if self.vote_k is not None:
+            return ("vote", self.n, self.vote_k, self.params)
         return ("batch", self.n, self.params)
 
     @property
     def sequences(self) -> int:
         if self.pacore_rounds is not None:
             return self.n * sum(self.pacore_rounds)
-        return self.n
+        return self.n * (self.vote_k or 1)
 
 
 class Batcher:
@@ -109,11 +114,12 @@ class Batcher:
                 return None
             first = self._queue.popleft()
             was_alone = not self._queue
-        if first.key[0] == "batch" and was_alone and self.batch_wait_s:
+        shares = first.key[0] in ("batch", "vote")
+        if shares and was_alone and self.batch_wait_s:
             # an idle server: give clients that started at the same moment a chance to join
             time.sleep(self.batch_wait_s)
         batch, total = [first], first.sequences
-        if first.key[0] == "batch":
+        if shares:
             with self._cv:
                 keep: deque[Job] = deque()
                 while self._queue:
@@ -147,6 +153,13 @@ class Batcher:
         try:
             if first.pacore_rounds is not None:
                 return [(True, self._pacore(first))]
+            if first.vote_k is not None:  # every job's n choices, K samples each, in one call
+                from step3vl.api import vote
+
+                k = first.vote_k
+                groups = self.engine.generate([j.prompt for j in batch for _ in range(j.n)], k, first.params)
+                votes = [vote(g) for g in groups]
+                return [(True, votes[i * first.n:(i + 1) * first.n]) for i in range(len(batch))]
             out = self.engine.generate([j.prompt for j in batch], first.n, first.params)
             return [(True, r) for r in out]
         except Exception as e:  # one bad job must not fail the others batched with it

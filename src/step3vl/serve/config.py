@@ -18,7 +18,7 @@ class ServeConfig:
     max_messages: int = 64  # messages per request (400)
     max_tokens: int = 1024  # ceiling on max_tokens (400 above it); also the default when a request gives none
     max_n: int = 8  # choices per request (400)
-    max_pacore_samples: int = 64  # sum of PaCoRe rounds x n (400)
+    max_pacore_samples: int = 64  # samples per request: sum of PaCoRe rounds x n, or K x n for majority@K (400)
     max_pending: int = 256  # requests queued or running; one more is refused with 429
     max_batch_sequences: int = 64  # sequences (prompts x n) decoded together in one engine call
     batch_wait_s: float = 0.005  # how long the worker waits for more compatible requests before it runs

@@ -3,7 +3,8 @@ models: they validate requests and generate the server's OpenAPI spec.
 
 Unknown request fields are refused (``extra="forbid"``), as OpenAI does ("Unrecognized request
 argument"), so a parameter this server does not implement is an error, never silently ignored.
-``pacore`` is this server's one extension: Parallel Coordinated Reasoning rounds.
+Its extensions: ``mode`` (``sere``, ``majority@K`` or ``pacore``: how each choice is answered) and ``pacore``
+(Parallel Coordinated Reasoning rounds).
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     user: str | None = None
+    mode: str | None = Field(
+        None, pattern=r"^(sere|majority@[1-9][0-9]{0,2}|pacore)$",
+        description="Extension: how each choice is answered. sere (the default): one sample; majority@K: K samples, "
+                    "the first whose conclusion (text after the last </think>) is the most common is returned; "
+                    "pacore: parallel rounds then one synthesis (rounds from `pacore`, default [16])")
     pacore: PaCoReOptions | None = Field(
         None, description="Extension: run PaCoRe (parallel rounds, then synthesis) instead of one sample")
 
@@ -100,6 +106,12 @@ class PaCoReInfo(BaseModel):
     round_tokens: list[list[int]] = Field(description="per choice: tokens generated in each round")
 
 
+class MajorityInfo(BaseModel):
+    k: int
+    votes: list[int] = Field(description="per choice: how many of its K samples share its conclusion")
+    sample_tokens: list[int] = Field(description="per choice: tokens generated over all K samples")
+
+
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -108,6 +120,7 @@ class ChatCompletion(BaseModel):
     choices: list[Choice]
     usage: Usage
     pacore: PaCoReInfo | None = None
+    majority: MajorityInfo | None = None
 
 
 class ModelCard(BaseModel):
