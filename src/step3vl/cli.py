@@ -500,7 +500,6 @@ def register_cmd(
     """Register a checkpoint as a new model version with its lineage and eval metrics; alias `candidate`."""
     from step3vl import registry
     from step3vl.config import config_hash
-
     from step3vl.stages.data import read_data_manifest
     from step3vl.stages.release import data_location
 

@@ -675,9 +675,9 @@ def version_gate(info: Mapping[str, Any], alias: str = CHAMPION) -> dict[str, An
 
 
 __all__ = [
-    "CANDIDATE", "CHAMPION", "DATA_URI_TAG", "GateDecision", "LockTimeout", "PromotionConflict",
-    "PromotionResult", "RegistryError", "RegistryLock", "alias_stack", "client", "data_hashes", "describe",
-    "events", "family_accuracies", "gate", "git_commit", "list_models", "manifest_digest", "metric_tags",
-    "metrics_from_tags", "model_version", "promote", "RegisteredData", "register_checkpoint", "register_final",
-    "registered_data", "resolve_model_uri", "rollback", "version_gate",
+    "CANDIDATE", "CHAMPION", "DATA_URI_TAG", "GateDecision", "LockTimeout", "PromotionConflict", "PromotionResult",
+    "RegisteredData", "RegistryError", "RegistryLock", "alias_stack", "client", "data_hashes", "describe", "events",
+    "family_accuracies", "gate", "git_commit", "list_models", "manifest_digest", "metric_tags", "metrics_from_tags",
+    "model_version", "promote", "register_checkpoint", "register_final", "registered_data", "resolve_model_uri",
+    "rollback", "version_gate",
 ]

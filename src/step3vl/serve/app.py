@@ -330,7 +330,7 @@ def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI
             raise APIError(400, f"cannot generate for this request: {e}") from None
         extended = job.pacore_rounds is not None or job.vote_k is not None  # PaCoReResult or Vote per choice
         completions = [r.completion for r in result] if extended else list(result)
-        body = _completion_body(req, job, completions, result if extended else None)
+        body = _completion_body(job, completions, result if extended else None)
         if not req.stream:
             return JSONResponse(body)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -391,7 +391,7 @@ def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI
             raise APIError(400, f"cannot encode the prompt: {e}", param="messages") from None
         return prompt, len(ids)
 
-    def _completion_body(req: schema.ChatCompletionRequest, job: Job, completions: list[Completion],
+    def _completion_body(job: Job, completions: list[Completion],
                          extended: list[Any] | None) -> dict[str, Any]:
         prompt_tokens = completions[0].prompt_tokens if completions else 0
         completion_tokens = sum(len(c.token_ids) for c in completions)

@@ -269,13 +269,11 @@ def run(cfg: PipelineConfig, data_dir: str | Path, init_uri: str, out_uri: str, 
     ``stop_after=(step, "messages"|"sft"|"rl")`` ends early (tests)."""
     from step3vl.stages.data import local_copy
     from step3vl.stages.rl import require_single_process
-    from step3vl.storage import is_s3_uri
+    from step3vl.storage import is_s3_uri, join_uri
 
     require_single_process("pacore")
     sets = _set_hashes(data_dir) if message_cache else None
     data = local_copy(data_dir, data_sets(cfg))
-    from step3vl.storage import join_uri
-
     root = ckpt_uri or out_uri
     msgs = messages_uri or join_uri(out_uri, "messages")
     if is_s3_uri(root):
@@ -374,21 +372,21 @@ def _run(cfg: PipelineConfig, data_dir: Path, message_cache: str | None, sets: d
         ckpt_config = checkpoint_config(lm.cfg, lm.tokenizer, stage="pacore")
         # 1. message sets from the current policy (+ the warm-up set: synthesis and plain problems)
         warm_dir = work / f"step-{k}" / "warmup"
-        try:
+        stats, reused, cache = None, 0.0, None
+        try:  # this run's own, from before a restart
             verify_dir(msg_dir)
             verify_dir(warm_dir)
             with open(msg_dir / "stats.json") as f:
                 stats = json.load(f)
-            reused = 0.0
         except (StorageError, FileNotFoundError):
             for d in (msg_dir, warm_dir):
                 if d.exists():
                     shutil.rmtree(d)
-            cache = join_uri(message_cache, messages_key(cfg, k, current, sets)[:32]) \
-                if message_cache and sets is not None else None
-            stats, reused = (_from_cache(cache, msg_dir, warm_dir) if cache else None), 1.0
+            if message_cache and sets is not None:  # another run's, made from the same policy and settings
+                cache = join_uri(message_cache, messages_key(cfg, k, current, sets)[:32])
+                stats = _from_cache(cache, msg_dir, warm_dir)
+                reused = float(stats is not None)
         if stats is None:
-            reused = 0.0
             engine = TorchEngine(lm.model, lm.tokenizer, lm.processor)
             chosen = _take(problems, st.prompts, cfg.seed, k)
             recs, stats = synthesis_records(engine, chosen, src_dir, st.width, pc, cfg.seed, k, progress)
@@ -468,12 +466,12 @@ def _run(cfg: PipelineConfig, data_dir: Path, message_cache: str | None, sets: d
     if not is_s3_uri(msgs_uri):
         dest = Path(msgs_uri.removeprefix("file://"))
         for k, d in enumerate(msg_dirs, 1):
-            final, tmp = dest / f"step-{k}", dest / f".step-{k}.tmp"
-            if d.resolve() != final.resolve():  # copied whole under another name, then renamed into place
+            step_dest, tmp = dest / f"step-{k}", dest / f".step-{k}.tmp"
+            if d.resolve() != step_dest.resolve():  # copied whole under another name, then renamed into place
                 shutil.rmtree(tmp, ignore_errors=True)
                 shutil.copytree(d, tmp)
-                shutil.rmtree(final, ignore_errors=True)
-                tmp.rename(final)
+                shutil.rmtree(step_dest, ignore_errors=True)
+                tmp.rename(step_dest)
     else:
         from step3vl.storage import publish_dir
 
