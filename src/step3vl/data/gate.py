@@ -41,6 +41,7 @@ import multiprocessing
 import os
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -734,9 +735,7 @@ def _unique_ids(parts: list[PartGate], check: _Check, max_examples: int, chunk: 
         named = frame[frame["id"].notna()]
         hit = named[np.isin(_digests(named["id"]), repeated)]
         rows += [(k, i, r["id"], r["shard"], r["line_no"]) for i, r in zip(hit.index, hit.to_dict("records"))]
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row[2]] = counts.get(row[2], 0) + 1
+    counts = Counter(row[2] for row in rows)
     failing = sorted(r for r in rows if counts[r[2]] > 1)  # digests shared by distinct ids are not repeats
     examples = failing[:max_examples]
     return CheckResult(check.name, not failing, len(failing), [r[2] for r in examples], check.description,

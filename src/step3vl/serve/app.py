@@ -38,7 +38,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from step3vl.api import DEFAULT_ROUNDS
+from step3vl.api import DEFAULT_ROUNDS, parse_mode
 from step3vl.rl.rollout import Completion, Prompt, SamplingParams
 from step3vl.serve import schema
 from step3vl.serve.batcher import Batcher, Job, QueueFull
@@ -356,8 +356,9 @@ def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI
         mode = req.mode or ("pacore" if req.pacore is not None else "sere")
         if req.pacore is not None and mode != "pacore":
             raise APIError(400, f"pacore options go with mode pacore, not {mode}", param="pacore")
-        if mode.startswith("majority@"):
-            vote_k = int(mode.split("@", 1)[1])
+        kind, k = parse_mode(mode)  # the schema's pattern admitted it
+        if kind == "majority":
+            vote_k = k
             if vote_k * req.n > cfg.max_pacore_samples:
                 raise APIError(400, f"{mode}: K x n = {vote_k * req.n} exceeds the limit of "
                                     f"{cfg.max_pacore_samples} samples", param="mode")
@@ -402,9 +403,9 @@ def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI
                      for i, c in enumerate(completions)],
             usage=schema.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                total_tokens=prompt_tokens + completion_tokens),
-            pacore=None if job.pacore_rounds is None or extended is None else schema.PaCoReInfo(
+            pacore=None if job.pacore_rounds is None else schema.PaCoReInfo(
                 rounds=list(job.pacore_rounds), round_tokens=[list(r.round_tokens) for r in extended]),
-            majority=None if job.vote_k is None or extended is None else schema.MajorityInfo(
+            majority=None if job.vote_k is None else schema.MajorityInfo(
                 k=job.vote_k, votes=[v.votes for v in extended], sample_tokens=[v.sample_tokens for v in extended]),
         ).model_dump(exclude_none=True)
         for choice in body["choices"]:

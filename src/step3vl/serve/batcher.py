@@ -20,6 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from step3vl.api import vote
 from step3vl.rl.rollout import Prompt, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -154,10 +155,8 @@ class Batcher:
             if first.pacore_rounds is not None:
                 return [(True, self._pacore(first))]
             if first.vote_k is not None:  # every job's n choices, K samples each, in one call
-                from step3vl.api import vote
-
-                k = first.vote_k
-                groups = self.engine.generate([j.prompt for j in batch for _ in range(j.n)], k, first.params)
+                groups = self.engine.generate([j.prompt for j in batch for _ in range(j.n)], first.vote_k,
+                                              first.params)
                 votes = [vote(g) for g in groups]
                 return [(True, votes[i * first.n:(i + 1) * first.n]) for i in range(len(batch))]
             out = self.engine.generate([j.prompt for j in batch], first.n, first.params)

@@ -174,16 +174,15 @@ def _publish_dataset(dest: Path, records: list[dict[str, Any]], shard_size: int,
 
 def _from_cache(cache: str, msg_dir: Path, warm_dir: Path) -> dict[str, float] | None:
     """A step's message sets and warm-up set copied from the cache, verified, and their statistics; None on a miss
-    (nothing there, or a part of it that does not verify)."""
-    from step3vl.storage import StorageError, fetch_dir, join_uri
+    (nothing there, or a part of it that does not verify). Each file is read once: the copy verifies it."""
+    from step3vl.storage import NotPublishedError, StorageError, fetch_dir, join_uri
 
-    if not (_published(join_uri(cache, "messages")) and _published(join_uri(cache, "warmup"))):
-        return None
     try:
         fetch_dir(join_uri(cache, "warmup"), warm_dir, overwrite=True)
-        fetch_dir(join_uri(cache, "messages"), msg_dir, overwrite=True)
+        fetch_dir(join_uri(cache, "messages"), msg_dir, overwrite=True)  # stored last: the entry is whole
     except StorageError as e:
-        log.warning("pacore: cached message sets at %s unusable (%s); generating them", cache, e)
+        if not isinstance(e, NotPublishedError):
+            log.warning("pacore: cached message sets at %s unusable (%s); generating them", cache, e)
         for d in (msg_dir, warm_dir):
             shutil.rmtree(d, ignore_errors=True)
         return None
