@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -497,3 +498,30 @@ def test_the_rl_stages_name_data_sets_their_config_prepares(pipeline):
     for stage, sets in named.items():
         assert sets and set(sets) <= set(cfg.data.sets), (stage, sets)
     assert set(named["rlhf"]) == {"preference", cfg.rlhf.data, "eval"}
+
+
+@pytest.mark.parametrize("world, code", [("2", 0), ("2", 3), ("1", 0), (None, 0)])
+def test_a_finished_rank_leaves_with_its_output_flushed(world, code):
+    """A torchrun rank leaves without interpreter finalisation (leave_rank), its buffered stdout and logging still
+    delivered and its exit code kept; a process that is not a rank goes on (its finalisation runs as usual)."""
+    import subprocess
+    import sys
+
+    prog = ("import logging, sys\n"
+            "from step3vl.pipeline import trainjob\n"
+            "logging.basicConfig(stream=sys.stderr, level=logging.INFO)\n"
+            "print('stage: done')\n"  # stdout is a pipe here: block-buffered until flushed
+            "logging.getLogger('step3vl').info('logged before leaving')\n"
+            "import atexit; atexit.register(lambda: print('finalised', flush=True))\n"
+            f"trainjob.leave_rank({code})\n"
+            "print('went on')\n")
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    if world is not None:
+        env["WORLD_SIZE"] = world
+    p = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == code, p.stderr
+    assert "logged before leaving" in p.stderr
+    if world == "2":
+        assert p.stdout == "stage: done\n"  # flushed, and nothing after: no atexit, no finalisation
+    else:
+        assert p.stdout == "stage: done\nwent on\nfinalised\n"

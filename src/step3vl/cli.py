@@ -281,6 +281,7 @@ def stage_exec_cmd(stage: Annotated[str, typer.Argument(help="The stage the call
     spec = json.loads(os.environ[trainjob.CALL_ENV])
     res = trainjob.exec_call(spec)
     console.print(f"{stage}: {res['model_uri']} after {res['step']} steps", highlight=False)
+    trainjob.leave_rank()  # a torchrun rank leaves without finalisation (see leave_rank)
 
 
 def _eval_data(cfg, model: str) -> str | Path:

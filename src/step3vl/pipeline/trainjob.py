@@ -319,6 +319,24 @@ def end_process_group() -> None:
         dist.destroy_process_group()
 
 
+def leave_rank(code: int = 0) -> None:
+    """End a torchrun rank whose stage is done: its process group ended, its output flushed, then out without the
+    interpreter's finalisation. DeepSpeed keeps its own handles on the gloo/NCCL groups past ``destroy_process_group``;
+    freed during finalisation they can still abort the rank ("terminate called without an active exception", exit -6),
+    and torchrun then fails a finished job (seen in CI once after the group was ended explicitly). A process that is
+    not a torchrun rank (``WORLD_SIZE`` unset or 1) just returns."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import sys
+
+    end_process_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def _write(uri: str, text: str) -> None:
     from step3vl.storage import open_store
 
