@@ -28,15 +28,25 @@ def single(micro_data, tmp_path_factory) -> str:
     return _single(micro_data, tmp_path_factory.mktemp("single"))
 
 
-def _single(micro_data, out: Path, ok: bool = True, **env: str) -> str:
-    p = subprocess.run([sys.executable, str(WORKER), str(micro_data.out_dir), str(out)],
-                       capture_output=True, text=True, env=_env(**env), timeout=600)
-    if not ok:
-        assert p.returncode != 0
-        return p.stderr
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "BACKEND=torch" in p.stdout
-    return p.stdout
+def _single(micro_data, out: Path, ok: bool = True, overrides: str = "[]", stop: int | None = None) -> str:
+    """The single-process run, in this process (plain torch, one thread as each torchrun rank has): its report, or
+    the error's message when ``ok`` is False."""
+    import torch
+
+    import ds_worker
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if not ok:
+            with pytest.raises(ValueError) as e:  # what the training loop raises on a checkpoint it refuses
+                ds_worker.run(str(micro_data.out_dir), str(out), overrides=json.loads(overrides), stop=stop)
+            return str(e.value)
+        out_text = ds_worker.run(str(micro_data.out_dir), str(out), overrides=json.loads(overrides), stop=stop)
+    finally:
+        torch.set_num_threads(threads)
+    assert "BACKEND=torch" in out_text
+    return out_text
 
 
 def _distributed(micro_data, out: Path, zero_stage: int, port: int, ok: bool = True, nproc: int = 2,
@@ -166,10 +176,10 @@ def test_checkpoints_resume_on_another_number_of_processes(micro_data, single, t
     process that was never stopped, moments included (fresh moments would leave the weights 1e-3 away)."""
     every = json.dumps(["pretrain.checkpoint_every=2"])
     _distributed(micro_data, tmp_path / "to_single", 2, 29533, DS_OVERRIDES=every, DS_STOP_AFTER="2")
-    to_single = _single(micro_data, tmp_path / "to_single", DS_OVERRIDES=every)
+    to_single = _single(micro_data, tmp_path / "to_single", overrides=every)
     by3 = json.dumps(["pretrain.checkpoint_every=2", "pretrain.batch_size=6"])  # 3 ranks x micro-batch 2
-    single6 = _single(micro_data, tmp_path / "single6", DS_OVERRIDES=by3)
-    _single(micro_data, tmp_path / "to_zero3", DS_OVERRIDES=by3, DS_STOP_AFTER="2")
+    single6 = _single(micro_data, tmp_path / "single6", overrides=by3)
+    _single(micro_data, tmp_path / "to_zero3", overrides=by3, stop=2)
     to_zero3 = _distributed(micro_data, tmp_path / "to_zero3", 3, 29531, nproc=3, DS_OVERRIDES=by3)
     for run, ref in ((to_single, single), (to_zero3, single6)):
         assert "STEP=4 RESUMED_FROM=2" in run
@@ -184,15 +194,15 @@ def test_checkpoint_without_optimizer_state_resumes_with_fresh_moments_only_when
     from step3vl.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 
     every = json.dumps(["pretrain.checkpoint_every=2"])
-    _single(micro_data, tmp_path, DS_OVERRIDES=every, DS_STOP_AFTER="2")
+    _single(micro_data, tmp_path, overrides=every, stop=2)
     uri = latest_valid_checkpoint(tmp_path / "checkpoints")
     ck = load_checkpoint(uri)
     save_checkpoint(uri, model_state=ck.model_state, config=ck.config, tokenizer_dir=ck.tokenizer_dir,
                     train_state={**ck.train_state, "optimizer": None}, overwrite=True)
-    err = _single(micro_data, tmp_path, ok=False, DS_OVERRIDES=every)
+    err = _single(micro_data, tmp_path, ok=False, overrides=every)
     assert "holds no optimizer state" in err and "resume_fresh_optimizer: true" in err
     again = _single(micro_data, tmp_path,
-                    DS_OVERRIDES=json.dumps(["pretrain.checkpoint_every=2", "pretrain.resume_fresh_optimizer=true"]))
+                    overrides=json.dumps(["pretrain.checkpoint_every=2", "pretrain.resume_fresh_optimizer=true"]))
     assert "STEP=4 RESUMED_FROM=2" in again
     losses = json.loads(_line(again, "LOSSES"))
     assert len(losses) == 4 and losses[-1] < losses[0]

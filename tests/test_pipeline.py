@@ -522,16 +522,19 @@ def test_run_killed_resumes_then_reruns_all_cached_then_from_stage(tmp_path, mon
     assert all(second["stages"][s]["outputs"] == st[s]["outputs"] for s in st)
     assert len(client.search_model_versions("name = 'step3vl-micro'")) == 1
 
-    # 4. start at rlvr from the first run: data prep, pretrain and SFT imported, rlvr onward re-executed
+    # 4. start at pacore from the first run: data prep through RLHF imported, pacore onward re-executed
     t0 = time.perf_counter()
-    p = _run(tmp_path, "--from-stage", "rlvr", "--resume-from", "first", "--no-cache", "--json")
+    p = _run(tmp_path, "--from-stage", "pacore", "--resume-from", "first", "--no-cache", "--json")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    print(f"--from-stage rlvr micro run: {time.perf_counter() - t0:.1f}s")
+    print(f"--from-stage pacore micro run: {time.perf_counter() - t0:.1f}s")
     third = json.loads(p.stdout)["stages"]
-    assert [third[s]["status"] for s in ALL_STAGES] == ["reused"] * 3 + ["done"] * 6
+    assert [third[s]["status"] for s in ALL_STAGES] == ["reused"] * 5 + ["done"] * 4
     assert third["sft"]["outputs"]["model"]["uri"] == model["uri"]
-    # rlvr started from the first run's SFT model: it resumed nothing and its checkpoints sit at the same place
-    assert third["rlvr"]["metrics"]["resumed_from_iteration"] == 2  # the first run's finished rlvr checkpoints
+    assert third["rlhf"]["outputs"]["model"]["uri"] == st["rlhf"]["outputs"]["model"]["uri"]
+    # pacore ran again on the same inputs and settings: its checkpoint root is the first run's, whose finished
+    # model it publishes again (the same digest) instead of training anew
+    again, before = third["pacore"]["outputs"]["model"], st["pacore"]["outputs"]["model"]
+    assert again["metadata"]["digest"] == before["metadata"]["digest"]
     assert len(client.search_model_versions("name = 'step3vl-micro'")) == 2
 
 

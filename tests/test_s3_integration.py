@@ -15,6 +15,7 @@ import pytest
 import torch
 from servers.radosgw import RadosGW, S3Server
 from servers_fixtures import S3_TEST_BUCKET
+from shrink import SHRINK_ALL_BUT_PACORE, SHRINK_STEPS
 
 from step3vl import storage
 from step3vl.checkpoint import (
@@ -213,6 +214,15 @@ def test_corrupt_object_is_refused_and_skipped(prefix: str, tmp_path: Path) -> N
     assert latest_valid_checkpoint(ckpts, deep=False) == uri, "a shallow check only sees presence"
     with pytest.raises(IntegrityError, match=r"model\.safetensors sha256 differs"):
         load_checkpoint(uri, tmp_path / "dl")
+    # objects are read several at once: every altered one is still named, with the missing and the unexpected
+    others = sorted(k for k in store.list() if k not in (MANIFEST_NAME, "model.safetensors"))
+    store.write_bytes(others[0], store.read_bytes(others[0]) + b"x")
+    store.delete_prefix(others[1])
+    store.write_bytes("stray.bin", b"?")
+    with pytest.raises(IntegrityError) as e:
+        verify_published(uri)
+    assert sorted(e.value.files) == sorted(["model.safetensors", others[0], others[1], "stray.bin"])
+    assert f"{others[0]} has " in str(e.value) and f"{others[1]} is missing" in str(e.value)
 
 
 def test_resuming_ranks_share_one_verified_copy_of_the_newest_checkpoint(prefix: str, tmp_path: Path,
@@ -315,6 +325,7 @@ def test_trainjob_chain_on_s3_from_data_to_pacore(prefix: str, micro_cfg: Any, m
     import json
     from dataclasses import replace
 
+    from step3vl import config
     from step3vl.config import dump_yaml
     from step3vl.model.loading import load_model
     from step3vl.pipeline import trainjob
@@ -322,8 +333,9 @@ def test_trainjob_chain_on_s3_from_data_to_pacore(prefix: str, micro_cfg: Any, m
     data = Path(micro_data.out_dir)
     assert (data / MANIFEST_NAME).is_file()  # data prep seals its output last
     upload_like_kfp(data, f"{prefix}/data")
-    pc = replace(micro_cfg.pacore, curriculum=micro_cfg.pacore.curriculum[:1], scaling_per_family=2, scaling_ks=(1, 2))
-    cfg = replace(micro_cfg, pacore=pc)
+    cfg = config.load(config.PipelineConfig, Path(__file__).parent / "conf" / "micro.yaml", SHRINK_STEPS)
+    pc = replace(cfg.pacore, curriculum=cfg.pacore.curriculum[:1], scaling_per_family=2, scaling_ks=(1, 2))
+    cfg = replace(cfg, pacore=pc)
     config_yaml = dump_yaml(cfg)
     monkeypatch.setenv(storage.NODE_CACHE_ENV, str(tmp_path / "node"))
     fetched = count_store_calls(monkeypatch, f"{prefix}/data")
@@ -470,8 +482,10 @@ def test_pipeline_with_storage_on_s3_passes_data_and_models_as_pointers(prefix: 
     micro = Path(__file__).parent / "conf" / "micro.yaml"
     root = f"{prefix}/root"
     env = {**os.environ, "STEP3VL_HOME": str(tmp_path / ".step3vl")}
-    p = subprocess.run([exe, "run", "--config", str(micro), "--set", f"storage.root={root}", "--json"], cwd=tmp_path,
-                       env=env, capture_output=True, text=True, timeout=900)
+    # the data and the stages cut down (what flows between them is the point), PaCoRe's two curriculum steps kept
+    shrink = [a for s in SHRINK_ALL_BUT_PACORE for a in ("--set", s)]
+    p = subprocess.run([exe, "run", "--config", str(micro), "--set", f"storage.root={root}", *shrink, "--json"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     st = json.loads(p.stdout)["stages"]
     assert {s: v["status"] for s, v in st.items()} == dict.fromkeys(st, "done") and len(st) == 9

@@ -621,21 +621,31 @@ def _check_against(
     manifest: dict[str, Any],
     present: set[str],
     content: Callable[[str, int], tuple[int, str | None]] | None,
+    threads: int = 1,
 ) -> None:
     """Raise one IntegrityError naming every extra, missing, resized or altered file.
 
     ``content(rel, expected_size)`` returns ``(size, sha256)``, the digest None when the size
-    already differs; None skips content checks (presence only).
+    already differs; None skips content checks (presence only). ``threads`` > 1 calls it on that
+    many files at once (objects on S3: each read is a round trip).
     """
     expected = manifest["files"]
     problems = [
         (rel, f"{rel} is not in {MANIFEST_NAME} (unexpected file)") for rel in sorted(present - expected.keys())
     ]
+    checked: dict[str, tuple[int, str | None]] = {}
+    if content is not None:
+        todo = [rel for rel in expected if rel in present]
+        if threads > 1 and len(todo) > 1:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                checked = dict(zip(todo, pool.map(lambda rel: content(rel, expected[rel]["size"]), todo)))
+        else:
+            checked = {rel: content(rel, expected[rel]["size"]) for rel in todo}
     for rel, entry in expected.items():
         if rel not in present:
             problems.append((rel, f"{rel} is missing"))
         elif content is not None:
-            size, digest = content(rel, entry["size"])
+            size, digest = checked[rel]
             if size != entry["size"]:
                 problems.append((rel, f"{rel} has {size} bytes, manifest says {entry['size']} (truncated or altered)"))
             elif digest != entry["sha256"]:
@@ -682,7 +692,8 @@ def verify_published(uri: str | os.PathLike[str], *, deep: bool = True) -> dict[
             size += len(chunk)
         return size, h.hexdigest()
 
-    _check_against(store.uri, manifest, set(store.list()) - {MANIFEST_NAME}, content if deep else None)
+    _check_against(store.uri, manifest, set(store.list()) - {MANIFEST_NAME}, content if deep else None,
+                   threads=FETCH_THREADS)
     return manifest
 
 

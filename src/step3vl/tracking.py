@@ -235,11 +235,11 @@ class MetricSink:
     Training never waits on the tracking server: :meth:`log_metrics` appends to a write-ahead journal
     (``<home>/tracking-journal/<run_id>.jsonl``) and returns. The worker sends in batches and appends an
     ``ack`` line after each. If the server goes away, training goes on; the worker warns once, probes
-    the server's ``/health`` with backoff, and sends the backlog when it answers. :meth:`close` waits
-    (``flush_timeout_s``) for the backlog; if the server is still gone it raises :class:`TrackingLost`
-    naming the server and the journal. The journal outlives the process (a SIGKILL included): it is
-    flock-ed while its writer lives, and :func:`replay_journals` sends what was never acknowledged and
-    marks a run still RUNNING as FAILED.
+    the server's ``/health`` with backoff (at most :attr:`PROBE_MAX_S` apart), and sends the backlog when
+    it answers. :meth:`close` waits (``flush_timeout_s``) for the backlog; if the server is still gone it
+    raises :class:`TrackingLost` naming the server and the journal. The journal outlives the process (a
+    SIGKILL included): it is flock-ed while its writer lives, and :func:`replay_journals` sends what was
+    never acknowledged and marks a run still RUNNING as FAILED.
 
     A store that answers with an error no retry can fix (:data:`REFUSED_CODES`: the run deleted mid-stage, a
     rejected value) is not a lost server: those records are set aside at once, the rest still go, and
@@ -248,6 +248,9 @@ class MetricSink:
     """
 
     BATCH = 1000  # MLflow's per-request limit on metrics
+    # a lost server's /health is probed 1, 2, 4 then every 5 s: one cheap GET, and the backlog goes out within
+    # ~5 s of the server answering again (at a 15 s cap a restarted server waited up to 15 s for its points)
+    PROBE_MAX_S = 5.0
 
     def __init__(self, run_id: str, uri: str, stage: str, journal: Path | None = None) -> None:
         import fcntl
@@ -329,7 +332,7 @@ class MetricSink:
                         batch.append(it)
             if self.lost_since is not None and not _reachable(self.uri):
                 time.sleep(delay)
-                delay = min(delay * 2, 15.0)
+                delay = min(delay * 2, self.PROBE_MAX_S)
                 continue
             try:
                 _send(self._client, self.run_id, batch)
@@ -347,7 +350,7 @@ class MetricSink:
                                    "metrics are journaled in %s and sent when it answers again",
                                    display_uri(self.uri), self.stage, self.last_error, self.path)
                 time.sleep(delay)
-                delay = min(delay * 2, 15.0)
+                delay = min(delay * 2, self.PROBE_MAX_S)
                 continue
             delay = 1.0
             if not self._done(batch):

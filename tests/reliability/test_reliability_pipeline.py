@@ -17,23 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from shrink import SHRINK
 
 ROOT = Path(__file__).resolve().parents[2]
 MICRO = ROOT / "tests" / "conf" / "micro.yaml"
-SHRINK = [
-    "data.sets.pretrain_broad.families={caption: {n: 10}, text: {n: 10}, text_math: {n: 10}, mm_math: {n: 10}, "
-    "perception_count: {n: 10}}",
-    "data.sets.pretrain_hq.families={text_math: {n: 10}, ocr: {n: 10}}",
-    "data.sets.sft_stage1.families={text_math: {n: 20}, chat: {n: 10}, mm_math: {n: 10}}",
-    "data.sets.sft_stage2.families={text_math: {n: 10}, mm_math: {n: 10}}",
-    "data.sets.rl.families={text_math: {n: 8}, mm_math: {n: 8}}",
-    "data.sets.preference.families={preference: {n: 10}}",
-    "data.sets.eval.families={text_math: {n: 2}, mm_math: {n: 2}, perception_count: {n: 2}, chat: {n: 2}}",
-    "pretrain.phases=[{data: pretrain_broad, steps: 2, lr_start: 1.0e-3, lr_end: 1.0e-3}]",
-    "sft.phases=[{data: sft_stage1, steps: 2, lr_start: 1.0e-3, lr_end: 1.0e-3}]",
-    "rlvr.iterations=1", "rlhf.iterations=1", "rlhf.genrm_steps=1", "rlhf.genrm_heldout_pairs=2",
-    "pacore.curriculum=[{prompts: 2, width: 2, sft_steps: 0, rl_iterations: 1}]", "eval.per_family=1",
-]
 
 
 def _planted() -> dict[str, str]:
