@@ -1,5 +1,7 @@
 """PaCoRe inference (compaction, shuffling, controller template, rounds) and the PaCoRe training stage."""
 
+from pathlib import Path
+
 import pytest
 
 from step3vl.pacore.inference import (
@@ -13,6 +15,8 @@ from step3vl.pacore.inference import (
     validate_rounds,
 )
 from step3vl.rl.rollout import Completion, Prompt, SamplingParams
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_compaction_keeps_only_the_conclusion():
@@ -322,3 +326,60 @@ def test_message_sets_are_reused_across_runs_that_change_only_their_training(mic
     assert tampered["step1/messages_reused"] == 0.0 and msgs3 == msgs
     assert read_manifest(cache / key / "messages")["files"] == msgs
     assert run("after", trained_otherwise)[0]["step1/messages_reused"] == 1.0
+
+
+def _cache_entry(cache, key: str, *, whole: bool = True, age_days: float = 0.0) -> None:
+    """A message-cache entry as pacore stores it (warm-up set, then the message sets), last written ``age_days``
+    ago."""
+    import os
+    import time
+
+    from step3vl.storage import publish_dir
+
+    parts = ("warmup", "messages") if whole else ("warmup",)
+    for name in parts:
+        src = Path(cache).parent / f"src-{key}-{name}"
+        src.mkdir(parents=True)
+        (src / "part-0000.jsonl").write_text('{"id": "a"}\n' * 10)
+        publish_dir(src, f"{cache}/{key}/{name}")
+    stamp = time.time() - age_days * 86400
+    for f in Path(cache, key).rglob("*"):
+        os.utime(f, (stamp, stamp))
+
+
+def test_message_cache_prune_removes_entries_older_than_asked(tmp_path):
+    """``step3vl cache prune`` lists the cache's entries and removes those last written before --older-than days,
+    a half-stored one included; --dry-run removes nothing; an entry written since stays."""
+    import subprocess
+    import sys
+
+    from step3vl.errors import Step3VLError
+    from step3vl.stages import pacore
+
+    cache = tmp_path / "root" / pacore.MESSAGE_CACHE
+    _cache_entry(cache, "a" * 32, age_days=40)
+    _cache_entry(cache, "b" * 32, whole=False, age_days=10)  # its message sets never stored (the writer died)
+    _cache_entry(cache, "c" * 32, age_days=1)
+    entries = pacore.cache_entries(str(cache))
+    assert [(e.key[0], e.whole, e.files) for e in entries] == [("a", True, 4), ("b", False, 2), ("c", True, 4)]
+    assert entries[0].size == entries[2].size == 2 * entries[1].size > 0
+
+    assert [e.key[0] for e in pacore.prune_cache(str(cache), 5 * 86400, dry_run=True)] == ["a", "b"]
+    assert len(pacore.cache_entries(str(cache))) == 3  # a dry run removes nothing
+
+    cmd = [sys.executable, "-m", "step3vl.cli", "cache", "prune", "--older-than", "5"]
+    p = subprocess.run([*cmd, "--config", str(ROOT / "tests" / "conf" / "micro.yaml"), "--set",
+                        f"storage.root={tmp_path / 'root'}", "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "would remove 2 of 3 entries" in p.stdout and p.stdout.count("would remove") == 3
+    p = subprocess.run([*cmd, "--cache", str(cache)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "removed 2 of 3 entries" in p.stdout
+    assert [e.key[0] for e in pacore.cache_entries(str(cache))] == ["c"]
+    assert sorted(p.name for p in cache.iterdir()) == ["c" * 32]  # no empty folders left behind
+
+    p = subprocess.run([*cmd], capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "--config" in p.stderr + p.stdout and "Traceback" not in p.stderr
+    assert pacore.prune_cache(str(tmp_path / "none"), 0) == []  # no cache yet: nothing to remove
+    with pytest.raises(Step3VLError, match="older_than_s must be >= 0"):
+        pacore.prune_cache(str(cache), -1)

@@ -199,6 +199,32 @@ def test_interrupted_publish_is_invisible_and_recoverable(
     assert latest_valid_checkpoint(ckpts) == uri
 
 
+def test_message_cache_on_s3_is_listed_and_pruned_by_age(prefix: str, tmp_path: Path) -> None:
+    """On S3 an entry's age comes from its objects' LastModified (one listing, sizes included): prune removes the
+    entries older than asked, whole and half-stored ones, and leaves the rest."""
+    from step3vl.stages import pacore
+
+    cache = f"{prefix}/root/{pacore.MESSAGE_CACHE}"
+    for key, names in (("k1", ("warmup", "messages")), ("k2", ("warmup",))):
+        src = tmp_path / key
+        src.mkdir()
+        (src / "part-0000.jsonl").write_text('{"id": "a"}\n' * 10)
+        for name in names:
+            publish_dir(src, f"{cache}/{key}/{name}")
+    infos = open_store(cache).list_info()
+    assert [i.key for i in infos] == sorted(open_store(cache).list())
+    assert all(i.size > 0 and abs(i.modified - time.time()) < 300 for i in infos)
+    entries = pacore.cache_entries(cache)
+    assert [(e.key, e.whole, e.files) for e in sorted(entries, key=lambda e: e.key)] == [("k1", True, 4),
+                                                                                      ("k2", False, 2)]
+    assert pacore.prune_cache(cache, 3600) == []  # written just now
+    later = time.time() + 2 * 3600
+    assert {e.key for e in pacore.prune_cache(cache, 3600, now=later, dry_run=True)} == {"k1", "k2"}
+    assert len(open_store(cache).list()) == 6
+    assert {e.key for e in pacore.prune_cache(cache, 3600, now=later)} == {"k1", "k2"}
+    assert open_store(cache).list() == [] and pacore.cache_entries(cache) == []
+
+
 def test_corrupt_object_is_refused_and_skipped(prefix: str, tmp_path: Path) -> None:
     ckpts = f"{prefix}/ckpts"
     run = small_run()

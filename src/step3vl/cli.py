@@ -485,6 +485,49 @@ def tracking_replay_cmd(config_path: OptConfigOpt = None) -> None:
         console.print(f"nothing to replay into {trk.display_uri(uri)}", highlight=False)
 
 
+cache_app = typer.Typer(help="What runs share under storage.root: PaCoRe's message cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("prune")
+def cache_prune_cmd(
+    older_than: Annotated[float, typer.Option("--older-than", help="Remove the entries last written more than this many days ago (0: every entry).", min=0.0)],
+    config_path: Annotated[Optional[Path], typer.Option("--config", "-c", help="Pipeline config: the cache is <storage.root>/pacore-message-cache, as the pipeline uses.")] = None,
+    overrides: SetOpt = None,
+    cache: Annotated[Optional[str], typer.Option(help="The message cache itself (a folder or s3://…), instead of --config.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be removed; remove nothing.")] = False,
+) -> None:
+    """Remove PaCoRe message-cache entries older than --older-than days. A run that needed one makes its message
+    sets again; an entry being stored now is recent, so it stays."""
+    import time
+
+    from rich.table import Table
+
+    from step3vl.stages import pacore
+    from step3vl.storage import is_s3_uri, join_uri
+
+    if (cache is None) == (config_path is None):
+        raise Step3VLError("give the pipeline's --config (its cache under storage.root) or the --cache itself, "
+                           "not both and not neither")
+    if cache is None:
+        cfg = _pipeline_config(config_path, overrides)
+        root = cfg.storage.root if is_s3_uri(cfg.storage.root) else str(Path(cfg.storage.root).absolute())
+        cache = join_uri(root, pacore.MESSAGE_CACHE)
+    entries = pacore.cache_entries(cache)
+    gone = {e.key for e in pacore.prune_cache(cache, older_than * 86400.0, dry_run=dry_run)}
+    t = Table(title=f"{cache}: {len(entries)} entries", title_justify="left")
+    for col in ("entry", "last written", "files", "MB", "whole", "action"):
+        t.add_column(col, justify="right" if col in ("files", "MB") else "left")
+    for e in entries:
+        action = ("would remove" if dry_run else "removed") if e.key in gone else "kept"
+        t.add_row(e.key[:16], time.strftime("%Y-%m-%d %H:%M", time.localtime(e.written)), str(e.files),
+                  f"{e.size / 1e6:.1f}", "yes" if e.whole else "no", action)
+    console.print(t)
+    verb = "would remove" if dry_run else "removed"
+    console.print(f"{verb} {len(gone)} of {len(entries)} entries "
+                  f"({sum(e.size for e in entries if e.key in gone) / 1e6:.1f} MB)", highlight=False)
+
+
 @app.command("register")
 def register_cmd(
     model_uri: Annotated[str, typer.Option(help="The published checkpoint (path or s3://) to register.")],

@@ -33,6 +33,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
@@ -127,6 +128,15 @@ def _is_clean_key(key: str) -> bool:
 # --------------------------------------------------------------------------- stores
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """An object of a store: its key, size in bytes, and when it was last written (POSIX seconds)."""
+
+    key: str
+    size: int
+    modified: float
+
+
 class Store(ABC):
     """A root (local directory or S3 prefix) holding byte objects addressed by relative posix keys."""
 
@@ -147,6 +157,11 @@ class Store(ABC):
     @abstractmethod
     def list(self, prefix: str = "", *, recursive: bool = True) -> list[str]:
         """Sorted keys starting with ``prefix``; non-recursive listings end sub-directories with ``/``."""
+
+    @abstractmethod
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every object whose key starts with ``prefix`` (recursively), sorted by key, with its size and when it was
+        last written."""
 
     @abstractmethod
     def delete_prefix(self, prefix: str) -> int:
@@ -243,6 +258,14 @@ class LocalStore(Store):
                 if rel.startswith(prefix):
                     out.append(rel)
         return sorted(out)
+
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+        out = []
+        for key in self.list(prefix):
+            with contextlib.suppress(FileNotFoundError):  # deleted since it was listed
+                st = self._path(key).stat()
+                out.append(ObjectInfo(key, st.st_size, st.st_mtime))
+        return out
 
     def delete_prefix(self, prefix: str) -> int:
         keys = self.list(prefix)
@@ -458,6 +481,15 @@ class S3Store(Store):
         with self._errors("list", prefix):
             objects = list(self._client.list_objects(self.bucket, prefix=root + prefix, recursive=recursive))
         return sorted(o.object_name[len(root) :] for o in objects if o.object_name is not None)
+
+    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+        prefix = prefix.lstrip("/")
+        root = f"{self.prefix}/" if self.prefix else ""
+        with self._errors("list", prefix):
+            objects = list(self._client.list_objects(self.bucket, prefix=root + prefix, recursive=True))
+        return sorted((ObjectInfo(o.object_name[len(root):], int(o.size or 0),
+                                  o.last_modified.timestamp() if o.last_modified else 0.0)
+                       for o in objects if o.object_name is not None), key=lambda o: o.key)
 
     def delete_prefix(self, prefix: str) -> int:
         from minio.deleteobjects import DeleteObject

@@ -218,6 +218,56 @@ def _published(uri: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class CacheEntry:
+    """One key of a PaCoRe message cache: where it is, how many files and bytes it holds, when it was last written
+    to (its newest object), and whether it is whole (its message sets published; they are stored last)."""
+
+    key: str
+    uri: str
+    files: int
+    size: int
+    written: float
+    whole: bool
+
+
+def cache_entries(cache: str) -> list[CacheEntry]:
+    """The entries of the message cache at ``cache`` (a folder or ``s3://…``), oldest first; [] when there is none."""
+    from step3vl.storage import MANIFEST_NAME, join_uri, open_store
+
+    store = open_store(cache)
+    by_key: dict[str, list[Any]] = {}
+    for obj in store.list_info():
+        key, _, rest = obj.key.partition("/")
+        if rest:
+            by_key.setdefault(key, []).append(obj)
+    entries = [CacheEntry(key, join_uri(store.uri, key), len(objs), sum(o.size for o in objs),
+                          max(o.modified for o in objs), any(o.key == f"{key}/messages/{MANIFEST_NAME}" for o in objs))
+               for key, objs in by_key.items()]
+    return sorted(entries, key=lambda e: (e.written, e.key))
+
+
+def prune_cache(cache: str, older_than_s: float, *, dry_run: bool = False,
+                now: float | None = None) -> list[CacheEntry]:
+    """Remove the entries of the message cache at ``cache`` last written more than ``older_than_s`` seconds ago,
+    whole or not; the removed ones (with ``dry_run``, those that would be). A run that needs a removed entry
+    generates its message sets again (and stores them again); an entry being stored now is recent, so it stays."""
+    import time
+
+    from step3vl.storage import open_store
+
+    if older_than_s < 0:
+        raise Step3VLError(f"older_than_s must be >= 0, got {older_than_s}")
+    now = time.time() if now is None else now
+    old = [e for e in cache_entries(cache) if now - e.written > older_than_s]
+    if not dry_run:
+        store = open_store(cache)
+        for e in old:
+            store.delete_prefix(e.key + "/")
+            log.info("pacore: removed cached message sets %s (%d files, %d bytes)", e.uri, e.files, e.size)
+    return old
+
+
 def _scaling(cfg: PipelineConfig, data_dir: Path, model_uri: str, out: Path, log_m: Any, progress: bool) -> Path:
     """The trained model's accuracy-vs-rollouts curve (PaCoRe, majority, pass@K) as a plot + metrics."""
     from step3vl.eval.scaling import plot_scaling, scaling_curve
