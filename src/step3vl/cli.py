@@ -504,17 +504,15 @@ def cache_prune_cmd(
     from rich.table import Table
 
     from step3vl.stages import pacore
-    from step3vl.storage import is_s3_uri, join_uri
+    from step3vl.storage import absolute_uri, join_uri
 
     if (cache is None) == (config_path is None):
         raise Step3VLError("give the pipeline's --config (its cache under storage.root) or the --cache itself, "
                            "not both and not neither")
     if cache is None:
-        cfg = _pipeline_config(config_path, overrides)
-        root = cfg.storage.root if is_s3_uri(cfg.storage.root) else str(Path(cfg.storage.root).absolute())
-        cache = join_uri(root, pacore.MESSAGE_CACHE)
+        cache = join_uri(absolute_uri(_pipeline_config(config_path, overrides).storage.root), pacore.MESSAGE_CACHE)
     entries = pacore.cache_entries(cache)
-    gone = {e.key for e in pacore.prune_cache(cache, older_than * 86400.0, dry_run=dry_run)}
+    gone = {e.key for e in pacore.prune_cache(cache, older_than * 86400.0, dry_run=dry_run, entries=entries)}
     t = Table(title=f"{cache}: {len(entries)} entries", title_justify="left")
     for col in ("entry", "last written", "files", "MB", "whole", "action"):
         t.add_column(col, justify="right" if col in ("files", "MB") else "left")

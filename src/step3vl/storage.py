@@ -98,6 +98,12 @@ def join_uri(base: str | os.PathLike[str], *parts: str) -> str:
     return str(Path(base, *clean))
 
 
+def absolute_uri(uri: str | os.PathLike[str]) -> str:
+    """A local path made absolute (so it names the same place from any working directory); URIs as they are."""
+    uri = str(uri)
+    return uri if "://" in uri else str(Path(uri).absolute())
+
+
 def _local_path(uri: str) -> Path:
     if uri.startswith("file://"):
         parts = urlsplit(uri)
@@ -475,21 +481,21 @@ class S3Store(Store):
         with self._errors("write", key):
             self._client.put_object(self.bucket, self._name(key), io.BytesIO(data), len(data))
 
-    def list(self, prefix: str = "", *, recursive: bool = True) -> list[str]:
+    def _objects(self, prefix: str, recursive: bool) -> list[tuple[str, Any]]:
+        """The listing under ``prefix``: (key relative to this store, minio object), sorted by key."""
         prefix = prefix.lstrip("/")
         root = f"{self.prefix}/" if self.prefix else ""
         with self._errors("list", prefix):
             objects = list(self._client.list_objects(self.bucket, prefix=root + prefix, recursive=recursive))
-        return sorted(o.object_name[len(root) :] for o in objects if o.object_name is not None)
+        return sorted(((o.object_name[len(root) :], o) for o in objects if o.object_name is not None),
+                      key=lambda item: item[0])
+
+    def list(self, prefix: str = "", *, recursive: bool = True) -> list[str]:
+        return [key for key, _ in self._objects(prefix, recursive)]
 
     def list_info(self, prefix: str = "") -> list[ObjectInfo]:
-        prefix = prefix.lstrip("/")
-        root = f"{self.prefix}/" if self.prefix else ""
-        with self._errors("list", prefix):
-            objects = list(self._client.list_objects(self.bucket, prefix=root + prefix, recursive=True))
-        return sorted((ObjectInfo(o.object_name[len(root):], int(o.size or 0),
-                                  o.last_modified.timestamp() if o.last_modified else 0.0)
-                       for o in objects if o.object_name is not None), key=lambda o: o.key)
+        return [ObjectInfo(key, int(o.size or 0), o.last_modified.timestamp() if o.last_modified else 0.0)
+                for key, o in self._objects(prefix, recursive=True)]
 
     def delete_prefix(self, prefix: str) -> int:
         from minio.deleteobjects import DeleteObject

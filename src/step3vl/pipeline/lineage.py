@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from step3vl.config import PACKAGE_DIR, PipelineConfig, config_hash
-from step3vl.storage import is_s3_uri, join_uri
+from step3vl.storage import absolute_uri, is_s3_uri, join_uri
 
 CACHE_KEY_FORMAT = "step3vl-cache/1"
 
@@ -185,8 +185,5 @@ def checkpoint_location(stage: str, cfg: PipelineConfig, input_digests: list[str
 
     what = dataclasses.replace(cfg, tracking=TrackingConfig(), storage=StorageConfig())
     h = sha256_json({"stage": stage, "config": config_hash(what), "inputs": list(input_digests)})[:16]
-    root = cfg.storage.root
-    if not is_s3_uri(root) and "://" not in root:
-        root = str(Path(root).absolute())
-    return join_uri(root, "checkpoints", f"{stage}-{h}")
+    return join_uri(absolute_uri(cfg.storage.root), "checkpoints", f"{stage}-{h}")
 

@@ -3,9 +3,9 @@
 Every request becomes a :class:`Job`. The worker takes the oldest job, gathers the queued jobs
 that can share its engine call (same ``n`` and sampling parameters) up to ``max_batch_sequences``
 sequences, and runs them as one batched ``engine.generate`` — so concurrent clients share the
-prefill and every decode step. Majority votes (``majority@K``) share a call with the
-votes of the same K and parameters. Jobs that cannot share (a fixed ``seed``, whose samples must not depend on other
-traffic, and PaCoRe runs) run alone. At most ``max_pending`` jobs are queued or
+prefill and every decode step; majority votes (``majority@K``) share a call with the votes
+of the same K and parameters. Jobs that cannot share (a fixed ``seed``, whose samples must not
+depend on other traffic, and PaCoRe runs) run alone. At most ``max_pending`` jobs are queued or
 running; :meth:`Batcher.submit` refuses the next one with :class:`QueueFull` (HTTP 429), which
 bounds the server's memory whatever the load.
 """

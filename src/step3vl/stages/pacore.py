@@ -247,11 +247,12 @@ def cache_entries(cache: str) -> list[CacheEntry]:
     return sorted(entries, key=lambda e: (e.written, e.key))
 
 
-def prune_cache(cache: str, older_than_s: float, *, dry_run: bool = False,
-                now: float | None = None) -> list[CacheEntry]:
+def prune_cache(cache: str, older_than_s: float, *, dry_run: bool = False, now: float | None = None,
+                entries: list[CacheEntry] | None = None) -> list[CacheEntry]:
     """Remove the entries of the message cache at ``cache`` last written more than ``older_than_s`` seconds ago,
     whole or not; the removed ones (with ``dry_run``, those that would be). A run that needs a removed entry
-    generates its message sets again (and stores them again); an entry being stored now is recent, so it stays."""
+    generates its message sets again (and stores them again); an entry being stored now is recent, so it stays.
+    ``entries``: the cache's :func:`cache_entries` when the caller already listed them."""
     import time
 
     from step3vl.storage import open_store
@@ -259,7 +260,7 @@ def prune_cache(cache: str, older_than_s: float, *, dry_run: bool = False,
     if older_than_s < 0:
         raise Step3VLError(f"older_than_s must be >= 0, got {older_than_s}")
     now = time.time() if now is None else now
-    old = [e for e in cache_entries(cache) if now - e.written > older_than_s]
+    old = [e for e in (cache_entries(cache) if entries is None else entries) if now - e.written > older_than_s]
     if not dry_run:
         store = open_store(cache)
         for e in old:
