@@ -244,6 +244,28 @@ def test_checkpoint_without_train_state(tmp_path: Path) -> None:
     assert ckpt.manifest["meta"]["kind"] == "checkpoint"
 
 
+def test_the_same_model_saved_again_has_the_same_bytes(tmp_path: Path, trained: Any) -> None:
+    """A checkpoint's digest is the sha256 of its files, and a rerun that republishes a model (PaCoRe from a finished
+    checkpoint root) must give the same digest. safetensors writes its metadata map in a random order per save, so
+    without the header made canonical about one save in two differed."""
+    from safetensors import safe_open
+
+    model, _, _ = trained
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    digests = set()
+    for i in range(12):
+        manifest = save_checkpoint(tmp_path / f"c{i}", model_state=state, config=CONFIG)
+        digests.add(manifest["files"]["model.safetensors"]["sha256"])
+    assert len(digests) == 1
+    raw = (tmp_path / "c0" / "model.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    assert list(header["__metadata__"]) == ["format", "step3vl.order"]
+    with safe_open(str(tmp_path / "c0" / "model.safetensors"), framework="pt") as f:  # still a valid file
+        assert f.metadata()["format"] == "pt"
+    assert_identical(load_checkpoint(tmp_path / "c0").model_state, state)
+    assert list(load_checkpoint(tmp_path / "c0").model_state) == list(state)  # the saved order kept
+
+
 def test_save_refuses_existing_checkpoint(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "c", model_state={"w": torch.ones(2)}, config={})
     with pytest.raises(StorageError, match="already exists"):

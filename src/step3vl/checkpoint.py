@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,6 +341,7 @@ def _build_and_publish(build: Path, store: Any, dest_uri: str, *, model_state: d
     order = json.dumps(list(tensors))
     write(MODEL_FILE, lambda: save_file(tensors, str(build / MODEL_FILE),
                                         metadata={"format": "pt", "step3vl.order": order}))
+    write(MODEL_FILE, lambda: _canonical_header(build / MODEL_FILE))
     try:
         config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     except TypeError as e:
@@ -424,6 +426,27 @@ def load_checkpoint(uri: str | os.PathLike[str], local_dir: str | os.PathLike[st
         tokenizer_dir=tokenizer if tokenizer.is_dir() else None,
         uri=uri,
     )
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite a safetensors file's header in place with its ``__metadata__`` keys sorted, so the same tensors and
+    metadata always give the same bytes (and the same checkpoint digest). safetensors writes that map in a random
+    order per save (safetensors/safetensors#584), so two saves of one model differed one time in two.
+    The rewritten header has the same length (the same JSON, reordered; padded with spaces as the format allows)."""
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(size)
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", None)
+        if not meta:
+            return
+        text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"),
+                          ensure_ascii=False).encode()
+        if len(text) > size:  # not the JSON safetensors wrote: leave nothing half-rewritten
+            raise CheckpointError(f"{path}: its safetensors header re-serialises to {len(text)} bytes, "
+                                  f"more than the {size} it holds; not rewritten")
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
