@@ -9,6 +9,10 @@ A checkpoint is a published directory (see :mod:`step3vl.storage`)::
     train_state.json         the structure of the training state and its non-tensor values
     MANIFEST.json            sha256 + size of every file, written last
 
+The same weights and config always give the same bytes (the safetensors header is written in one order), so a
+checkpoint's digest, the sha256 of its manifest's file list, names its content: a stage that publishes a model it
+finished before gives the same digest, and what is keyed on it downstream (checkpoint roots, caches) is found again.
+
 The training state is any nesting of dicts (keys of any JSON scalar type, e.g. the int parameter
 ids of an optimizer ``state_dict``), lists, tuples, tensors, numpy arrays/scalars, bytes and JSON
 values; it is rebuilt exactly, so optimizer, scheduler, RNG states, step and data position
