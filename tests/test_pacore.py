@@ -274,6 +274,8 @@ def test_message_sets_are_reused_across_runs_that_change_only_their_training(mic
     """With a message cache, a run that changed only training settings copies step 1's message sets (and warm-up
     set) from an earlier run instead of generating them; a generation setting, another policy, a tampered cache
     entry or no cache at all means generating."""
+    import os
+    import time
     from dataclasses import replace
 
     from step3vl.checkpoint import save_checkpoint
@@ -298,10 +300,20 @@ def test_message_sets_are_reused_across_runs_that_change_only_their_training(mic
     assert key == pacore.messages_key(micro_cfg, 1, str(init_model), sets)[:32]
     assert read_manifest(cache / key / "messages")["files"] == msgs
 
+    assert not (cache / key / pacore.USED_MARKER).exists()  # stored just now: its files say when
+    stamp = time.time() - 40 * 86400  # stored 40 days ago, then reused below: prune then ages it from the reuse
+    for f in (cache / key).rglob("*"):
+        os.utime(f, (stamp, stamp))
+    assert [e.key for e in pacore.prune_cache(str(cache), 30 * 86400, dry_run=True)] == [key]
+
     trained_otherwise = replace(micro_cfg, pacore=replace(micro_cfg.pacore, lr_start=1e-2, seq_len=192,
                                                           rl=replace(micro_cfg.pacore.rl, kl_coef=0.5)))
     again, msgs2, warm2 = run("again", trained_otherwise)
     assert again["step1/messages_reused"] == 1.0 and (msgs2, warm2) == (msgs, warm)
+    assert (cache / key / pacore.USED_MARKER).is_file()
+    (entry,) = pacore.cache_entries(str(cache))
+    assert time.time() - entry.used < 600 and entry.whole
+    assert pacore.prune_cache(str(cache), 30 * 86400) == []  # used today: kept
     assert again["step1/references_accuracy"] == first["step1/references_accuracy"]  # its statistics came along
 
     hotter = replace(micro_cfg, pacore=replace(micro_cfg.pacore, temperature=0.5))
@@ -329,7 +341,7 @@ def test_message_sets_are_reused_across_runs_that_change_only_their_training(mic
 
 
 def _cache_entry(cache, key: str, *, whole: bool = True, age_days: float = 0.0) -> None:
-    """A message-cache entry as pacore stores it (warm-up set, then the message sets), last written ``age_days``
+    """A message-cache entry as pacore stores it (warm-up set, then the message sets), last used ``age_days``
     ago."""
     import os
     import time
@@ -348,7 +360,7 @@ def _cache_entry(cache, key: str, *, whole: bool = True, age_days: float = 0.0) 
 
 
 def test_message_cache_prune_removes_entries_older_than_asked(tmp_path):
-    """``step3vl cache prune`` lists the cache's entries and removes those last written before --older-than days,
+    """``step3vl cache prune`` lists the cache's entries and removes those last used before --older-than days,
     a half-stored one included; --dry-run removes nothing; an entry written since stays."""
     import subprocess
     import sys

@@ -200,8 +200,8 @@ def test_interrupted_publish_is_invisible_and_recoverable(
 
 
 def test_message_cache_on_s3_is_listed_and_pruned_by_age(prefix: str, tmp_path: Path) -> None:
-    """On S3 an entry's age comes from its objects' LastModified (one listing, sizes included): prune removes the
-    entries older than asked, whole and half-stored ones, and leaves the rest."""
+    """On S3 an entry's age comes from its objects' LastModified (one listing, sizes included), a reuse's LAST_USED
+    among them: prune removes the entries older than asked, whole and half-stored ones, and leaves the rest."""
     from step3vl.stages import pacore
 
     cache = f"{prefix}/root/{pacore.MESSAGE_CACHE}"
@@ -209,18 +209,24 @@ def test_message_cache_on_s3_is_listed_and_pruned_by_age(prefix: str, tmp_path: 
         src = tmp_path / key
         src.mkdir()
         (src / "part-0000.jsonl").write_text('{"id": "a"}\n' * 10)
+        (src / "stats.json").write_text('{"references": 10}')
         for name in names:
             publish_dir(src, f"{cache}/{key}/{name}")
     infos = open_store(cache).list_info()
     assert [i.key for i in infos] == sorted(open_store(cache).list())
     assert all(i.size > 0 and abs(i.modified - time.time()) < 300 for i in infos)
     entries = pacore.cache_entries(cache)
-    assert [(e.key, e.whole, e.files) for e in sorted(entries, key=lambda e: e.key)] == [("k1", True, 4),
-                                                                                      ("k2", False, 2)]
+    assert [(e.key, e.whole, e.files) for e in sorted(entries, key=lambda e: e.key)] == [("k1", True, 6),
+                                                                                      ("k2", False, 3)]
     assert pacore.prune_cache(cache, 3600) == []  # written just now
+    # a run reusing k1 rewrites its LAST_USED: an object of the entry, so the entry's age is from that use
+    assert pacore._from_cache(f"{cache}/k1", tmp_path / "msgs", tmp_path / "warm") == {"references": 10}
+    (before,) = [e for e in entries if e.key == "k1"]
+    (k1,) = [e for e in pacore.cache_entries(cache) if e.key == "k1"]
+    assert k1.files == 7 and open_store(cache).exists(f"k1/{pacore.USED_MARKER}") and k1.used >= before.used
     later = time.time() + 2 * 3600
     assert {e.key for e in pacore.prune_cache(cache, 3600, now=later, dry_run=True)} == {"k1", "k2"}
-    assert len(open_store(cache).list()) == 6
+    assert len(open_store(cache).list()) == 10
     assert {e.key for e in pacore.prune_cache(cache, 3600, now=later)} == {"k1", "k2"}
     assert open_store(cache).list() == [] and pacore.cache_entries(cache) == []
 

@@ -491,7 +491,7 @@ app.add_typer(cache_app, name="cache")
 
 @cache_app.command("prune")
 def cache_prune_cmd(
-    older_than: Annotated[float, typer.Option("--older-than", help="Remove the entries last written more than this many days ago (0: every entry).", min=0.0)],
+    older_than: Annotated[float, typer.Option("--older-than", help="Remove the entries last used (reused by a run, or stored) more than this many days ago (0: every entry).", min=0.0)],
     config_path: Annotated[Optional[Path], typer.Option("--config", "-c", help="Pipeline config: the cache is <storage.root>/pacore-message-cache, as the pipeline uses.")] = None,
     overrides: SetOpt = None,
     cache: Annotated[Optional[str], typer.Option(help="The message cache itself (a folder or s3://…), instead of --config.")] = None,
@@ -514,11 +514,11 @@ def cache_prune_cmd(
     entries = pacore.cache_entries(cache)
     gone = {e.key for e in pacore.prune_cache(cache, older_than * 86400.0, dry_run=dry_run, entries=entries)}
     t = Table(title=f"{cache}: {len(entries)} entries", title_justify="left")
-    for col in ("entry", "last written", "files", "MB", "whole", "action"):
+    for col in ("entry", "last used", "files", "MB", "whole", "action"):
         t.add_column(col, justify="right" if col in ("files", "MB") else "left")
     for e in entries:
         action = ("would remove" if dry_run else "removed") if e.key in gone else "kept"
-        t.add_row(e.key[:16], time.strftime("%Y-%m-%d %H:%M", time.localtime(e.written)), str(e.files),
+        t.add_row(e.key[:16], time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used)), str(e.files),
                   f"{e.size / 1e6:.1f}", "yes" if e.whole else "no", action)
     console.print(t)
     verb = "would remove" if dry_run else "removed"

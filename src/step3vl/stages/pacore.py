@@ -187,7 +187,25 @@ def _from_cache(cache: str, msg_dir: Path, warm_dir: Path) -> dict[str, float] |
             shutil.rmtree(d, ignore_errors=True)
         return None
     log.warning("pacore: message sets reused from %s (made from the same policy and settings)", cache)
+    _mark_used(cache)
     return json.loads((msg_dir / "stats.json").read_text())
+
+
+USED_MARKER = "LAST_USED"
+
+
+def _mark_used(cache: str) -> None:
+    """Rewrite the entry's ``LAST_USED`` object (the time, in UTC), so ``step3vl cache prune`` ages the entry from its
+    last use rather than from when it was stored. A marker that cannot be written is reported and nothing else
+    changes: the entry was read whole, and only its age as prune sees it is older than it should be."""
+    from datetime import datetime, timezone
+
+    from step3vl.storage import StorageError, open_store
+
+    try:
+        open_store(cache).write_bytes(USED_MARKER, datetime.now(timezone.utc).isoformat().encode() + b"\n")
+    except (StorageError, OSError) as e:
+        log.warning("pacore: could not mark %s as used (%s); cache prune will age it from when it was stored", cache, e)
 
 
 def _to_cache(cache: str, msg_dir: Path, warm_dir: Path) -> None:
@@ -220,14 +238,15 @@ def _published(uri: str) -> bool:
 
 @dataclass(frozen=True)
 class CacheEntry:
-    """One key of a PaCoRe message cache: where it is, how many files and bytes it holds, when it was last written
-    to (its newest object), and whether it is whole (its message sets published; they are stored last)."""
+    """One key of a PaCoRe message cache: where it is, how many files and bytes it holds, when it was last used (its
+    newest object: a run that reuses it rewrites its ``LAST_USED``, one that stores it writes the rest), and whether
+    it is whole (its message sets published; they are stored last)."""
 
     key: str
     uri: str
     files: int
     size: int
-    written: float
+    used: float
     whole: bool
 
 
@@ -244,12 +263,12 @@ def cache_entries(cache: str) -> list[CacheEntry]:
     entries = [CacheEntry(key, join_uri(store.uri, key), len(objs), sum(o.size for o in objs),
                           max(o.modified for o in objs), any(o.key == f"{key}/messages/{MANIFEST_NAME}" for o in objs))
                for key, objs in by_key.items()]
-    return sorted(entries, key=lambda e: (e.written, e.key))
+    return sorted(entries, key=lambda e: (e.used, e.key))
 
 
 def prune_cache(cache: str, older_than_s: float, *, dry_run: bool = False, now: float | None = None,
                 entries: list[CacheEntry] | None = None) -> list[CacheEntry]:
-    """Remove the entries of the message cache at ``cache`` last written more than ``older_than_s`` seconds ago,
+    """Remove the entries of the message cache at ``cache`` last used more than ``older_than_s`` seconds ago,
     whole or not; the removed ones (with ``dry_run``, those that would be). A run that needs a removed entry
     generates its message sets again (and stores them again); an entry being stored now is recent, so it stays.
     ``entries``: the cache's :func:`cache_entries` when the caller already listed them."""
@@ -260,7 +279,7 @@ def prune_cache(cache: str, older_than_s: float, *, dry_run: bool = False, now: 
     if older_than_s < 0:
         raise Step3VLError(f"older_than_s must be >= 0, got {older_than_s}")
     now = time.time() if now is None else now
-    old = [e for e in (cache_entries(cache) if entries is None else entries) if now - e.written > older_than_s]
+    old = [e for e in (cache_entries(cache) if entries is None else entries) if now - e.used > older_than_s]
     if not dry_run:
         store = open_store(cache)
         for e in old:
