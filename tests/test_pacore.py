@@ -274,7 +274,6 @@ def test_message_sets_are_reused_across_runs_that_change_only_their_training(mic
     """With a message cache, a run that changed only training settings copies step 1's message sets (and warm-up
     set) from an earlier run instead of generating them; a generation setting, another policy, a tampered cache
     entry or no cache at all means generating."""
-    import os
     import time
     from dataclasses import replace
 
@@ -301,9 +300,7 @@ def test_message_sets_are_reused_across_runs_that_change_only_their_training(mic
     assert read_manifest(cache / key / "messages")["files"] == msgs
 
     assert not (cache / key / pacore.USED_MARKER).exists()  # stored just now: its files say when
-    stamp = time.time() - 40 * 86400  # stored 40 days ago, then reused below: prune then ages it from the reuse
-    for f in (cache / key).rglob("*"):
-        os.utime(f, (stamp, stamp))
+    _date_back(cache / key, 40)  # stored 40 days ago, then reused below: prune then ages it from the reuse
     assert [e.key for e in pacore.prune_cache(str(cache), 30 * 86400, dry_run=True)] == [key]
 
     trained_otherwise = replace(micro_cfg, pacore=replace(micro_cfg.pacore, lr_start=1e-2, seq_len=192,
@@ -343,9 +340,6 @@ def test_message_sets_are_reused_across_runs_that_change_only_their_training(mic
 def _cache_entry(cache, key: str, *, whole: bool = True, age_days: float = 0.0) -> None:
     """A message-cache entry as pacore stores it (warm-up set, then the message sets), last used ``age_days``
     ago."""
-    import os
-    import time
-
     from step3vl.storage import publish_dir
 
     parts = ("warmup", "messages") if whole else ("warmup",)
@@ -354,8 +348,16 @@ def _cache_entry(cache, key: str, *, whole: bool = True, age_days: float = 0.0) 
         src.mkdir(parents=True)
         (src / "part-0000.jsonl").write_text('{"id": "a"}\n' * 10)
         publish_dir(src, f"{cache}/{key}/{name}")
-    stamp = time.time() - age_days * 86400
-    for f in Path(cache, key).rglob("*"):
+    _date_back(Path(cache, key), age_days)
+
+
+def _date_back(entry: Path, days: float) -> None:
+    """Date every file of a cache entry ``days`` back, as if last written then."""
+    import os
+    import time
+
+    stamp = time.time() - days * 86400
+    for f in entry.rglob("*"):
         os.utime(f, (stamp, stamp))
 
 
