@@ -331,7 +331,6 @@ def _build_and_publish(build: Path, store: Any, dest_uri: str, *, model_state: d
                        train_state: dict[str, Any] | None, extra_meta: dict[str, Any] | None,
                        overwrite: bool) -> dict[str, Any]:
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
 
     def write(name: str, fn: Any) -> None:
         try:
@@ -343,9 +342,7 @@ def _build_and_publish(build: Path, store: Any, dest_uri: str, *, model_state: d
 
     tensors = _model_tensors(model_state)
     order = json.dumps(list(tensors))
-    write(MODEL_FILE, lambda: save_file(tensors, str(build / MODEL_FILE),
-                                        metadata={"format": "pt", "step3vl.order": order}))
-    write(MODEL_FILE, lambda: _canonical_header(build / MODEL_FILE))
+    write(MODEL_FILE, lambda: save_safetensors(tensors, build / MODEL_FILE, {"format": "pt", "step3vl.order": order}))
     try:
         config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     except TypeError as e:
@@ -355,8 +352,8 @@ def _build_and_publish(build: Path, store: Any, dest_uri: str, *, model_state: d
         write(TOKENIZER_DIR, lambda: shutil.copytree(tokenizer_dir, build / TOKENIZER_DIR))
     if train_state is not None:
         document, state_tensors = encode_state(train_state)
-        write(TRAIN_STATE_TENSORS, lambda: save_file(state_tensors, str(build / TRAIN_STATE_TENSORS),
-                                                     metadata={"format": "pt"}))
+        write(TRAIN_STATE_TENSORS,
+              lambda: save_safetensors(state_tensors, build / TRAIN_STATE_TENSORS, {"format": "pt"}))
         try:
             text = json.dumps(document)
         except (TypeError, ValueError) as e:
@@ -432,11 +429,20 @@ def load_checkpoint(uri: str | os.PathLike[str], local_dir: str | os.PathLike[st
     )
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file``, with the same tensors and metadata always giving the same bytes (so the same
+    digest): safetensors writes the metadata map in a random order per save (safetensors/safetensors#584), so two
+    saves of one model with two metadata keys differed one time in two. Every safetensors file step3vl writes with
+    metadata goes through here."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    _canonical_header(Path(path))
+
+
 def _canonical_header(path: Path) -> None:
-    """Rewrite a safetensors file's header in place with its ``__metadata__`` keys sorted, so the same tensors and
-    metadata always give the same bytes (and the same checkpoint digest). safetensors writes that map in a random
-    order per save (safetensors/safetensors#584), so two saves of one model differed one time in two.
-    The rewritten header has the same length (the same JSON, reordered; padded with spaces as the format allows)."""
+    """Rewrite a safetensors file's header in place with its ``__metadata__`` keys sorted. The rewritten header has
+    the same length (the same JSON, reordered; padded with spaces as the format allows)."""
     with open(path, "r+b") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         raw = f.read(size)

@@ -125,8 +125,7 @@ def export_hf(checkpoint_uri: str, out_dir: str | Path, *, dtype: str = "float32
               max_shard_bytes: int = 5 << 30, overwrite: bool = False) -> ExportResult:
     """Write ``checkpoint_uri`` (path, ``s3://``, ``models:/NAME@alias``) to ``out_dir`` in the
     Hugging Face layout vLLM's ``StepVLForConditionalGeneration`` loads without plugins."""
-    from safetensors.torch import save_file
-
+    from step3vl.checkpoint import save_safetensors
     from step3vl.model.loading import image_token_id as _image_token_id
     from step3vl.model.loading import load_model
     from step3vl.model.tokenizer import CHAT_END, PAD_TOKEN
@@ -164,7 +163,7 @@ def export_hf(checkpoint_uri: str, out_dir: str | Path, *, dtype: str = "float32
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for fname, shard in zip(files, shards):
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        save_safetensors(shard, out / fname, {"format": "pt"})
         weight_map.update({k: fname for k in shard})
     if len(files) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
